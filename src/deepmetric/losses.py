@@ -1,0 +1,307 @@
+"""Metric-learning losses: triplet (batch-all, batch-hard, semi-hard, explicit), contrastive,
+lifted structured.
+
+Each loss is an ``nn.Module`` that calls :mod:`deepmetric.distances` and :mod:`deepmetric.mining`;
+none owns a model. All take ``embeddings`` (B, D) and integer ``labels`` (B,), return a scalar,
+and give 0 (with a gradient of zeros, never NaN) when the batch has nothing to learn from: no
+positive pair, a single class, B = 1. Bad input raises ``ValueError`` naming the problem.
+
+For Siamese *ranking* (RankIQA-style: a shared network scores two inputs and the loss is
+``relu(margin - (s_i - s_j))`` when i should rank above j) use ``torch.nn.MarginRankingLoss``;
+``examples/siamese_ranking.py`` shows it with a shared scorer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepmetric import mining as miners
+from deepmetric.distances import Metric, check_embeddings, check_metric, paired, pairwise
+
+Mining = Literal["batch_all", "batch_hard", "semi_hard"]
+MINING: tuple[str, ...] = get_args(Mining)
+
+
+def _check_margin(margin: float) -> float:
+    margin = float(margin)
+    if not margin >= 0 or margin == float("inf"):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+    return margin
+
+
+def _check_batch(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+) -> None:
+    check_embeddings(embeddings)
+    if len(embeddings) == 0:
+        raise ValueError("empty batch: embeddings has 0 rows")
+    miners.check_labels(labels, len(embeddings))
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("pass ref_embeddings and ref_labels together, or neither")
+    if ref_embeddings is not None and ref_labels is not None:
+        check_embeddings(ref_embeddings, "ref_embeddings")
+        if ref_embeddings.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_embeddings has dimension {ref_embeddings.shape[1]}, "
+                f"embeddings has {embeddings.shape[1]}"
+            )
+        miners.check_labels(ref_labels, len(ref_embeddings), "ref_labels")
+
+
+def _zero(embeddings: torch.Tensor) -> torch.Tensor:
+    """A zero loss still connected to the graph, so ``backward()`` works and gives zeros."""
+    return embeddings.sum() * 0.0
+
+
+class _SoftTripletSum(torch.autograd.Function):
+    """``sum over valid (a, p, n) of softplus(d_ap - d_an)`` without a (B, P, R) graph.
+
+    Forward walks chunks of anchors under ``no_grad`` and accumulates the value and its gradient
+    with respect to ``dist``: ``sum_n sigmoid(d_ap - d_an)`` at (a, p) and
+    ``-sum_p sigmoid(d_ap - d_an)`` at (a, n). Backward returns that (B, R) matrix times the
+    incoming gradient. Memory O(B R); no double backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dist: torch.Tensor, masks: miners.PairMasks
+    ) -> torch.Tensor:
+        pos_index, pos_valid = miners.positive_columns(masks.positive)
+        grad = torch.zeros_like(dist)
+        total = dist.new_zeros(())
+        for rows in miners.row_chunks(dist.shape[0], pos_index.shape[1] * dist.shape[1]):
+            index = pos_index[rows]
+            d_pos = dist[rows].gather(1, index)  # (c, P)
+            x = d_pos[:, :, None] - dist[rows][:, None, :]  # (c, P, R)
+            keep = pos_valid[rows][:, :, None] & masks.negative[rows][:, None, :]
+            total += torch.where(keep, F.softplus(x), 0.0).sum()
+            slope = torch.where(keep, torch.sigmoid(x), 0.0)
+            grad[rows] = grad[rows].scatter_add(1, index, slope.sum(dim=2)) - slope.sum(dim=1)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad_output * grad, None
+
+
+class TripletLoss(nn.Module):
+    """Triplet loss over all the triplets of a labelled batch, with online mining.
+
+    For a valid triplet (a, p, n) (``label[a] == label[p]``, a != p, ``label[n] != label[a]``) the
+    loss is ``relu(d_ap - d_an + margin)``, or ``softplus(d_ap - d_an)`` with ``soft=True``
+    (the soft margin of Hermans et al. 2017; ``margin`` is then unused). ``mining`` decides which
+    triplets count and what is averaged:
+
+    - ``"batch_all"``: every valid triplet; the mean over those with a loss > 0 (with ``soft``,
+      over all valid triplets). O(B^2 log B) or O(K B^2), O(B^2) memory.
+    - ``"batch_hard"``: per anchor with a positive and a negative, its farthest positive and
+      nearest negative; the mean over those anchors (Hermans et al. 2017). O(B^2).
+    - ``"semi_hard"``: per positive pair, the nearest negative farther than the positive, or the
+      farthest negative if there is none; the mean over all those pairs (FaceNet, Schroff et al.
+      2015, with TensorFlow Addons' semantics). O(B^2 log B) or O(K B^2).
+
+    Call ``loss(embeddings (B, D), labels (B,))``, or with ``ref_embeddings (R, D)`` and
+    ``ref_labels (R,)`` to take positives and negatives from a reference set (a memory bank)
+    instead of the batch. Returns a scalar; 0 when there is no valid triplet.
+
+    Example::
+
+        loss = TripletLoss(margin=0.2, mining="semi_hard")(model(images), labels)
+        loss.backward()
+    """
+
+    def __init__(
+        self,
+        *,
+        margin: float = 0.2,
+        mining: Mining = "batch_all",
+        metric: Metric = "euclidean",
+        soft: bool = False,
+        method: miners.Method = "auto",
+    ) -> None:
+        super().__init__()
+        if mining not in MINING:
+            raise ValueError(f"unknown mining {mining!r}; expected one of {', '.join(MINING)}")
+        check_metric(metric)
+        miners.check_method(method)
+        self.margin = _check_margin(margin)
+        self.mining = mining
+        self.metric = metric
+        self.soft = bool(soft)
+        self.method = method
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, mining={self.mining!r}, metric={self.metric!r}, " + (
+            f"soft={self.soft}"
+        )
+
+    def _hinge(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(x + margin)`` or ``softplus(x)`` for x = d_ap - d_an."""
+        return F.softplus(x) if self.soft else F.relu(x + self.margin)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _check_batch(embeddings, labels, ref_embeddings, ref_labels)
+        dist = pairwise(embeddings, ref_embeddings, self.metric)
+        if self.mining == "batch_all":
+            return self._batch_all(embeddings, dist, labels, ref_labels)
+        if self.mining == "batch_hard":
+            triplets = miners.batch_hard(dist, labels, ref_labels)
+        else:
+            triplets = miners.semi_hard(dist, labels, ref_labels, method=self.method)
+        if len(triplets.anchor) == 0:
+            return _zero(embeddings)
+        d_ap = dist[triplets.anchor, triplets.positive]
+        d_an = dist[triplets.anchor, triplets.negative]
+        return self._hinge(d_ap - d_an).mean()
+
+    def _batch_all(
+        self,
+        embeddings: torch.Tensor,
+        dist: torch.Tensor,
+        labels: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        masks = miners.pair_masks(labels, ref_labels)
+        if self.soft:
+            count = int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
+            if count == 0:
+                return _zero(embeddings)
+            return _SoftTripletSum.apply(dist, masks) / count
+        # The hinge sum over the active triplets is linear in dist given the active set:
+        # sum_(a,p) c_ap (d_ap + m) - sum_(a,n) c_an d_an, with counts from the miner.
+        per_pos, per_neg = miners.batch_all_counts(
+            dist, labels, ref_labels, margin=self.margin, method=self.method
+        )
+        count = int(per_pos.sum())
+        if count == 0:
+            return _zero(embeddings)
+        weights = (per_pos - per_neg).to(dist.dtype)
+        return ((weights * dist).sum() + self.margin * count) / count
+
+
+def triplet_margin_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: Metric = "euclidean",
+    soft: bool = False,
+) -> torch.Tensor:
+    """Triplet loss on explicit triplets, as a three-input triplet network produces them.
+
+    ``mean_i relu(d(a_i, p_i) - d(a_i, n_i) + margin)`` (``softplus(d_ap - d_an)`` with
+    ``soft=True``) over (N, D) tensors ``anchor``, ``positive``, ``negative``; returns a scalar.
+    """
+    margin = _check_margin(margin)
+    if not (anchor.shape == positive.shape == negative.shape):
+        raise ValueError(
+            "anchor, positive and negative must have the same shape, got "
+            f"{tuple(anchor.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}"
+        )
+    if len(anchor) == 0:
+        raise ValueError("empty batch: no triplets")
+    x = paired(anchor, positive, metric) - paired(anchor, negative, metric)
+    return (F.softplus(x) if soft else F.relu(x + margin)).mean()
+
+
+class ContrastiveLoss(nn.Module):
+    """Contrastive loss for Siamese pairs (Hadsell, Chopra and LeCun 2006).
+
+    For a pair at distance d: ``0.5 * d^2`` if the two are the same kind, else
+    ``0.5 * relu(margin - d)^2``: similar pairs are pulled together, dissimilar ones pushed apart
+    until they are ``margin`` away.
+
+    - ``loss(x1 (N, D), x2 (N, D), same (N,))``: explicit pairs, ``same`` 1/True for a similar
+      pair; the mean over the N pairs.
+    - ``loss(embeddings (B, D), labels (B,))``: the mean over all B (B - 1) / 2 unordered pairs
+      i < j of the batch; 0 when B = 1. O(B^2).
+    """
+
+    def __init__(self, *, margin: float = 1.0, metric: Metric = "euclidean") -> None:
+        super().__init__()
+        check_metric(metric)
+        self.margin = _check_margin(margin)
+        self.metric = metric
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, metric={self.metric!r}"
+
+    def _terms(self, d: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        return 0.5 * torch.where(same, d**2, F.relu(self.margin - d) ** 2)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, same: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if same is not None:
+            return self._pairs(x, y, same)
+        _check_batch(x, y)
+        n = len(x)
+        if n < 2:
+            return _zero(x)
+        d = pairwise(x, metric=self.metric)
+        upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), diagonal=1)
+        terms = self._terms(d, y[:, None] == y[None, :])
+        return terms[upper].sum() / (n * (n - 1) // 2)
+
+    def _pairs(self, x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        check_embeddings(x1, "x1")
+        check_embeddings(x2, "x2")
+        if not isinstance(same, torch.Tensor) or same.shape != (len(x1),):
+            shape = tuple(same.shape) if isinstance(same, torch.Tensor) else type(same).__name__
+            raise ValueError(f"same must be a ({len(x1)},) tensor of 0/1, got {shape}")
+        if not ((same == 0) | (same == 1)).all():
+            raise ValueError("same must hold only 0 and 1 (or False and True)")
+        if len(x1) == 0:
+            raise ValueError("empty batch: no pairs")
+        d = paired(x1, x2, self.metric)
+        return self._terms(d, same.bool()).mean()
+
+
+class LiftedStructuredLoss(nn.Module):
+    """Lifted structured loss (Song, Xiang, Jegelka and Savarese, CVPR 2016, eq. 4).
+
+    With D the (B, B) distance matrix and ``S_i = sum over negatives k of i of exp(margin - D_ik)``,
+    each positive pair i < j gets ``J_ij = log(S_i + S_j) + D_ij`` and the loss is
+    ``1 / (2 |P|) * sum over positive pairs of relu(J_ij)^2``. ``log S_i`` is a logsumexp, so
+    nothing overflows; O(B^2). 0 when there is no positive pair or a single class.
+    """
+
+    def __init__(self, *, margin: float = 1.0, metric: Metric = "euclidean") -> None:
+        super().__init__()
+        check_metric(metric)
+        self.margin = _check_margin(margin)
+        self.metric = metric
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, metric={self.metric!r}"
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_batch(embeddings, labels)
+        masks = miners.pair_masks(labels)
+        upper_pos = torch.triu(masks.positive, diagonal=1)
+        n_pairs = int(upper_pos.sum())
+        # In a batch either every row has a negative or none does (a single class).
+        if n_pairs == 0 or not bool(masks.negative.any()):
+            return _zero(embeddings)
+        d = pairwise(embeddings, metric=self.metric)
+        log_s = torch.logsumexp(torch.where(masks.negative, self.margin - d, -torch.inf), dim=1)
+        j = torch.logaddexp(log_s[:, None], log_s[None, :]) + d
+        return (F.relu(j[upper_pos]) ** 2).sum() / (2 * n_pairs)
