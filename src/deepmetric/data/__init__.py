@@ -1,0 +1,50 @@
+"""Datasets (IDX/MNIST family, image folders, ``.npz``), splits and metric-learning samplers.
+
+Importing this package only imports code: nothing is read or downloaded until a loader
+is called.
+"""
+
+from deepmetric.data.datasets import (
+    IDX_FILES,
+    IMAGE_EXTENSIONS,
+    MNIST_FAMILY,
+    SPEC_FORMS,
+    ArrayDataset,
+    DatasetError,
+    class_split,
+    data_home,
+    download_file,
+    fetch_mnist_family,
+    load_dataset,
+    load_idx,
+    load_idx_dir,
+    load_image_folder,
+    load_mnist_family,
+    load_npz,
+    train_val_split,
+)
+from deepmetric.data.samplers import PairSampler, PKSampler, balanced_pairs, random_triplets
+
+__all__ = [
+    "IDX_FILES",
+    "IMAGE_EXTENSIONS",
+    "MNIST_FAMILY",
+    "SPEC_FORMS",
+    "ArrayDataset",
+    "DatasetError",
+    "PKSampler",
+    "PairSampler",
+    "balanced_pairs",
+    "class_split",
+    "data_home",
+    "download_file",
+    "fetch_mnist_family",
+    "load_dataset",
+    "load_idx",
+    "load_idx_dir",
+    "load_image_folder",
+    "load_mnist_family",
+    "load_npz",
+    "random_triplets",
+    "train_val_split",
+]

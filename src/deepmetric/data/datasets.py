@@ -1,0 +1,620 @@
+"""In-memory datasets and their loaders: IDX (the MNIST family), image folders, ``.npz``.
+
+Every loader returns an :class:`ArrayDataset` holding all samples as tensors:
+``x`` float32, ``(N, C, H, W)`` in ``[0, 1]`` for images or ``(N, D)`` for vectors,
+``y`` int64 ``(N,)``. Files that are missing, truncated or corrupt raise
+:class:`DatasetError` naming the file; nothing is ever skipped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+Split = Literal["train", "test"]
+Fetch = Callable[[str], IO[bytes]]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IDX_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SPEC_FORMS = (
+    "mnist",
+    "fashion-mnist",
+    "kmnist",
+    "idx:DIR",
+    "folder:DIR",
+    "npz:FILE",
+)
+
+# IDX type byte -> big-endian numpy dtype.
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, truncated, corrupt or inconsistent."""
+
+
+class ArrayDataset(Dataset):
+    """All samples in memory: ``x`` float32 ``(N, ...)``, ``y`` int64 ``(N,)``.
+
+    ``classes[c]`` is the name of class id ``c`` (``None`` when the source has no names).
+    Labels keep their original ids in :meth:`subset`, so splits stay comparable.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: list[str] | None = None) -> None:
+        x = torch.as_tensor(x)
+        y = torch.as_tensor(y)
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor, got {x.dtype}")
+        if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"y must be a 1-D integer tensor, got {y.dtype} {tuple(y.shape)}")
+        if x.ndim < 2 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} disagree on N")
+        self.x = x.to(torch.float32)
+        self.y = y.to(torch.int64)
+        self.classes = list(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+    def __repr__(self) -> str:
+        n_cls = len(self.classes) if self.classes is not None else "?"
+        return f"ArrayDataset(x={tuple(self.x.shape)}, y={tuple(self.y.shape)}, classes={n_cls})"
+
+    @property
+    def num_classes(self) -> int:
+        """``len(classes)``, else ``max(y) + 1`` (0 when empty)."""
+        if self.classes is not None:
+            return len(self.classes)
+        return int(self.y.max()) + 1 if len(self) else 0
+
+    def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> ArrayDataset:
+        """A new dataset with the samples at ``indices`` (same class list, same label ids)."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return ArrayDataset(self.x[idx], self.y[idx], self.classes)
+
+
+# --------------------------------------------------------------------------- IDX files
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when the name ends in ``.gz``."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: file not found") from e
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}: corrupt or truncated gzip data ({e})") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from e
+
+
+def load_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file (plain or ``.gz``) into an array of its declared shape.
+
+    Magic ``0x00000803`` gives uint8 images ``(N, H, W)``, ``0x00000801`` uint8 labels
+    ``(N,)``; the other IDX element types are read too (as native-endian arrays).
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
+    magic = int.from_bytes(raw[:4], "big")
+    if zero != 0 or ndim == 0:
+        raise DatasetError(f"{path}: bad IDX magic number 0x{magic:08x} (not an IDX file)")
+    if type_code not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: unknown IDX data type byte 0x{type_code:02x}")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise DatasetError(f"{path}: truncated IDX header: {ndim} dims need {header_len} bytes")
+    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    found = len(raw) - header_len
+    if found != expected:
+        problem = "truncated" if found < expected else "trailing bytes"
+        raise DatasetError(
+            f"{path}: {problem}: dims {dims} need {expected} data bytes, found {found}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims)
+    return data.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _find_file(directory: Path, name: str) -> Path:
+    """``directory/name`` or ``directory/name.gz``, whichever exists."""
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DatasetError(f"{directory}: neither {name} nor {name}.gz found")
+
+
+def load_idx_dir(
+    directory: str | os.PathLike[str], split: Split = "train", classes: list[str] | None = None
+) -> ArrayDataset:
+    """Load ``split`` from the four standard MNIST-style IDX files in ``directory``.
+
+    Returns x float32 ``(N, 1, H, W)`` scaled by 1/255 and y int64 ``(N,)``.
+    """
+    directory = Path(directory)
+    image_name, label_name = IDX_FILES[_check_split(split)]
+    image_path = _find_file(directory, image_name)
+    label_path = _find_file(directory, label_name)
+    images = load_idx(image_path)
+    labels = load_idx(label_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DatasetError(f"{image_path}: expected uint8 (N, H, W) images, got {images.shape}")
+    if labels.ndim != 1:
+        raise DatasetError(f"{label_path}: expected 1-D labels, got {labels.shape}")
+    if len(images) != len(labels):
+        raise DatasetError(
+            f"{directory}: {image_path.name} has {len(images)} images but "
+            f"{label_path.name} has {len(labels)} labels"
+        )
+    x = torch.from_numpy(images).unsqueeze(1).to(torch.float32).div_(255.0)
+    return ArrayDataset(x, torch.from_numpy(labels.astype(np.int64)), classes)
+
+
+# ---------------------------------------------------------------- the MNIST family
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one MNIST-style dataset is downloaded from, and what its files must hash to."""
+
+    mirrors: tuple[str, ...]
+    md5: dict[str, str]
+    classes: tuple[str, ...]
+    search_dirs: tuple[str, ...] = ()
+    hint: str = ""
+
+
+MNIST_FAMILY: dict[str, Family] = {
+    "mnist": Family(
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
+        md5={
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        classes=tuple(str(d) for d in range(10)),
+    ),
+    "fashion-mnist": Family(
+        mirrors=(
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
+        ),
+        md5={
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+        # Debian's dataset-fashion-mnist ships the four .gz files here (recompressed, so
+        # their md5 differs from upstream's; the IDX checks still apply).
+        search_dirs=("/usr/share/datasets/fashion-mnist",),
+        hint="or install Debian's copy: apt-get install dataset-fashion-mnist "
+        "(files in /usr/share/datasets/fashion-mnist)",
+    ),
+    "kmnist": Family(
+        mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        md5={
+            "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
+            "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
+            "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
+            "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
+        },
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    ),
+}
+
+
+def data_home(root: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder: ``root``, else ``$DEEPMETRIC_DATA``, else ``~/.cache/deepmetric``."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get("DEEPMETRIC_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "deepmetric"
+
+
+def _urlopen(url: str) -> IO[bytes]:
+    return urllib.request.urlopen(url, timeout=60)
+
+
+def download_file(
+    url: str, dest: str | os.PathLike[str], md5: str, *, fetch: Fetch | None = None
+) -> Path:
+    """Download ``url`` to ``dest``: a temporary file in the same folder, md5 checked, renamed.
+
+    ``fetch(url)`` returns a readable binary stream (default: ``urllib.request.urlopen``).
+    A checksum mismatch raises :class:`DatasetError`; ``dest`` is then left untouched.
+    Network errors propagate as ``OSError`` (``urllib.error.URLError`` is one).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.md5(usedforsecurity=False)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, contextlib.closing((fetch or _urlopen)(url)) as src:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != md5.lower():
+            raise DatasetError(
+                f"{url}: checksum mismatch for {dest.name}: "
+                f"md5 {digest.hexdigest()}, expected {md5.lower()}"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _has_split(directory: Path, split: Split) -> bool:
+    return all(
+        (directory / n).is_file() or (directory / f"{n}.gz").is_file() for n in IDX_FILES[split]
+    )
+
+
+def _download_split(
+    family: Family, target: Path, split: Split, mirrors: Sequence[str], fetch: Fetch | None
+) -> list[str]:
+    """Download the split's two ``.gz`` files into ``target``; returns the failures."""
+    failures: list[str] = []
+    for name in IDX_FILES[split]:
+        gz = f"{name}.gz"
+        if (target / name).is_file() or (target / gz).is_file():
+            continue
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + "/" + gz
+            try:
+                download_file(url, target / gz, family.md5[gz], fetch=fetch)
+                break
+            except DatasetError as e:
+                failures.append(str(e))
+            except OSError as e:
+                failures.append(f"{url}: {e}")
+        else:
+            return failures
+    return []
+
+
+def fetch_mnist_family(
+    name: str,
+    split: Split = "train",
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    mirrors: Sequence[str] | None = None,
+    search_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    fetch: Fetch | None = None,
+) -> Path:
+    """The folder holding ``split`` of ``name`` (``mnist``, ``fashion-mnist``, ``kmnist``).
+
+    Looked for in ``search_dirs`` (default: the family's system folders, e.g. Debian's
+    ``/usr/share/datasets/fashion-mnist``), then in ``data_home(root)/name``; else the two
+    ``.gz`` files are downloaded from ``mirrors`` (md5-checked) into the latter. Files
+    already present (``.gz`` or not) are trusted as they are; their IDX structure is
+    checked on load.
+    """
+    if name not in MNIST_FAMILY:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(MNIST_FAMILY)}")
+    family = MNIST_FAMILY[name]
+    split = _check_split(split)
+    dirs = family.search_dirs if search_dirs is None else search_dirs
+    for directory in map(Path, dirs):
+        if _has_split(directory, split):
+            return directory
+    target = data_home(root) / name
+    if _has_split(target, split):
+        return target
+    reason = "downloading is off (download=False)"
+    if download:
+        failures = _download_split(family, target, split, mirrors or family.mirrors, fetch)
+        if not failures:
+            return target
+        reason = f"the download failed ({'; '.join(failures)})"
+    files = ", ".join(f"{n}.gz" for n in IDX_FILES[split])
+    hint = f"; {family.hint}" if family.hint else ""
+    raise DatasetError(
+        f"{name} ({split}): no local copy, and {reason}. Put {files} (gzipped or not) "
+        f"into {target} (the cache folder; set DEEPMETRIC_DATA or root= to move it){hint}"
+    )
+
+
+def load_mnist_family(name: str, split: Split = "train", **kwargs: object) -> ArrayDataset:
+    """``mnist``/``fashion-mnist``/``kmnist`` as x ``(N, 1, 28, 28)`` in [0, 1], y ``(N,)``.
+
+    Keyword arguments go to :func:`fetch_mnist_family` (``root``, ``download``, ...).
+    """
+    directory = fetch_mnist_family(name, split, **kwargs)  # type: ignore[arg-type]
+    return load_idx_dir(directory, split, list(MNIST_FAMILY[name].classes))
+
+
+# ------------------------------------------------------------------------ image folders
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    files = sorted(
+        p
+        for p in class_dir.iterdir()
+        if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise DatasetError(
+            f"{class_dir}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
+def _decode_image(path: Path, mode: str | None, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """``(H, W)`` or ``(H, W, 3)`` uint8 array, and whether the source was grayscale."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+            target = mode or ("L" if gray else "RGB")
+            img = img.convert(target).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8), gray
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot decode image ({e})") from e
+
+
+def _to_chw(arrays: list[np.ndarray], rgb: bool) -> torch.Tensor:
+    """Stack ``(H, W)``/``(H, W, 3)`` uint8 arrays into float32 ``(N, C, H, W)`` in [0, 1]."""
+    if rgb:
+        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]
+        batch = np.stack(arrays).transpose(0, 3, 1, 2)
+    else:
+        batch = np.stack(arrays)[:, None]
+    return torch.from_numpy(np.ascontiguousarray(batch)).to(torch.float32).div_(255.0)
+
+
+def load_image_folder(
+    directory: str | os.PathLike[str],
+    split: Split = "train",
+    *,
+    mode: Literal["L", "RGB"] | None = None,
+    size: int | tuple[int, int] = 64,
+) -> ArrayDataset:
+    """One subfolder per class (sorted names give ids ``0..C-1``), images resized to ``size``.
+
+    ``size`` is ``(H, W)`` or one int for both. ``mode`` ``"L"`` or ``"RGB"``; by default
+    RGB unless every image is grayscale. Returns x float32 ``(N, C, H, W)`` in [0, 1].
+    Hidden files and non-image files are ignored; only the class folders' direct children
+    are read. ``split="test"`` needs ``directory/train`` and ``directory/test``: class ids
+    then come from the union of both splits' class folders, so they agree across splits.
+    Without those two subfolders the folder is the train split and ``"test"`` is an error.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    if mode not in (None, "L", "RGB"):
+        raise ValueError(f"mode must be 'L', 'RGB' or None, got {mode!r}")
+    hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    split = _check_split(split)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(root / "test")))
+        root = root / split
+    elif split == "test":
+        raise DatasetError(f"{root}: no train/ and test/ subfolders, so there is no test split")
+    else:
+        classes = _class_dirs(root)
+    present = _class_dirs(root)
+    if not present:
+        raise DatasetError(f"{root}: no class folders")
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    all_gray = True
+    for name in present:
+        for path in _image_files(root / name):
+            array, gray = _decode_image(path, mode, hw)
+            arrays.append(array)
+            labels.append(classes.index(name))
+            all_gray &= gray
+    rgb = mode == "RGB" or (mode is None and not all_gray)
+    return ArrayDataset(_to_chw(arrays, rgb), torch.tensor(labels, dtype=torch.int64), classes)
+
+
+# ------------------------------------------------------------------------------- .npz
+
+
+def _npz_key(arrays: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    if key not in arrays.files:
+        raise DatasetError(
+            f"{path}: missing array {key!r} (has {', '.join(arrays.files) or 'none'})"
+        )
+    return arrays[key]
+
+
+def load_npz(file: str | os.PathLike[str], split: Split = "train") -> ArrayDataset:
+    """Arrays ``x`` (N, D), (N, H, W) or (N, C, H, W) and ``y`` (N,) integer from a ``.npz``.
+
+    uint8 ``x`` is scaled by 1/255, float ``x`` kept (as float32); ``(N, H, W)`` gains a
+    channel axis. Optional ``classes`` (strings) names the ids. ``split="test"`` reads
+    ``x_test``/``y_test`` from the same file.
+    """
+    path = Path(file)
+    xkey, ykey = ("x", "y") if _check_split(split) == "train" else ("x_test", "y_test")
+    try:
+        arrays = np.load(path, allow_pickle=False)
+        if not isinstance(arrays, np.lib.npyio.NpzFile):
+            raise DatasetError(f"{path}: a single .npy array, not an .npz archive")
+        with arrays:
+            x = _npz_key(arrays, xkey, path)
+            y = _npz_key(arrays, ykey, path)
+            classes = [str(c) for c in arrays["classes"]] if "classes" in arrays.files else None
+    except DatasetError:
+        raise
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: file not found") from e
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable .npz file ({e})") from e
+    return ArrayDataset(_npz_x(x, path, xkey), _npz_y(y, len(x), path, ykey), classes)
+
+
+def _npz_x(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
+    if x.ndim not in (2, 3, 4):
+        raise DatasetError(
+            f"{path}: {key} must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}"
+        )
+    if x.dtype == np.uint8:
+        t = torch.from_numpy(x).to(torch.float32).div_(255.0)
+    elif np.issubdtype(x.dtype, np.floating):
+        t = torch.from_numpy(x.astype(np.float32))
+    else:
+        raise DatasetError(f"{path}: {key} must be uint8 or float, got {x.dtype}")
+    return t.unsqueeze(1) if t.ndim == 3 else t
+
+
+def _npz_y(y: np.ndarray, n: int, path: Path, key: str) -> torch.Tensor:
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{path}: {key} must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if len(y) != n:
+        raise DatasetError(f"{path}: {key} has {len(y)} labels for {n} samples")
+    if len(y) and y.min() < 0:
+        raise DatasetError(f"{path}: {key} has negative labels")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+# ------------------------------------------------------------------------- dispatch
+
+
+def _check_split(split: str) -> Split:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return split  # type: ignore[return-value]
+
+
+def load_dataset(
+    spec: str,
+    split: Split = "train",
+    *,
+    root: str | os.PathLike[str] | None = None,
+    **opts: object,
+) -> ArrayDataset:
+    """Load a dataset by spec: ``mnist``, ``fashion-mnist``, ``kmnist``, ``idx:DIR``,
+    ``folder:DIR`` or ``npz:FILE``.
+
+    ``root`` is the download cache of the named datasets (see :func:`data_home`); path
+    specs ignore it. ``opts`` go to the loader: :func:`fetch_mnist_family` (``download``,
+    ``mirrors``, ``search_dirs``, ``fetch``) or :func:`load_image_folder` (``mode``,
+    ``size``). See each loader for what ``split="test"`` means for it.
+    """
+    kind, sep, arg = spec.partition(":")
+    if not sep and spec in MNIST_FAMILY:
+        return load_mnist_family(spec, split, root=root, **opts)
+    loaders: dict[str, Callable[..., ArrayDataset]] = {
+        "idx": load_idx_dir,
+        "folder": load_image_folder,
+        "npz": load_npz,
+    }
+    if not sep or kind not in loaders or not arg:
+        raise ValueError(f"unknown dataset spec {spec!r}; valid forms: {', '.join(SPEC_FORMS)}")
+    return loaders[kind](arg, split, **opts)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def train_val_split(
+    ds: ArrayDataset, val_fraction: float, seed: int = 0
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """Stratified split: about ``val_fraction`` of each class goes to validation.
+
+    Every class keeps at least one training sample. Deterministic for ``seed``; both
+    parts keep the original sample order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    labels = ds.y.numpy()
+    val: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = min(round(val_fraction * len(idx)), len(idx) - 1)
+        val.append(idx[:n_val])
+    val_mask = np.zeros(len(labels), dtype=bool)
+    if val:
+        val_mask[np.concatenate(val)] = True
+    return ds.subset(np.flatnonzero(~val_mask)), ds.subset(np.flatnonzero(val_mask))
+
+
+def class_split(
+    ds: ArrayDataset, classes: Iterable[int | str]
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """``(seen, unseen)``: samples whose label is in ``classes``, and all the others.
+
+    For the open-set protocol (train on some classes, test on classes never seen).
+    ``classes`` holds ids or names from ``ds.classes``; labels keep their ids.
+    """
+    ids = [_class_id(ds, c) for c in classes]
+    mask = np.isin(ds.y.numpy(), np.asarray(ids, dtype=np.int64))
+    return ds.subset(np.flatnonzero(mask)), ds.subset(np.flatnonzero(~mask))
+
+
+def _class_id(ds: ArrayDataset, c: int | str) -> int:
+    if isinstance(c, str):
+        if ds.classes is None or c not in ds.classes:
+            raise ValueError(f"unknown class name {c!r}")
+        return ds.classes.index(c)
+    if not 0 <= int(c) < ds.num_classes:
+        raise ValueError(f"class id {c} out of range 0..{ds.num_classes - 1}")
+    return int(c)
