@@ -1,0 +1,375 @@
+"""Embedding networks: backbones, embedding heads and Siamese / triplet / joint wrappers.
+
+Shapes use ``B`` for the batch size. Image backbones take ``(B, C, H, W)``; the MLP takes
+``(B, D)``. Every backbone returns ``(B, out_features)`` and declares what it expects through
+``input_ndim`` and ``in_channels`` (CNNs) or ``in_features`` (MLP), so that
+:class:`EmbeddingNet` can reject badly shaped inputs with a readable error.
+
+Wrappers (:class:`SiameseNet`, :class:`TripletNet`, :class:`JointNet`) hold one
+:class:`EmbeddingNet` and call that very module for every branch, so all branches share one
+set of weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BACKBONES",
+    "MLP",
+    "BasicBlock",
+    "ClassifierHead",
+    "EmbeddingNet",
+    "JointNet",
+    "ResNetSmall",
+    "SiameseNet",
+    "SmallCNN",
+    "TripletNet",
+    "build_backbone",
+]
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones
+# --------------------------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Two-layer CNN from the classic MNIST triplet example.
+
+    ``conv(32, 3x3) -> ReLU -> maxpool(2) -> conv(64, 3x3) -> ReLU -> maxpool(2)
+    -> adaptive avg pool to 5x5 -> flatten -> Linear(1600, 256) -> ReLU``.
+
+    With ``batch_norm=True`` a BatchNorm2d follows each convolution (before the ReLU).
+    For 28x28 inputs the feature map is already 5x5 and the adaptive pool is skipped;
+    larger inputs (any ``H, W >= 28``) are pooled down to 5x5.
+
+    For CPU speed the max-pool runs before the ReLU (the two commute, so the function is
+    the same, with 4x less ReLU work) and the convolutions run in ``channels_last`` memory
+    format (weights are stored that way; inputs are converted in ``forward``).
+
+    Input ``(B, in_channels, H, W)``, output ``(B, 256)``.
+    """
+
+    input_ndim: int = 4
+    out_features: int
+
+    def __init__(self, in_channels: int = 1, batch_norm: bool = False) -> None:
+        super().__init__()
+        _check_positive("in_channels", in_channels)
+        self.in_channels = in_channels
+        self.batch_norm = batch_norm
+        self.out_features = 256
+
+        def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, bias=not batch_norm)]
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            # max-pool then ReLU == ReLU then max-pool (ReLU is monotone), but cheaper.
+            layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers)
+
+        self.conv1 = conv_block(in_channels, 32)
+        self.conv2 = conv_block(32, 64)
+        self.pool = nn.AdaptiveAvgPool2d((5, 5))
+        self.fc = nn.Sequential(nn.Linear(64 * 5 * 5, self.out_features), nn.ReLU(inplace=True))
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, 256)``."""
+        x = self.conv2(self.conv1(x.contiguous(memory_format=torch.channels_last)))
+        if x.shape[-2:] != (5, 5):
+            x = self.pool(x)
+        return self.fc(torch.flatten(x, 1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv + BatchNorm with an identity (or 1x1 projection) skip.
+
+    Input ``(B, in_channels, H, W)``, output ``(B, out_channels, ceil(H/stride), ceil(W/stride))``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class ResNetSmall(nn.Module):
+    """Small residual CNN for RGB / larger images.
+
+    Stem ``conv3x3(widths[0]) + BN + ReLU``, then one stage of ``blocks_per_stage`` basic
+    blocks per entry of ``widths`` (stride 2 at the start of every stage but the first),
+    then global average pooling. Runs in ``channels_last`` memory format (faster on CPU).
+
+    Input ``(B, in_channels, H, W)``, output ``(B, widths[-1])``.
+    """
+
+    input_ndim: int = 4
+    out_features: int
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: Sequence[int] = (32, 64, 128),
+        blocks_per_stage: int = 1,
+    ) -> None:
+        super().__init__()
+        _check_positive("in_channels", in_channels)
+        _check_positive("blocks_per_stage", blocks_per_stage)
+        widths = tuple(widths)
+        if not widths:
+            raise ValueError("widths must contain at least one stage width")
+        for w in widths:
+            _check_positive("each width", w)
+        self.in_channels = in_channels
+        self.widths = widths
+        self.out_features = widths[-1]
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        blocks: list[nn.Module] = []
+        prev = widths[0]
+        for i, w in enumerate(widths):
+            for j in range(blocks_per_stage):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(prev, w, stride))
+                prev = w
+        self.stages = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, widths[-1])``."""
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        return torch.flatten(self.pool(self.stages(x)), 1)
+
+
+class MLP(nn.Module):
+    """Fully connected network ``Linear + ReLU`` per hidden size, for vectors.
+
+    Input ``(B, in_features)``, output ``(B, hidden[-1])`` (``(B, in_features)`` when
+    ``hidden`` is empty: the MLP is then the identity).
+    """
+
+    input_ndim: int = 2
+    out_features: int
+
+    def __init__(self, in_features: int, hidden: Sequence[int] = (256, 256)) -> None:
+        super().__init__()
+        _check_positive("in_features", in_features)
+        hidden = tuple(hidden)
+        for h in hidden:
+            _check_positive("each hidden size", h)
+        self.in_features = in_features
+        self.hidden = hidden
+        layers: list[nn.Module] = []
+        prev = in_features
+        for h in hidden:
+            layers += [nn.Linear(prev, h), nn.ReLU(inplace=True)]
+            prev = h
+        self.net = nn.Sequential(*layers)
+        self.out_features = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_features) -> (B, out_features)``."""
+        return self.net(x)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": SmallCNN,
+    "resnet_small": ResNetSmall,
+    "mlp": MLP,
+}
+
+
+def build_backbone(name: str, **kwargs: object) -> nn.Module:
+    """Build the backbone registered in :data:`BACKBONES` under ``name`` with ``kwargs``.
+
+    Raises ``ValueError`` (listing the valid names) for an unknown name.
+    """
+    try:
+        factory = BACKBONES[name]
+    except (KeyError, TypeError):
+        valid = ", ".join(sorted(BACKBONES))
+        raise ValueError(f"unknown backbone {name!r}; valid names: {valid}") from None
+    return factory(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding and wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _expected_shape(ndim: int, size1: int | None) -> str:
+    """Human readable expected shape, e.g. ``(B, 1, H, W)``, ``(B, 784)`` or ``(B, ...)``."""
+    if ndim == 4:
+        return f"(B, {'C' if size1 is None else size1}, H, W)"
+    if ndim == 2:
+        return f"(B, {'D' if size1 is None else size1})"
+    return "(" + ", ".join(["B"] + ["_"] * (ndim - 1)) + ")"
+
+
+class EmbeddingNet(nn.Module):
+    """``backbone -> Linear(backbone.out_features, dim) -> optional L2 normalisation``.
+
+    The backbone must have an integer ``out_features``. If it also declares ``input_ndim``
+    and ``in_channels`` / ``in_features`` (all backbones here do), inputs are checked and a
+    mismatch raises ``ValueError`` naming the expected and the received shape.
+
+    Input: whatever the backbone takes, e.g. ``(B, C, H, W)``; output ``(B, dim)`` with unit
+    L2 norm rows when ``normalize`` is true.
+    """
+
+    def __init__(self, backbone: nn.Module, dim: int = 128, normalize: bool = True) -> None:
+        super().__init__()
+        out_features = getattr(backbone, "out_features", None)
+        if isinstance(out_features, bool) or not isinstance(out_features, int):
+            raise TypeError("backbone must have an integer attribute 'out_features'")
+        _check_positive("dim", dim)
+        self.backbone = backbone
+        self.fc = nn.Linear(out_features, dim)
+        self.dim = dim
+        self.normalize = normalize
+        # Declared input expectation (None: unknown, not checked).
+        ndim = getattr(backbone, "input_ndim", None)
+        self.input_ndim: int | None = ndim if isinstance(ndim, int) else None
+        size1 = getattr(backbone, "in_channels", None) if ndim == 4 else None
+        if ndim == 2:
+            size1 = getattr(backbone, "in_features", None)
+        self._input_size1: int | None = size1 if isinstance(size1, int) else None
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` if ``x`` does not match the backbone's declared input shape."""
+        ndim = self.input_ndim
+        if ndim is None:
+            return
+        size1 = self._input_size1
+        if x.dim() != ndim or (size1 is not None and x.shape[1] != size1):
+            raise ValueError(
+                f"{type(self.backbone).__name__} expects input of shape "
+                f"{_expected_shape(ndim, size1)}, got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x -> (B, dim)``."""
+        self.check_input(x)
+        e = self.fc(self.backbone(x))
+        return F.normalize(e, p=2.0, dim=1) if self.normalize else e
+
+
+class SiameseNet(nn.Module):
+    """Two branches through one shared :class:`EmbeddingNet`.
+
+    ``forward(x1, x2) -> (e1, e2)``, each ``(B, dim)``.
+    """
+
+    def __init__(self, embedding_net: EmbeddingNet) -> None:
+        super().__init__()
+        self.embedding_net = embedding_net
+
+    @property
+    def dim(self) -> int:
+        return self.embedding_net.dim
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedding_net(x1), self.embedding_net(x2)
+
+    def get_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """``x -> (B, dim)``."""
+        return self.embedding_net(x)
+
+
+class TripletNet(nn.Module):
+    """Anchor / positive / negative branches through one shared :class:`EmbeddingNet`.
+
+    ``forward(a, p, n) -> (ea, ep, en)``, each ``(B, dim)``; with ``concat=True`` a single
+    ``(B, 3 * dim)`` tensor ``[ea | ep | en]`` (as in the Keras triplet model).
+    """
+
+    def __init__(self, embedding_net: EmbeddingNet, concat: bool = False) -> None:
+        super().__init__()
+        self.embedding_net = embedding_net
+        self.concat = concat
+
+    @property
+    def dim(self) -> int:
+        return self.embedding_net.dim
+
+    def forward(
+        self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
+        ea, ep, en = self.embedding_net(a), self.embedding_net(p), self.embedding_net(n)
+        if self.concat:
+            return torch.cat((ea, ep, en), dim=1)
+        return ea, ep, en
+
+    def get_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """``x -> (B, dim)``."""
+        return self.embedding_net(x)
+
+
+class ClassifierHead(nn.Module):
+    """Linear classifier on embeddings: ``(B, dim) -> (B, num_classes)`` logits."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        _check_positive("dim", dim)
+        _check_positive("num_classes", num_classes)
+        self.dim = dim
+        self.num_classes = num_classes
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.fc(e)
+
+
+class JointNet(nn.Module):
+    """Embedding plus a classifier on that embedding, for joint softmax + triplet training.
+
+    ``forward(x) -> (embeddings (B, dim), logits (B, num_classes))``.
+    """
+
+    def __init__(self, embedding_net: EmbeddingNet, num_classes: int) -> None:
+        super().__init__()
+        self.embedding_net = embedding_net
+        self.head = ClassifierHead(embedding_net.dim, num_classes)
+
+    @property
+    def dim(self) -> int:
+        return self.embedding_net.dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.embedding_net(x)
+        return e, self.head(e)
