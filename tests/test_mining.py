@@ -124,8 +124,7 @@ def test_triplet_categories_match_loops(batch, margin, method):
     assert got.total == len(reference.valid_triplets(labels.tolist()))
 
 
-def test_methods_agree_across_chunks_on_a_pk_batch(monkeypatch):
-    monkeypatch.setattr(mining, "CHUNK_ELEMENTS", 500)  # many small chunks
+def test_methods_agree_on_a_pk_batch():
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(256, 16, generator=g), dim=1)
     labels = torch.arange(64).repeat_interleave(4)[torch.randperm(256, generator=g)]
@@ -142,14 +141,15 @@ def test_methods_agree_across_chunks_on_a_pk_batch(monkeypatch):
 
 def test_auto_method_uses_sort_for_many_positives(monkeypatch):
     calls = []
-    monkeypatch.setattr(mining, "_count_sort", lambda *a: calls.append("sort") or (a[0], a[0]))
-    monkeypatch.setattr(mining, "_count_direct", lambda *a: calls.append("direct") or (a[0], a[0]))
+    real = mining._count_below
+    monkeypatch.setattr(
+        mining, "_count_below", lambda *a, **k: calls.append(k["method"]) or real(*a, **k)
+    )
     few = torch.arange(8).repeat_interleave(2)
     many = torch.zeros(40, dtype=torch.long)
     many[0] = 1
     for labels in (few, many):
-        dist = torch.rand(len(labels), len(labels))
-        mining.count_negatives_below(dist, mining.pair_masks(labels), dist)
+        mining.batch_all_counts(torch.rand(len(labels), len(labels)), labels, margin=0.1)
     assert calls == ["direct", "sort"]
 
 

@@ -63,27 +63,27 @@ def _zero(embeddings: torch.Tensor) -> torch.Tensor:
 class _SoftTripletSum(torch.autograd.Function):
     """``sum over valid (a, p, n) of softplus(d_ap - d_an)`` without a (B, P, R) graph.
 
-    Forward walks chunks of anchors under ``no_grad`` and accumulates the value and its gradient
-    with respect to ``dist``: ``sum_n sigmoid(d_ap - d_an)`` at (a, p) and
+    Forward walks the positive slots (one (B, R) pass each) and accumulates the value and its
+    gradient with respect to ``dist``: ``sum_n sigmoid(d_ap - d_an)`` at (a, p) and
     ``-sum_p sigmoid(d_ap - d_an)`` at (a, n). Backward returns that (B, R) matrix times the
-    incoming gradient. Memory O(B R); no double backward.
+    incoming gradient. O(P B R) time, O(B R) memory; no double backward.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, dist: torch.Tensor, masks: miners.PairMasks
     ) -> torch.Tensor:
-        pos_index, pos_valid = miners.positive_columns(masks.positive)
+        slots = miners.positive_slots(masks.positive)
         grad = torch.zeros_like(dist)
         total = dist.new_zeros(())
-        for rows in miners.row_chunks(dist.shape[0], pos_index.shape[1] * dist.shape[1]):
-            index = pos_index[rows]
-            d_pos = dist[rows].gather(1, index)  # (c, P)
-            x = d_pos[:, :, None] - dist[rows][:, None, :]  # (c, P, R)
-            keep = pos_valid[rows][:, :, None] & masks.negative[rows][:, None, :]
+        for j in range(slots.index.shape[1]):
+            positive = slots.index[:, j : j + 1]  # (B, 1)
+            x = dist.gather(1, positive) - dist  # d_ap - d_an for every n, (B, R)
+            keep = masks.negative & slots.valid[:, j : j + 1]
             total += torch.where(keep, F.softplus(x), 0.0).sum()
             slope = torch.where(keep, torch.sigmoid(x), 0.0)
-            grad[rows] = grad[rows].scatter_add(1, index, slope.sum(dim=2)) - slope.sum(dim=1)
+            grad -= slope
+            grad.scatter_add_(1, positive, slope.sum(dim=1, keepdim=True))
         ctx.save_for_backward(grad)
         return total
 

@@ -7,22 +7,21 @@ of other items (a memory bank, a gallery) is passed as ``ref_labels``; then ever
 with the anchor's label is a positive, so do not include the anchors themselves there.
 
 A triplet (a, p, n) is *valid* when ``label[a] == ref_label[p]`` (a != p in the batch case) and
-``label[a] != ref_label[n]``. Nothing here builds a B x B x R tensor:
+``label[a] != ref_label[n]``. Nothing here builds a B x R x R tensor. Each anchor's positives are
+packed into P "slots" (P = the largest number of positives of an anchor: K - 1 in a P x K batch),
+and the triplets are counted or chosen in one of two exact ways:
 
-- counts over all valid triplets come from sorting each anchor's negative distances once and a
-  ``searchsorted`` per positive pair, O(B R log R) time and O(B R) memory (``method="sort"``);
-- or, when anchors have few positives (P x K batches with small K), from comparing each anchor's
-  positive distances with its row of negative distances directly, chunked over anchors so that the
-  temporary stays under ``CHUNK_ELEMENTS``: O(K B R) time, O(B R) memory (``method="direct"``).
+- ``method="sort"``: sort each anchor's negative distances once, then a ``searchsorted`` per
+  positive pair and per negative pair: O(B R log R) time, O(B R) memory;
+- ``method="direct"``: for each positive slot, compare the positive distances with the whole row
+  of negative distances: O(P B R) time, O(B R) memory. Faster when P is small.
 
-Both are exact; ``method="auto"`` picks direct when the largest number of positives of an anchor
-is at most ``DIRECT_MAX_POSITIVES``. Miners return indices or counts, never a loss, and carry no
-gradient.
+``method="auto"`` picks direct when P is at most ``DIRECT_MAX_POSITIVES``. Miners return indices
+or counts, never a loss, and carry no gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -30,11 +29,9 @@ import torch
 Method = Literal["auto", "sort", "direct"]
 METHODS: tuple[str, ...] = get_args(Method)
 
-#: "auto" compares directly when no anchor has more positives than this (measured in
-#: benchmarks/losses.py: direct wins clearly at K <= 16 on CPU).
+#: "auto" compares directly when no anchor has more positives than this (measured with
+#: benchmarks/losses.py --sweep-k on CPU).
 DIRECT_MAX_POSITIVES = 16
-#: Upper bound on the elements of the (chunk, positives, R) temporary of the direct method.
-CHUNK_ELEMENTS = 1 << 24
 
 
 class Triplets(NamedTuple):
@@ -113,12 +110,19 @@ def pair_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> 
     return PairMasks(positive=positive, negative=~same)
 
 
-def positive_columns(positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's positive column indices, left-packed into (B, Pmax), and a validity mask.
+class Slots(NamedTuple):
+    """Each anchor's positive columns, left-packed: ``index`` (B, P) int64 and ``valid`` (B, P).
 
-    Padding repeats the row's first positive, so a computation over the padded entries gives
-    the first positive's result again and a scatter of it back writes the same value twice.
+    Padding repeats the row's first positive, so a computation over a padded slot gives that
+    positive's result again and scattering it back writes the same value twice.
     """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+def positive_slots(positive: torch.Tensor) -> Slots:
+    """Pack the True columns of each row of a (B, R) mask into (B, P) slots."""
     counts = positive.sum(dim=1)
     pmax = int(counts.max()) if positive.numel() else 0
     rows, cols = positive.nonzero(as_tuple=True)
@@ -127,92 +131,61 @@ def positive_columns(positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     index = torch.zeros(positive.shape[0], pmax, dtype=torch.long, device=positive.device)
     index[rows, rank] = cols
     valid = torch.arange(pmax, device=positive.device)[None, :] < counts[:, None]
-    return torch.where(valid, index, index[:, :1]), valid
+    return Slots(torch.where(valid, index, index[:, :1]), valid)
 
 
-def row_chunks(n_rows: int, row_elements: int) -> Iterator[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(n_rows, start + step))
-
-
-def _resolve_method(method: str, masks: PairMasks) -> str:
+def _resolve_method(method: str, slots: Slots) -> str:
     check_method(method)
     if method != "auto":
         return method
-    pmax = int(masks.positive.sum(dim=1).max()) if masks.positive.numel() else 0
-    return "direct" if pmax <= DIRECT_MAX_POSITIVES else "sort"
+    return "direct" if slots.index.shape[1] <= DIRECT_MAX_POSITIVES else "sort"
+
+
+def _inf(dist: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
 
 
 # ----------------------------------------------------------------------------- counting
 
 
-@torch.no_grad()
-def count_negatives_below(
+def _count_below(
     dist: torch.Tensor,
     masks: PairMasks,
-    thresholds: torch.Tensor,
+    slots: Slots,
+    t_slots: torch.Tensor,
     *,
-    inclusive: bool = False,
-    with_negative_counts: bool = False,
-    method: Method = "auto",
+    inclusive: bool,
+    with_negative_counts: bool,
+    method: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Count, for every positive pair (a, p), the negatives of a below a threshold.
-
-    Args:
-        dist: (B, R) distances.
-        masks: positive and negative (B, R) masks.
-        thresholds: (B, R) ``t[a, p]``, read at the positive pairs only.
-        inclusive: count ``d_an <= t_ap`` instead of ``d_an < t_ap``.
-        with_negative_counts: also count, for every negative pair (a, n), the positives p of a
-            with ``d_an < t_ap`` (resp. ``<=``): the same set of triplets seen from n.
-        method: ``"sort"``, ``"direct"`` or ``"auto"`` (see the module docstring).
-
-    Returns:
-        ``(per_positive, per_negative)``: int64 (B, R) counts, zero off their masks;
-        ``per_negative`` is ``None`` unless asked for.
-    """
-    if _resolve_method(method, masks) == "sort":
-        return _count_sort(dist, masks, thresholds, inclusive, with_negative_counts)
-    return _count_direct(dist, masks, thresholds, inclusive, with_negative_counts)
-
-
-def _count_sort(
-    dist: torch.Tensor, masks: PairMasks, t: torch.Tensor, inclusive: bool, with_neg: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
-    neg_sorted = torch.where(masks.negative, dist, inf).sort(dim=1).values
-    # Negatives are a prefix of each sorted row (non-negatives are +inf at the end).
-    below = torch.searchsorted(neg_sorted, t.contiguous(), right=inclusive)
-    per_pos = below.masked_fill_(~masks.positive, 0)
+    """For every positive slot (a, j) with threshold ``t_slots[a, j]``: the number of negatives
+    n of a with ``d_an < t`` (``<=`` when inclusive), int64 (B, P), 0 on padding. Optionally,
+    for every negative pair (a, n), the number of positive slots of a with ``d_an < t``,
+    int32 (B, R), 0 off the negatives: the same triplets seen from the negative."""
+    inf = _inf(dist)
+    t_slots = torch.where(slots.valid, t_slots, -inf)  # padding counts nothing
+    if method == "sort":
+        neg_sorted = torch.where(masks.negative, dist, inf).sort(dim=1).values
+        per_slot = torch.searchsorted(neg_sorted, t_slots, right=inclusive)
+        if not with_negative_counts:
+            return per_slot, None
+        # #{j : t_aj > d} (strict) or #{j : t_aj >= d} = P - #{j : t_aj <= d} (resp. < d).
+        t_sorted = t_slots.sort(dim=1).values.contiguous()
+        not_above = torch.searchsorted(t_sorted, dist, right=not inclusive, out_int32=True)
+        per_neg = (t_slots.shape[1] - not_above).masked_fill_(~masks.negative, 0)
+        return per_slot, per_neg
+    d_neg = torch.where(masks.negative, dist, inf)
+    per_slot = torch.empty(slots.index.shape, dtype=torch.long, device=dist.device)
     per_neg = None
-    if with_neg:
-        # Positive thresholds sorted with -inf padding in front: #{p: t_ap > d} = R - #{<= d}.
-        pos_sorted = torch.where(masks.positive, t, -inf).sort(dim=1).values
-        not_above = torch.searchsorted(pos_sorted, dist.contiguous(), right=not inclusive)
-        per_neg = (dist.shape[1] - not_above).masked_fill_(~masks.negative, 0)
-    return per_pos, per_neg
-
-
-def _count_direct(
-    dist: torch.Tensor, masks: PairMasks, t: torch.Tensor, inclusive: bool, with_neg: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    pos_index, pos_valid = positive_columns(masks.positive)
-    per_pos = torch.zeros(dist.shape, dtype=torch.long, device=dist.device)
-    per_neg = torch.zeros_like(per_pos) if with_neg else None
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
-    for rows in row_chunks(dist.shape[0], pos_index.shape[1] * dist.shape[1]):
-        index = pos_index[rows]
-        t_pos = torch.where(pos_valid[rows], t[rows].gather(1, index), -inf)  # (c, P)
-        d_neg = torch.where(masks.negative[rows], dist[rows], inf)  # (c, R)
-        if inclusive:
-            hit = d_neg[:, None, :] <= t_pos[:, :, None]  # (c, P, R)
-        else:
-            hit = d_neg[:, None, :] < t_pos[:, :, None]
-        per_pos[rows].scatter_add_(1, index, hit.sum(dim=2))
+    if with_negative_counts:
+        per_neg = torch.zeros(dist.shape, dtype=torch.int32, device=dist.device)
+    compare = torch.le if inclusive else torch.lt
+    for j in range(t_slots.shape[1]):
+        hit = compare(d_neg, t_slots[:, j : j + 1])  # (B, R)
+        per_slot[:, j] = hit.sum(dim=1)
         if per_neg is not None:
-            per_neg[rows] = hit.sum(dim=1)
-    return per_pos, per_neg
+            per_neg += hit
+    return per_slot, per_neg
 
 
 # ----------------------------------------------------------------------------- miners
@@ -229,17 +202,25 @@ def batch_all_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch-all active set ``{(a, p, n) valid : d_an < d_ap + margin}``, as counts.
 
-    Returns ``(per_positive, per_negative)``, int64 (B, R): ``per_positive[a, p]`` is the number
+    Returns ``(per_positive, per_negative)``, int32 (B, R): ``per_positive[a, p]`` is the number
     of active triplets through the positive pair (a, p) and ``per_negative[a, n]`` through the
     negative pair (a, n). The hinge sum over active triplets is then linear in ``dist``:
     ``sum(per_positive * (dist + margin)) - sum(per_negative * dist)``.
     """
     _check_dist(dist, labels, ref_labels)
     masks = pair_masks(labels, ref_labels)
-    per_pos, per_neg = count_negatives_below(
-        dist, masks, dist + margin, with_negative_counts=True, method=method
+    slots = positive_slots(masks.positive)
+    per_slot, per_neg = _count_below(
+        dist,
+        masks,
+        slots,
+        dist.gather(1, slots.index) + margin,
+        inclusive=False,
+        with_negative_counts=True,
+        method=_resolve_method(method, slots),
     )
     assert per_neg is not None
+    per_pos = torch.zeros_like(per_neg).scatter_add_(1, slots.index, per_slot.to(torch.int32))
     return per_pos, per_neg
 
 
@@ -258,16 +239,16 @@ def batch_all(
     """
     _check_dist(dist, labels, ref_labels)
     masks = pair_masks(labels, ref_labels)
-    pos_index, pos_valid = positive_columns(masks.positive)
-    found: list[torch.Tensor] = []
-    for rows in row_chunks(dist.shape[0], pos_index.shape[1] * dist.shape[1]):
-        index = pos_index[rows]
-        d_pos = dist[rows].gather(1, index)
-        hit = (dist[rows][:, None, :] < d_pos[:, :, None] + margin) & pos_valid[rows][:, :, None]
-        hit &= masks.negative[rows][:, None, :]
-        a, j, n = hit.nonzero(as_tuple=True)
-        found.append(torch.stack([a + rows.start, index[a, j], n]))
+    slots = positive_slots(masks.positive)
+    found = []
+    for j in range(slots.index.shape[1]):
+        positive = slots.index[:, j]
+        t = dist.gather(1, positive[:, None])[:, 0] + margin
+        t = torch.where(slots.valid[:, j], t, -torch.inf)
+        a, n = ((dist < t[:, None]) & masks.negative).nonzero(as_tuple=True)
+        found.append(torch.stack([a, positive[a], n]))
     triplets = torch.cat(found, dim=1) if found else torch.zeros(3, 0, dtype=torch.long)
+    triplets = triplets[:, torch.argsort(triplets[0] * dist.shape[1] + triplets[1], stable=True)]
     return Triplets(triplets[0], triplets[1], triplets[2])
 
 
@@ -279,7 +260,7 @@ def batch_hard(
     negative (Hermans et al. 2017). O(B R)."""
     _check_dist(dist, labels, ref_labels)
     masks = pair_masks(labels, ref_labels)
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+    inf = _inf(dist)
     positive = torch.where(masks.positive, dist, -inf).argmax(dim=1)
     negative = torch.where(masks.negative, dist, inf).argmin(dim=1)
     anchor = (masks.positive.any(dim=1) & masks.negative.any(dim=1)).nonzero().flatten()
@@ -298,46 +279,42 @@ def semi_hard(
     ``d_an`` strictly greater than ``d_ap``, or, when there is none, the negative with the largest
     ``d_an`` (FaceNet, Schroff et al. 2015; TensorFlow Addons' ``triplet_semihard_loss``).
 
-    Ties between equal negative distances go to the lowest index. O(B R log R) (sort) or
-    O(K B R) (direct).
+    Triplets come ordered by anchor, then positive. Ties between equal negative distances go to
+    the lowest index. O(B R log R) (sort) or O(P B R) (direct).
     """
     _check_dist(dist, labels, ref_labels)
     masks = pair_masks(labels, ref_labels)
-    has_negative = masks.negative.any(dim=1)
-    pairs = masks.positive & has_negative[:, None]
-    if _resolve_method(method, masks) == "sort":
-        chosen = _semi_hard_sort(dist, masks)
+    slots = positive_slots(masks.positive)
+    d_pos = dist.gather(1, slots.index)  # (B, P)
+    if _resolve_method(method, slots) == "sort":
+        chosen = _semi_hard_sort(dist, masks, d_pos)
     else:
-        chosen = _semi_hard_direct(dist, masks)
-    anchor, positive = pairs.nonzero(as_tuple=True)
-    return Triplets(anchor, positive, chosen[anchor, positive])
+        chosen = _semi_hard_direct(dist, masks, d_pos)
+    has_negative = masks.negative.any(dim=1)
+    anchor, slot = (slots.valid & has_negative[:, None]).nonzero(as_tuple=True)
+    return Triplets(anchor, slots.index[anchor, slot], chosen[anchor, slot])
 
 
-def _semi_hard_sort(dist: torch.Tensor, masks: PairMasks) -> torch.Tensor:
-    """(B, R): for each (a, p), the column of the chosen negative (garbage off the positives)."""
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+def _semi_hard_sort(dist: torch.Tensor, masks: PairMasks, d_pos: torch.Tensor) -> torch.Tensor:
+    """(B, P): the column of each positive slot's chosen negative (garbage without negatives)."""
+    inf = _inf(dist)
     neg_sorted, order = torch.where(masks.negative, dist, inf).sort(dim=1, stable=True)
     n_neg = masks.negative.sum(dim=1, keepdim=True)
-    first_above = torch.searchsorted(neg_sorted, dist.contiguous(), right=True)
+    first_above = torch.searchsorted(neg_sorted, d_pos, right=True)
     # Among equal largest distances the stable sort puts the lowest index first.
     largest = torch.searchsorted(neg_sorted, neg_sorted.gather(1, (n_neg - 1).clamp_min(0)))
     position = torch.where(first_above < n_neg, first_above, largest)
     return order.gather(1, position.clamp_max(dist.shape[1] - 1))
 
 
-def _semi_hard_direct(dist: torch.Tensor, masks: PairMasks) -> torch.Tensor:
-    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
-    pos_index, _ = positive_columns(masks.positive)
+def _semi_hard_direct(dist: torch.Tensor, masks: PairMasks, d_pos: torch.Tensor) -> torch.Tensor:
+    inf = _inf(dist)
     largest = torch.where(masks.negative, dist, -inf).argmax(dim=1)  # (B,)
-    chosen = torch.zeros(dist.shape, dtype=torch.long, device=dist.device)
-    for rows in row_chunks(dist.shape[0], pos_index.shape[1] * dist.shape[1]):
-        index = pos_index[rows]
-        d_pos = dist[rows].gather(1, index)  # (c, P)
-        d_neg = torch.where(masks.negative[rows], dist[rows], inf)  # (c, R)
-        above = torch.where(d_neg[:, None, :] > d_pos[:, :, None], d_neg[:, None, :], inf)
-        value, column = above.min(dim=2)  # (c, P)
-        column = torch.where(torch.isinf(value), largest[rows, None], column)
-        chosen[rows] = chosen[rows].scatter(1, index, column)
+    d_neg = torch.where(masks.negative, dist, inf)
+    chosen = torch.empty(d_pos.shape, dtype=torch.long, device=dist.device)
+    for j in range(d_pos.shape[1]):
+        value, column = torch.where(d_neg > d_pos[:, j : j + 1], d_neg, inf).min(dim=1)
+        chosen[:, j] = torch.where(torch.isinf(value), largest, column)
     return chosen
 
 
@@ -359,9 +336,21 @@ def triplet_categories(
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     masks = pair_masks(labels, ref_labels)
-    method = _resolve_method(method, masks)
-    hard, _ = count_negatives_below(dist, masks, dist, inclusive=True, method=method)
-    below_margin, _ = count_negatives_below(dist, masks, dist + margin, method=method)
+    slots = positive_slots(masks.positive)
+    method = _resolve_method(method, slots)
+    d_pos = dist.gather(1, slots.index)
+    hard, _ = _count_below(
+        dist, masks, slots, d_pos, inclusive=True, with_negative_counts=False, method=method
+    )
+    below_margin, _ = _count_below(
+        dist,
+        masks,
+        slots,
+        d_pos + margin,
+        inclusive=False,
+        with_negative_counts=False,
+        method=method,
+    )
     not_easy = torch.maximum(hard, below_margin)
     total = int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
     n_hard = int(hard.sum())
