@@ -49,9 +49,8 @@ def test_batch_all_lists_and_counts_the_active_triplets(batch, margin, ref, meth
     assert set(zip(*(t.tolist() for t in found))) == expected
     assert len(found.anchor) == len(expected)
 
-    per_pos, per_neg = mining.batch_all_counts(
-        dist, labels, ref_labels, margin=margin, method=method
-    )
+    counts = mining.batch_all_counts(dist, labels, ref_labels, margin=margin, method=method)
+    per_pos, per_neg = counts.per_positive(), counts.per_negative.long()
     want_pos = torch.zeros_like(per_pos)
     want_neg = torch.zeros_like(per_neg)
     for a, p, n in expected:
@@ -132,8 +131,10 @@ def test_methods_agree_on_a_pk_batch():
     for margin in (0.05, 0.3):
         sort = mining.batch_all_counts(dist, labels, margin=margin, method="sort")
         direct = mining.batch_all_counts(dist, labels, margin=margin, method="direct")
-        assert torch.equal(sort[0], direct[0]) and torch.equal(sort[1], direct[1])
-        assert int(sort[0].sum()) == len(mining.batch_all(dist, labels, margin=margin).anchor)
+        assert torch.equal(sort.per_slot, direct.per_slot)
+        assert torch.equal(sort.per_negative.long(), direct.per_negative.long())
+        n_active = len(mining.batch_all(dist, labels, margin=margin).anchor)
+        assert int(sort.per_slot.sum()) == int(sort.per_negative.sum()) == n_active
     for field in range(3):
         s = mining.semi_hard(dist, labels, method="sort")[field]
         assert torch.equal(s, mining.semi_hard(dist, labels, method="direct")[field])

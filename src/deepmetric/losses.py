@@ -60,39 +60,52 @@ def _zero(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings.sum() * 0.0
 
 
-class _SoftTripletSum(torch.autograd.Function):
-    """``sum over valid (a, p, n) of softplus(d_ap - d_an)`` without a (B, P, R) graph.
-
-    Forward walks the positive slots (one (B, R) pass each) and accumulates the value and its
-    gradient with respect to ``dist``: ``sum_n sigmoid(d_ap - d_an)`` at (a, p) and
-    ``-sum_p sigmoid(d_ap - d_an)`` at (a, n). Backward returns that (B, R) matrix times the
-    incoming gradient. O(P B R) time, O(B R) memory; no double backward.
-    """
+class _ScalarWithGradient(torch.autograd.Function):
+    """A scalar ``value`` of ``dist`` whose gradient ``grad`` (same shape as ``dist``) the caller
+    computed in closed form, without building an autograd graph of (B, R) intermediates.
+    No double backward."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dist: torch.Tensor, masks: miners.PairMasks
+        ctx: torch.autograd.function.FunctionCtx,
+        dist: torch.Tensor,
+        value: torch.Tensor,
+        grad: torch.Tensor,
     ) -> torch.Tensor:
-        slots = miners.positive_slots(masks.positive)
-        grad = torch.zeros_like(dist)
-        total = dist.new_zeros(())
-        for j in range(slots.index.shape[1]):
-            positive = slots.index[:, j : j + 1]  # (B, 1)
-            x = dist.gather(1, positive) - dist  # d_ap - d_an for every n, (B, R)
-            keep = masks.negative & slots.valid[:, j : j + 1]
-            total += torch.where(keep, F.softplus(x), 0.0).sum()
-            slope = torch.where(keep, torch.sigmoid(x), 0.0)
-            grad -= slope
-            grad.scatter_add_(1, positive, slope.sum(dim=1, keepdim=True))
         ctx.save_for_backward(grad)
-        return total
+        return value
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, None, None]:
         (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad_output * grad, None
+        return grad_output * grad, None, None
+
+
+def _with_gradient(dist: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return _ScalarWithGradient.apply(dist, value.detach(), grad.detach())
+
+
+@torch.no_grad()
+def _soft_triplet_sum(
+    dist: torch.Tensor, masks: miners.PairMasks
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum over valid (a, p, n) of softplus(d_ap - d_an)`` and its gradient w.r.t. ``dist``:
+    ``sum_n sigmoid(d_ap - d_an)`` at (a, p), ``-sum_p sigmoid(d_ap - d_an)`` at (a, n).
+    One (B, R) pass per positive slot: O(P B R) time, O(B R) memory."""
+    slots = miners.positive_slots(masks.positive)
+    grad = torch.zeros_like(dist)
+    total = dist.new_zeros(())
+    for j in range(slots.index.shape[1]):
+        positive = slots.index[:, j : j + 1]  # (B, 1)
+        x = dist.gather(1, positive) - dist  # d_ap - d_an for every n, (B, R)
+        keep = masks.negative & slots.valid[:, j : j + 1]
+        total += torch.where(keep, F.softplus(x), 0.0).sum()
+        slope = torch.where(keep, torch.sigmoid(x), 0.0)
+        grad -= slope
+        grad.scatter_add_(1, positive, slope.sum(dim=1, keepdim=True))
+    return total, grad
 
 
 class TripletLoss(nn.Module):
@@ -178,22 +191,25 @@ class TripletLoss(nn.Module):
         labels: torch.Tensor,
         ref_labels: torch.Tensor | None,
     ) -> torch.Tensor:
-        masks = miners.pair_masks(labels, ref_labels)
         if self.soft:
+            masks = miners.pair_masks(labels, ref_labels)
             count = int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
             if count == 0:
                 return _zero(embeddings)
-            return _SoftTripletSum.apply(dist, masks) / count
-        # The hinge sum over the active triplets is linear in dist given the active set:
-        # sum_(a,p) c_ap (d_ap + m) - sum_(a,n) c_an d_an, with counts from the miner.
-        per_pos, per_neg = miners.batch_all_counts(
+            return _with_gradient(dist, *_soft_triplet_sum(dist, masks)) / count
+        # Given the active set, the hinge sum is linear in dist:
+        # sum_(a,p) c_ap (d_ap + m) - sum_(a,n) c_an d_an, with the counts c from the miner.
+        active = miners.batch_all_counts(
             dist, labels, ref_labels, margin=self.margin, method=self.method
         )
-        count = int(per_pos.sum())
+        count = int(active.per_slot.sum())
         if count == 0:
             return _zero(embeddings)
-        weights = (per_pos - per_neg).to(dist.dtype)
-        return ((weights * dist).sum() + self.margin * count) / count
+        with torch.no_grad():
+            grad = active.per_negative.to(dist.dtype).neg_()
+            grad.scatter_add_(1, active.slots.index, active.per_slot.to(dist.dtype))
+            value = torch.vdot(grad.flatten(), dist.flatten()) + self.margin * count
+        return _with_gradient(dist, value, grad) / count
 
 
 def triplet_margin_loss(
@@ -257,9 +273,15 @@ class ContrastiveLoss(nn.Module):
         if n < 2:
             return _zero(x)
         d = pairwise(x, metric=self.metric)
-        upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), diagonal=1)
-        terms = self._terms(d, y[:, None] == y[None, :])
-        return terms[upper].sum() / (n * (n - 1) // 2)
+        with torch.no_grad():
+            # v = d for similar pairs, relu(margin - d) for dissimilar ones; loss terms 0.5 v^2
+            # and derivative +v / -v. The diagonal (d = 0, similar) adds 0; each unordered pair
+            # appears twice in the full matrix.
+            same = y[:, None] == y[None, :]
+            v = torch.where(same, d, (self.margin - d).clamp_min_(0.0))
+            value = 0.5 * torch.vdot(v.flatten(), v.flatten())
+            grad = torch.where(same, v, -v)
+        return _with_gradient(d, value, grad) / (n * (n - 1))
 
     def _pairs(self, x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         check_embeddings(x1, "x1")
@@ -303,5 +325,8 @@ class LiftedStructuredLoss(nn.Module):
             return _zero(embeddings)
         d = pairwise(embeddings, metric=self.metric)
         log_s = torch.logsumexp(torch.where(masks.negative, self.margin - d, -torch.inf), dim=1)
-        j = torch.logaddexp(log_s[:, None], log_s[None, :]) + d
-        return (F.relu(j[upper_pos]) ** 2).sum() / (2 * n_pairs)
+        # J only at the positive pairs i < j, packed in (B, P) slots: O(B^2) stays in log_s.
+        slots = miners.positive_slots(upper_pos)
+        partner = slots.index
+        j = torch.logaddexp(log_s[:, None], log_s[partner]) + d.gather(1, partner)
+        return (F.relu(j[slots.valid]) ** 2).sum() / (2 * n_pairs)

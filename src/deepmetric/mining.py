@@ -31,7 +31,7 @@ METHODS: tuple[str, ...] = get_args(Method)
 
 #: "auto" compares directly when no anchor has more positives than this (measured with
 #: benchmarks/losses.py --sweep-k on CPU).
-DIRECT_MAX_POSITIVES = 16
+DIRECT_MAX_POSITIVES = 12
 
 
 class Triplets(NamedTuple):
@@ -161,7 +161,7 @@ def _count_below(
     """For every positive slot (a, j) with threshold ``t_slots[a, j]``: the number of negatives
     n of a with ``d_an < t`` (``<=`` when inclusive), int64 (B, P), 0 on padding. Optionally,
     for every negative pair (a, n), the number of positive slots of a with ``d_an < t``,
-    int32 (B, R), 0 off the negatives: the same triplets seen from the negative."""
+    (B, R) uint8 or int32, 0 off the negatives: the same triplets seen from the negative."""
     inf = _inf(dist)
     t_slots = torch.where(slots.valid, t_slots, -inf)  # padding counts nothing
     if method == "sort":
@@ -177,18 +177,40 @@ def _count_below(
     d_neg = torch.where(masks.negative, dist, inf)
     per_slot = torch.empty(slots.index.shape, dtype=torch.long, device=dist.device)
     per_neg = None
-    if with_negative_counts:
-        per_neg = torch.zeros(dist.shape, dtype=torch.int32, device=dist.device)
+    if with_negative_counts:  # uint8 is 8x cheaper to accumulate into than int64
+        small = t_slots.shape[1] <= torch.iinfo(torch.uint8).max
+        per_neg = torch.zeros(dist.shape, dtype=torch.uint8 if small else torch.int32)
     compare = torch.le if inclusive else torch.lt
+    hit = torch.empty(dist.shape, dtype=torch.bool, device=dist.device)
     for j in range(t_slots.shape[1]):
-        hit = compare(d_neg, t_slots[:, j : j + 1])  # (B, R)
-        per_slot[:, j] = hit.sum(dim=1)
+        compare(d_neg, t_slots[:, j : j + 1], out=hit)  # (B, R)
+        per_slot[:, j] = hit.sum(dim=1, dtype=torch.int32)
         if per_neg is not None:
             per_neg += hit
     return per_slot, per_neg
 
 
 # ----------------------------------------------------------------------------- miners
+
+
+class ActiveCounts(NamedTuple):
+    """The batch-all active set ``{(a, p, n) valid : d_an < d_ap + margin}``, as counts.
+
+    ``per_slot[a, j]`` (B, P) int64: active triplets through the positive pair
+    (a, ``slots.index[a, j]``), 0 on padding; ``per_negative[a, n]`` (B, R) integer: active
+    triplets through the negative pair (a, n). Their sums are equal: the number of active
+    triplets. The hinge sum over the active triplets is linear in ``dist``:
+    ``sum(per_slot * (d_pos + margin)) - sum(per_negative * dist)``.
+    """
+
+    slots: Slots
+    per_slot: torch.Tensor
+    per_negative: torch.Tensor
+
+    def per_positive(self) -> torch.Tensor:
+        """``per_slot`` scattered back to a (B, R) int64 matrix, 0 off the positive pairs."""
+        out = torch.zeros(self.per_negative.shape, dtype=torch.long, device=self.per_slot.device)
+        return out.scatter_add_(1, self.slots.index, self.per_slot)
 
 
 @torch.no_grad()
@@ -199,14 +221,9 @@ def batch_all_counts(
     *,
     margin: float,
     method: Method = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch-all active set ``{(a, p, n) valid : d_an < d_ap + margin}``, as counts.
-
-    Returns ``(per_positive, per_negative)``, int32 (B, R): ``per_positive[a, p]`` is the number
-    of active triplets through the positive pair (a, p) and ``per_negative[a, n]`` through the
-    negative pair (a, n). The hinge sum over active triplets is then linear in ``dist``:
-    ``sum(per_positive * (dist + margin)) - sum(per_negative * dist)``.
-    """
+) -> ActiveCounts:
+    """Count the batch-all active triplets through each positive and each negative pair,
+    without listing them (see :class:`ActiveCounts`)."""
     _check_dist(dist, labels, ref_labels)
     masks = pair_masks(labels, ref_labels)
     slots = positive_slots(masks.positive)
@@ -220,8 +237,7 @@ def batch_all_counts(
         method=_resolve_method(method, slots),
     )
     assert per_neg is not None
-    per_pos = torch.zeros_like(per_neg).scatter_add_(1, slots.index, per_slot.to(torch.int32))
-    return per_pos, per_neg
+    return ActiveCounts(slots, per_slot, per_neg)
 
 
 @torch.no_grad()
@@ -312,8 +328,11 @@ def _semi_hard_direct(dist: torch.Tensor, masks: PairMasks, d_pos: torch.Tensor)
     largest = torch.where(masks.negative, dist, -inf).argmax(dim=1)  # (B,)
     d_neg = torch.where(masks.negative, dist, inf)
     chosen = torch.empty(d_pos.shape, dtype=torch.long, device=dist.device)
+    not_above = torch.empty(dist.shape, dtype=torch.bool, device=dist.device)
+    above = torch.empty_like(d_neg)  # reused: fresh (B, R) buffers cost page faults
     for j in range(d_pos.shape[1]):
-        value, column = torch.where(d_neg > d_pos[:, j : j + 1], d_neg, inf).min(dim=1)
+        torch.le(d_neg, d_pos[:, j : j + 1], out=not_above)
+        value, column = above.copy_(d_neg).masked_fill_(not_above, inf).min(dim=1)
         chosen[:, j] = torch.where(torch.isinf(value), largest, column)
     return chosen
 
