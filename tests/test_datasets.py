@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import idx_bytes, write_idx
 
 from deepmetric.data import (
     ArrayDataset,
@@ -28,23 +29,6 @@ from deepmetric.data import (
 )
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """uint8 array -> IDX file content (magic 0x0000 08 ndim, big-endian dims)."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim)
-    header += struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
-    data = idx_bytes(array)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-    return path
 
 
 def make_idx_dir(directory: Path, n_train: int = 12, n_test: int = 6, gz: bool = False) -> None:

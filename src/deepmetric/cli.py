@@ -1,14 +1,51 @@
-"""The ``deepmetric`` command line."""
+"""The ``deepmetric`` command line: ``deepmetric train``, ``deepmetric demo``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
+
+
+def _train(args: argparse.Namespace) -> int:
+    from deepmetric.config import load_config
+    from deepmetric.train import resume_config, train
+
+    if args.resume:
+        if args.config:
+            args.overrides.insert(0, args.config)  # `train --resume DIR epochs=5`
+        config = resume_config(args.resume, args.overrides)
+    else:
+        config_path = args.config
+        if config_path is not None and "=" in config_path:  # no file, only overrides
+            args.overrides.insert(0, config_path)
+            config_path = None
+        config = load_config(config_path, args.overrides)
+    summary = train(config, resume=bool(args.resume))
+    print(
+        f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']} s; "
+        f"train loss {summary['train_loss']:.4f}, val precision@1 "
+        f"{summary['val_precision_at_1']:.3f}; run in {summary['run_dir']}"
+    )
+    print(json.dumps(summary))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepmetric", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train an embedding model",
+        description="Train from a YAML config plus key=value overrides, e.g. "
+        "`deepmetric train configs/fashion_mnist.yaml epochs=2 data=idx:DIR out=runs/x`.",
+    )
+    train.add_argument("config", nargs="?", help="a YAML file from configs/ (optional)")
+    train.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=0.01")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
     demo.add_argument("--seed", type=int, default=0)
@@ -18,7 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from deepmetric.demo import main as demo_main
 
         demo_main(steps=args.steps, seed=args.seed)
-    return 0
+        return 0
+    from deepmetric.checkpoints import CheckpointError
+    from deepmetric.data import DatasetError
+
+    try:
+        return _train(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, CheckpointError, DatasetError) as error:
+        print(f"deepmetric: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

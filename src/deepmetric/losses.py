@@ -171,6 +171,9 @@ class TripletLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         _check_batch(embeddings, labels, ref_embeddings, ref_labels)
+        labels = labels.to(embeddings.device)
+        if ref_labels is not None:
+            ref_labels = ref_labels.to(embeddings.device)
         dist = pairwise(embeddings, ref_embeddings, self.metric)
         if self.mining == "batch_all":
             return self._batch_all(embeddings, dist, labels, ref_labels)
@@ -269,6 +272,7 @@ class ContrastiveLoss(nn.Module):
         if same is not None:
             return self._pairs(x, y, same)
         _check_batch(x, y)
+        y = y.to(x.device)
         n = len(x)
         if n < 2:
             return _zero(x)
@@ -294,7 +298,7 @@ class ContrastiveLoss(nn.Module):
         if len(x1) == 0:
             raise ValueError("empty batch: no pairs")
         d = paired(x1, x2, self.metric)
-        return self._terms(d, same.bool()).mean()
+        return self._terms(d, same.to(d.device).bool()).mean()
 
 
 class LiftedStructuredLoss(nn.Module):
@@ -317,16 +321,35 @@ class LiftedStructuredLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_batch(embeddings, labels)
-        masks = miners.pair_masks(labels)
+        masks = miners.pair_masks(labels.to(embeddings.device))
         upper_pos = torch.triu(masks.positive, diagonal=1)
         n_pairs = int(upper_pos.sum())
         # In a batch either every row has a negative or none does (a single class).
         if n_pairs == 0 or not bool(masks.negative.any()):
             return _zero(embeddings)
         d = pairwise(embeddings, metric=self.metric)
-        log_s = torch.logsumexp(torch.where(masks.negative, self.margin - d, -torch.inf), dim=1)
-        # J only at the positive pairs i < j, packed in (B, P) slots: O(B^2) stays in log_s.
+        return _with_gradient(d, *self._sum_and_gradient(d, masks, upper_pos)) / (2 * n_pairs)
+
+    @torch.no_grad()
+    def _sum_and_gradient(
+        self, d: torch.Tensor, masks: miners.PairMasks, upper_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum relu(J_ij)^2`` over the positive pairs i < j, and its gradient w.r.t. ``d``.
+
+        With ``g_ij = 2 relu(J_ij)``: ``dJ_ij/dD_ij = 1``, and through
+        ``log S_i = logsumexp_k (margin - D_ik)`` each negative (i, k) gets
+        ``-c_i softmax_k(margin - D_ik)``, ``c_i = sum_j g_ij S_i / (S_i + S_j)``.
+        """
+        a = torch.where(masks.negative, self.margin - d, -torch.inf)  # (B, B)
+        log_s = torch.logsumexp(a, dim=1)
+        # J only at the positive pairs i < j, packed in (B, P) slots.
         slots = miners.positive_slots(upper_pos)
         partner = slots.index
         j = torch.logaddexp(log_s[:, None], log_s[partner]) + d.gather(1, partner)
-        return (F.relu(j[slots.valid]) ** 2).sum() / (2 * n_pairs)
+        hinge = torch.where(slots.valid, F.relu(j), 0.0)
+        g = 2.0 * hinge
+        share = torch.sigmoid(log_s[:, None] - log_s[partner])  # S_i / (S_i + S_j)
+        c = (g * share).sum(dim=1).scatter_add_(0, partner.flatten(), (g * (1 - share)).flatten())
+        grad = a.sub_(log_s[:, None]).exp_().mul_(-c[:, None])  # softmax over negatives, -c_i
+        grad.scatter_add_(1, partner, g)
+        return (hinge**2).sum(), grad

@@ -83,6 +83,15 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
+def _checked_masks(
+    dist: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None
+) -> PairMasks:
+    """Validate a miner's inputs; the pair masks on ``dist``'s device."""
+    _check_dist(dist, labels, ref_labels)
+    ref_labels = None if ref_labels is None else ref_labels.to(dist.device)
+    return pair_masks(labels.to(dist.device), ref_labels)
+
+
 def _check_dist(dist: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None) -> None:
     if not isinstance(dist, torch.Tensor) or dist.dim() != 2:
         raise ValueError("dist must be a 2-D (B, R) tensor")
@@ -179,7 +188,8 @@ def _count_below(
     per_neg = None
     if with_negative_counts:  # uint8 is 8x cheaper to accumulate into than int64
         small = t_slots.shape[1] <= torch.iinfo(torch.uint8).max
-        per_neg = torch.zeros(dist.shape, dtype=torch.uint8 if small else torch.int32)
+        dtype = torch.uint8 if small else torch.int32
+        per_neg = torch.zeros(dist.shape, dtype=dtype, device=dist.device)
     compare = torch.le if inclusive else torch.lt
     hit = torch.empty(dist.shape, dtype=torch.bool, device=dist.device)
     for j in range(t_slots.shape[1]):
@@ -224,8 +234,7 @@ def batch_all_counts(
 ) -> ActiveCounts:
     """Count the batch-all active triplets through each positive and each negative pair,
     without listing them (see :class:`ActiveCounts`)."""
-    _check_dist(dist, labels, ref_labels)
-    masks = pair_masks(labels, ref_labels)
+    masks = _checked_masks(dist, labels, ref_labels)
     slots = positive_slots(masks.positive)
     per_slot, per_neg = _count_below(
         dist,
@@ -253,8 +262,7 @@ def batch_all(
     The output has one entry per active triplet (up to B * R^2 of them in the worst case), so use
     this to inspect a batch; the loss uses :func:`batch_all_counts`, which never lists them.
     """
-    _check_dist(dist, labels, ref_labels)
-    masks = pair_masks(labels, ref_labels)
+    masks = _checked_masks(dist, labels, ref_labels)
     slots = positive_slots(masks.positive)
     found = []
     for j in range(slots.index.shape[1]):
@@ -263,7 +271,11 @@ def batch_all(
         t = torch.where(slots.valid[:, j], t, -torch.inf)
         a, n = ((dist < t[:, None]) & masks.negative).nonzero(as_tuple=True)
         found.append(torch.stack([a, positive[a], n]))
-    triplets = torch.cat(found, dim=1) if found else torch.zeros(3, 0, dtype=torch.long)
+    triplets = (
+        torch.cat(found, dim=1)
+        if found
+        else torch.zeros(3, 0, dtype=torch.long, device=dist.device)
+    )
     triplets = triplets[:, torch.argsort(triplets[0] * dist.shape[1] + triplets[1], stable=True)]
     return Triplets(triplets[0], triplets[1], triplets[2])
 
@@ -274,8 +286,7 @@ def batch_hard(
 ) -> Triplets:
     """For each anchor with a positive and a negative: its farthest positive and its nearest
     negative (Hermans et al. 2017). O(B R)."""
-    _check_dist(dist, labels, ref_labels)
-    masks = pair_masks(labels, ref_labels)
+    masks = _checked_masks(dist, labels, ref_labels)
     inf = _inf(dist)
     positive = torch.where(masks.positive, dist, -inf).argmax(dim=1)
     negative = torch.where(masks.negative, dist, inf).argmin(dim=1)
@@ -298,8 +309,7 @@ def semi_hard(
     Triplets come ordered by anchor, then positive. Ties between equal negative distances go to
     the lowest index. O(B R log R) (sort) or O(P B R) (direct).
     """
-    _check_dist(dist, labels, ref_labels)
-    masks = pair_masks(labels, ref_labels)
+    masks = _checked_masks(dist, labels, ref_labels)
     slots = positive_slots(masks.positive)
     d_pos = dist.gather(1, slots.index)  # (B, P)
     if _resolve_method(method, slots) == "sort":
@@ -351,10 +361,9 @@ def triplet_categories(
     Each triplet is counted once: hard first (``d_an <= d_ap``), then easy
     (``d_an >= d_ap + margin``), the rest semi-hard. O(B R log R) or O(K B R), no triplet list.
     """
-    _check_dist(dist, labels, ref_labels)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    masks = pair_masks(labels, ref_labels)
+    masks = _checked_masks(dist, labels, ref_labels)
     slots = positive_slots(masks.positive)
     method = _resolve_method(method, slots)
     d_pos = dist.gather(1, slots.index)

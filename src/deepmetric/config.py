@@ -1,0 +1,262 @@
+"""Typed run configuration: dataclasses, YAML in and out, ``key=value`` overrides.
+
+A config is a tree of dataclasses (:class:`Config` at the root). Files in ``configs/`` and
+command-line overrides such as ``epochs=3``, ``data=idx:/data/mnist`` or
+``train.classes=[0,1,2,3,4,5]`` are merged into the defaults; an unknown key or a value of the
+wrong type raises :class:`ConfigError` listing the valid keys or the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or has a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    """The embedding network: ``backbone -> Linear(dim) -> optional L2 normalisation``."""
+
+    backbone: Literal["small_cnn", "resnet_small", "mlp"] = "small_cnn"
+    dim: int = 128
+    normalize: bool = True
+
+
+@dataclass
+class LossConfig:
+    """The metric loss (see :mod:`deepmetric.losses`)."""
+
+    name: Literal["triplet", "contrastive", "lifted"] = "triplet"
+    margin: float = 0.2
+    mining: Literal["batch_all", "batch_hard", "semi_hard"] = "batch_hard"
+    metric: Literal["euclidean", "squared_euclidean", "cosine"] = "euclidean"
+    soft: bool = False
+    #: weight of the cross-entropy term in ``mode: joint`` (loss = metric + weight * CE)
+    softmax_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and batching."""
+
+    p: int = 16  # classes per P x K batch
+    k: int = 4  # samples per class in a P x K batch
+    batch_size: int = 64  # pairs or triplets per batch (siamese / triplet / offline modes)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: Literal["none", "cosine", "step"] = "cosine"
+    step_size: int = 1  # epochs per decay, schedule: step
+    gamma: float = 0.1
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    amp: bool = False  # mixed precision, on CUDA only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    val_fraction: float = 0.1
+    classes: list[int] | None = None  # train on these classes only (open-set protocol)
+    offline_every: int = 100  # offline mode: re-mine triplets every N steps
+    offline_p: int = 32
+    offline_k: int = 16
+    num_workers: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class Config:
+    """A whole run. ``data`` is a data set spec: ``fashion-mnist``, ``mnist``, ``kmnist``,
+    ``idx:DIR``, ``folder:DIR`` or ``npz:FILE``."""
+
+    name: str = "run"
+    data: str = "fashion-mnist"
+    mode: Literal["batch", "siamese", "triplet", "offline", "joint"] = "batch"
+    epochs: int = 5
+    seed: int = 0
+    out: str | None = None  # run folder; default runs/NAME
+    image_size: int = 64  # folder data: images are resized to this square size
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+
+# ----------------------------------------------------------------------------- typing
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """All dotted keys of a config class, e.g. ``train.lr``."""
+    keys = []
+    for name, hint in _hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys.extend(valid_keys(hint, f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in get_args(hint))
+    if get_origin(hint) is list:
+        return f"a list of {_type_name(get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint``; ints are accepted where floats are expected."""
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(map(_type_name, options))}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{key}: expected one of {_type_name(hint)}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint in (float, str) and not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = _hints(type(obj))
+    for name, value in values.items():
+        key = prefix + str(name)
+        if name not in hints:
+            raise ConfigError(
+                f"unknown key {key!r}; valid keys: {', '.join(valid_keys(type(obj), prefix))}"
+            )
+        if dataclasses.is_dataclass(hints[name]):
+            _merge(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.lr=0.01"`` -> ``{"train": {"lr": 0.01}}``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: cannot read the value: {error}") from None
+    if key in ("data", "name", "out") and value is not None:
+        value = raw  # specs such as idx:DIR or 1e3 stay the strings typed
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then each ``key=value`` override in order."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+        try:
+            _merge(config, values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        if "name" not in values:
+            config.name = path.stem
+    for text in overrides or []:
+        _merge(config, parse_override(text))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Value checks that types cannot express."""
+    positive = {
+        "epochs": config.epochs,
+        "model.dim": config.model.dim,
+        "train.p": config.train.p,
+        "train.k": config.train.k,
+        "train.batch_size": config.train.batch_size,
+        "train.offline_every": config.train.offline_every,
+        "train.log_every": config.train.log_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {config.train.lr}")
+    if config.loss.margin < 0:
+        raise ConfigError(f"loss.margin must be >= 0, got {config.loss.margin}")
+    if not 0 <= config.train.val_fraction < 1:
+        raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")
+    if config.mode in ("batch", "joint", "offline") and config.train.k < 2:
+        raise ConfigError("train.k must be >= 2: a P x K batch needs positive pairs")
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    config = Config()
+    _merge(config, values)
+    validate(config)
+    return config

@@ -1,0 +1,48 @@
+"""Small data sets the tests write themselves (no downloads)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """uint8 array -> IDX file content (magic 0x0000 08 ndim, big-endian dims)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    data = idx_bytes(array)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_learnable_idx(
+    directory: Path, n_classes: int = 6, n_train: int = 40, n_test: int = 20, seed: int = 0
+) -> Path:
+    """An IDX folder (MNIST layout) whose classes a small CNN can tell apart: each class is a
+    fixed random 28x28 template, each image that template shifted by up to 2 pixels plus noise.
+    ``n_train`` / ``n_test`` images per class."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    templates = rng.random((n_classes, 28, 28)) > 0.7
+    for prefix, per_class in (("train", n_train), ("t10k", n_test)):
+        labels = np.repeat(np.arange(n_classes), per_class)
+        rng.shuffle(labels)
+        shifts = rng.integers(-2, 3, size=(len(labels), 2))
+        images = np.stack(
+            [np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts)]
+        ).astype(np.float64)
+        images = np.clip(images * 200 + rng.normal(0, 40, images.shape), 0, 255)
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", images.astype(np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+    return directory

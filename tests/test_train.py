@@ -1,0 +1,170 @@
+"""Training end to end on a small IDX data set the tests write (no downloads)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from synthetic import write_learnable_idx
+
+from deepmetric.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
+from deepmetric.cli import main as cli_main
+from deepmetric.config import ConfigError, load_config
+from deepmetric.train import resume_config, train
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+    return write_learnable_idx(tmp_path_factory.mktemp("data") / "toy")
+
+
+def _config(idx_dir: Path, out: Path, *overrides: str):
+    base = [
+        f"data=idx:{idx_dir}",
+        f"out={out}",
+        "model.dim=16",
+        "train.p=3",
+        "train.k=4",
+        "train.batch_size=12",
+        "train.log_every=5",
+        "train.val_fraction=0.2",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+def test_batch_mode_learns_and_writes_the_run_folder(idx_dir, tmp_path):
+    config = _config(idx_dir, tmp_path / "run", "epochs=4", "loss.mining=batch_all")
+    summary = train(config, stream=None)
+    epochs = _records(tmp_path / "run", "epoch")
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    assert summary["val_precision_at_1"] > 0.9  # 6 classes: chance is about 1/6
+    steps = _records(tmp_path / "run", "step")
+    assert steps and all(0 <= s["active"] <= 1 and s["mean_dist"] > 0 for s in steps)
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.loss.mining == "batch_all" and saved.epochs == 4
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name.startswith("epoch0004") and (ckpt / "config.yaml").exists()
+    assert len([p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir()]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["mode=siamese", "loss.name=contrastive", "loss.margin=1.0"],
+        ["mode=triplet", "loss.margin=1.0"],
+        ["mode=offline", "train.offline_every=3", "train.offline_p=4", "train.offline_k=6"],
+        ["mode=joint", "loss.mining=semi_hard", "loss.softmax_weight=0.5"],
+        ["loss.name=lifted", "loss.margin=1.0"],
+    ],
+    ids=lambda o: o[0],
+)
+def test_every_mode_trains(idx_dir, tmp_path, overrides):
+    config = _config(idx_dir, tmp_path / "run", "epochs=2", *overrides)
+    summary = train(config, stream=None)
+    epochs = _records(tmp_path / "run", "epoch")
+    assert summary["steps"] > 0 and len(epochs) == 2
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] or summary["val_precision_at_1"] > 0.8
+
+
+def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(idx_dir, tmp_path):
+    full = _config(idx_dir, tmp_path / "full", "epochs=2", "train.schedule=step")
+    train(full, stream=None)
+    part = _config(idx_dir, tmp_path / "part", "epochs=1", "train.schedule=step")
+    train(part, stream=None)
+    train(resume_config(tmp_path / "part", ["epochs=2"]), resume=True, stream=None)
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(idx_dir, tmp_path):
+    args = [
+        f"data=idx:{idx_dir}",
+        "model.dim=16",
+        "train.p=3",
+        "train.k=2",
+        "train.log_every=1",
+        "epochs=3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "deepmetric.cli", "train", *args]
+    run = subprocess.run([*command, f"out={tmp_path / 'full'}"], env=env, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+
+    proc = subprocess.Popen([*command, f"out={tmp_path / 'cut'}"], env=env, stderr=subprocess.PIPE)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"checkpoint saved" in err
+    state = load_checkpoint(latest_checkpoint(tmp_path / "cut"))[1]
+    assert state["position"]["step"] < _records(tmp_path / "full", "summary")[0]["steps"]
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "deepmetric.cli", "train", "--resume", str(tmp_path / "cut")],
+        env=env,
+        capture_output=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_command_line_errors_are_clear(idx_dir, tmp_path, capsys):
+    assert cli_main(["train", "train.lrr=0.1", f"out={tmp_path}/x"]) == 2
+    assert "unknown key 'train.lrr'; valid keys:" in capsys.readouterr().err
+    assert cli_main(["train", f"data=idx:{tmp_path}/nowhere", f"out={tmp_path}/y"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert cli_main(["train", "--resume", str(tmp_path / "none")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_an_existing_run_is_not_overwritten(idx_dir, tmp_path):
+    config = _config(idx_dir, tmp_path / "run", "epochs=1")
+    train(config, stream=None)
+    before = _weights(tmp_path / "run")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config, stream=None)
+    after = _weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_corrupt_checkpoint_gets_a_clear_error(idx_dir, tmp_path):
+    train(_config(idx_dir, tmp_path / "run", "epochs=1"), stream=None)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    (ckpt / "state.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(ckpt)
+
+
+def test_mode_and_loss_must_fit(idx_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"loss\.name=contrastive"):
+        train(_config(idx_dir, tmp_path / "a", "mode=siamese"), stream=None)
+    vectors = tmp_path / "vectors.npz"
+    np.savez(vectors, x=np.random.default_rng(0).random((30, 8)), y=np.arange(30) % 3)
+    with pytest.raises(ConfigError, match=r"model\.backbone=mlp"):
+        train(_config(idx_dir, tmp_path / "b", f"data=npz:{vectors}"), stream=None)
+    mlp = _config(idx_dir, tmp_path / "c", f"data=npz:{vectors}", "model.backbone=mlp", "epochs=1")
+    assert train(mlp, stream=None)["steps"] > 0
