@@ -55,6 +55,7 @@ def test_batch_mode_learns_and_writes_the_run_folder(idx_dir, tmp_path):
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
     assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
     assert summary["val_precision_at_1"] > 0.9  # 6 classes: chance is about 1/6
+    assert summary["test_items"] == 120 and summary["test_precision_at_1"] > 0.9
     steps = _records(tmp_path / "run", "step")
     assert steps and all(0 <= s["active"] <= 1 and s["mean_dist"] > 0 for s in steps)
     saved = load_config(tmp_path / "run" / "config.yaml")
@@ -81,6 +82,12 @@ def test_every_mode_trains(idx_dir, tmp_path, overrides):
     epochs = _records(tmp_path / "run", "epoch")
     assert summary["steps"] > 0 and len(epochs) == 2
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] or summary["val_precision_at_1"] > 0.8
+
+
+def test_open_set_run_reports_the_unseen_classes(idx_dir, tmp_path):
+    config = _config(idx_dir, tmp_path / "run", "epochs=3", "train.classes=[0,1,2,3]")
+    summary = train(config, stream=None)
+    assert 0.3 < summary["unseen_classes_precision_at_1"] <= 1.0  # 2 unseen classes: chance 0.5
 
 
 def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(idx_dir, tmp_path):

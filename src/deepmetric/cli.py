@@ -23,10 +23,15 @@ def _train(args: argparse.Namespace) -> int:
             config_path = None
         config = load_config(config_path, args.overrides)
     summary = train(config, resume=bool(args.resume))
+    test = ""
+    if "test_precision_at_1" in summary:
+        test = f", test precision@1 {summary['test_precision_at_1']:.3f}"
+    if "unseen_classes_precision_at_1" in summary:
+        test += f" (unseen classes {summary['unseen_classes_precision_at_1']:.3f})"
     print(
         f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']} s; "
         f"train loss {summary['train_loss']:.4f}, val precision@1 "
-        f"{summary['val_precision_at_1']:.3f}; run in {summary['run_dir']}"
+        f"{summary['val_precision_at_1']:.3f}{test}; run in {summary['run_dir']}"
     )
     print(json.dumps(summary))
     return 0

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -71,12 +73,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _load_options(config: Config) -> dict[str, Any]:
+    if config.data.startswith("folder:"):
+        return {"size": (config.image_size, config.image_size)}
+    return {}
+
+
 def load_data(config: Config) -> tuple[ArrayDataset, ArrayDataset]:
     """The training set (restricted to ``train.classes`` if set) and its validation split."""
-    opts: dict[str, Any] = {}
-    if config.data.startswith("folder:"):
-        opts["size"] = (config.image_size, config.image_size)
-    data = load_dataset(config.data, "train", **opts)
+    data = load_dataset(config.data, "train", **_load_options(config))
     if config.train.classes is not None:
         data, _ = class_split(data, config.train.classes)
     if len(data) == 0:
@@ -358,6 +363,35 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _StopRequested(KeyboardInterrupt):
+    """Ctrl-C, acted on at a batch boundary, where the state is consistent."""
+
+
+class _StopAtBatchBoundary:
+    """While it exists, Ctrl-C only sets ``requested``; the loop checks it between batches, so a
+    checkpoint never catches a half-done step. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise _StopRequested
+
+    def restore(self) -> None:
+        """Give Ctrl-C back to the previous handler."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def train(
     config: Config, *, resume: bool = False, stream: TextIO | None = sys.stderr
 ) -> dict[str, Any]:
@@ -412,6 +446,7 @@ def train(
     log = RunLog(run_dir, stream)
     started = time.perf_counter()
     class_index = class_index.to(device)
+    stop = _StopAtBatchBoundary()
     try:
         while pos.epoch < config.epochs:
             model.train()
@@ -425,6 +460,7 @@ def train(
             for b, idx in enumerate(source):
                 if b < pos.batch:  # resuming inside an epoch: these ran already
                     continue
+                stop.check()
                 x = train_set.x[idx].to(device, non_blocking=True)
                 y = train_set.y[idx].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -469,15 +505,23 @@ def train(
             )
             pos.epoch, pos.batch = pos.epoch + 1, 0
             checkpoint()
-    except KeyboardInterrupt:
+            stop.check()
+    except _StopRequested:
         if config.mode == "offline":
             pos.batch = 0  # offline batches depend on the weights: redo the epoch on resume
         checkpoint()
         log.progress(f"interrupted: checkpoint saved; continue with --resume {run_dir}", final=True)
         log.close()
         raise
+    except KeyboardInterrupt:
+        log.progress("interrupted twice: stopped at once; the last checkpoint is kept", final=True)
+        log.close()
+        raise
+    finally:
+        stop.restore()
     summary = {
         "kind": "summary",
+        **test_report(config, net, device),
         "run_dir": str(run_dir),
         "epochs": config.epochs,
         "steps": pos.step,
@@ -513,6 +557,24 @@ def _offline_batches(
             done += 1
             if done >= per_epoch or done % t.offline_every == 0:
                 break
+
+
+def test_report(config: Config, net: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Precision@1 on the data set's test split (each test item a query against the others);
+    with ``train.classes``, also on the test items of the classes never trained on."""
+    try:
+        test_set = load_dataset(config.data, "test", **_load_options(config))
+    except (ValueError, OSError):  # no test split (a plain folder or npz): nothing to report
+        return {}
+    report: dict[str, Any] = {"test_items": len(test_set)}
+    emb = embed(net, test_set.x, device)
+    report["test_precision_at_1"] = precision_at_1(emb, test_set.y, config.loss.metric)
+    if config.train.classes is not None:
+        unseen = ~torch.isin(test_set.y, torch.as_tensor(config.train.classes))
+        report["unseen_classes_precision_at_1"] = precision_at_1(
+            emb[unseen], test_set.y[unseen], config.loss.metric
+        )
+    return report
 
 
 @torch.no_grad()
