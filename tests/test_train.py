@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from synthetic import write_learnable_idx
 from deepmetric.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
 from deepmetric.cli import main as cli_main
 from deepmetric.config import ConfigError, load_config
-from deepmetric.train import resume_config, train
+from deepmetric.train import StepStats, _warn_collapse, resume_config, train
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,12 @@ def test_mode_and_loss_must_fit(idx_dir, tmp_path):
         train(_config(idx_dir, tmp_path / "b", f"data=npz:{vectors}"), stream=None)
     mlp = _config(idx_dir, tmp_path / "c", f"data=npz:{vectors}", "model.backbone=mlp", "epochs=1")
     assert train(mlp, stream=None)["steps"] > 0
+
+
+def test_collapse_is_warned_about():
+    config = load_config(None, ["loss.margin=0.2"])
+    with pytest.warns(RuntimeWarning, match="embeddings have collapsed"):
+        _warn_collapse(config, StepStats(loss=0.2003, mean_dist=0.002))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_collapse(config, StepStats(loss=0.15, mean_dist=0.9))

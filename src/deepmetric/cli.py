@@ -37,6 +37,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from deepmetric.evaluate.run import evaluate_run
+
+    def progress(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    m = evaluate_run(
+        args.run_dir,
+        data=args.data,
+        split=args.split,
+        out=args.out,
+        embedding_map=not args.no_map,
+        progress=progress,
+    )
+    v = m["verification"]
+    print(
+        f"precision@1 {m['precision_at_1']:.4f}  MAP@R {m['map_at_r']:.4f}  "
+        f"R-precision {m['r_precision']:.4f}  NMI {m['nmi']:.4f}  verification accuracy "
+        f"{v['accuracy']:.4f} (threshold {v['threshold']:.4f})  ROC AUC {v['roc_auc']:.4f}  "
+        f"EER {v['eer']:.4f}  [{m['seconds']} s]"
+    )
+    if "unseen_classes" in m:
+        u = m["unseen_classes"]
+        print(f"unseen classes: precision@1 {u['precision_at_1']:.4f}  MAP@R {u['map_at_r']:.4f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepmetric", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="a YAML file from configs/ (optional)")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=0.01")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="metrics, figures and an HTML report of a trained run",
+        description="Writes RUN_DIR/eval/metrics.json, report.html and the figures, and the "
+        "verification threshold to RUN_DIR/threshold.json.",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--data", help="another data set spec (default: the run's own)")
+    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    evaluate.add_argument("--no-map", action="store_true", help="skip the 2-D embedding map")
 
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
@@ -65,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deepmetric.data import DatasetError
 
     try:
-        return _train(args)
+        return _evaluate(args) if args.command == "evaluate" else _train(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, CheckpointError, DatasetError) as error:

@@ -29,7 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -603,16 +603,14 @@ def _epoch_record(
     return record
 
 
-_COLLAPSE_DIST = 1e-3
-
-
 def _warn_collapse(config: Config, stats: StepStats) -> None:
-    """Warn when all embeddings have fallen onto one point (mean distance ~ 0)."""
-    if stats.mean_dist < _COLLAPSE_DIST:
+    """Warn when the embeddings have (nearly) fallen onto one point: the mean pairwise distance
+    is below a tenth of the margin (1e-3 without one), so every triplet sits at the margin."""
+    if stats.mean_dist < max(1e-3, 0.1 * config.loss.margin):
         warnings.warn(
             f"embeddings have collapsed: mean pairwise distance {stats.mean_dist:.2e}, loss "
-            f"{stats.loss:.4f} (margin {config.loss.margin}); try a lower train.lr, a smaller "
-            "margin or loss.mining=semi_hard",
+            f"{stats.loss:.4f} (margin {config.loss.margin}); try loss.mining=batch_all or "
+            "semi_hard, a lower train.lr or a smaller margin",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -633,3 +631,30 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
             raise ConfigError(f"only epochs=N can change on resume, got {key!r}")
         config.epochs = int(text.partition("=")[2])
     return config
+
+
+def load_trained(run_dir: str | Path) -> tuple[Config, EmbeddingNet]:
+    """The config and the embedding network (weights of the latest checkpoint) of a run.
+
+    In joint mode the classifier head is dropped: only the embedding is returned.
+    """
+    run_dir = Path(run_dir)
+    config = resume_config(run_dir)
+    model_state, _ = load_checkpoint(latest_checkpoint(run_dir))
+    prefix = "embedding_net."
+    if config.mode == "joint":
+        model_state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
+    sample = _sample_input(config, model_state)
+    net = build_model(replace(config, mode="batch"), sample, num_classes=1)
+    assert isinstance(net, EmbeddingNet)
+    net.load_state_dict(model_state)
+    net.eval()
+    return config, net
+
+
+def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A dummy input of the shape the saved backbone expects (read from its first layer)."""
+    first = next(v for k, v in model_state.items() if k.endswith("weight"))
+    if config.model.backbone == "mlp":
+        return torch.zeros(1, first.shape[1])
+    return torch.zeros(1, first.shape[1], 28, 28)

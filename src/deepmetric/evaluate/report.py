@@ -1,0 +1,133 @@
+"""A self-contained HTML report: the metrics, the per-class table and the figures embedded as
+base64 PNG, so the one file opens offline in any browser."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+td, th { padding: 0.25em 0.8em; border-bottom: 1px solid #eee; text-align: right; }
+th { background: #f5f5f5; } td:first-child, th:first-child { text-align: left; }
+.big { font-size: 1.3em; font-weight: 600; } .note { color: #666; font-size: 0.9em; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.9em; }
+img { max-width: 100%; }
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figure(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    v = metrics["verification"]
+    rows = [
+        ("precision@1", metrics["precision_at_1"]),
+        ("R-precision", metrics["r_precision"]),
+        ("MAP@R", metrics["map_at_r"]),
+        *((f"recall@{k}", r) for k, r in metrics["recall_at_k"].items()),
+        ("NMI (k-means)", metrics["nmi"]),
+        ("verification accuracy", v["accuracy"]),
+        ("ROC AUC", v["roc_auc"]),
+        ("EER", v["eer"]),
+        *((f"TAR @ FAR {k}", t) for k, t in v["tar_at_far"].items()),
+        ("threshold (distance)", v["threshold"]),
+    ]
+    return _table(rows, ["metric", "value"])
+
+
+def write_report(
+    path: str | Path,
+    *,
+    title: str,
+    metrics: dict[str, Any],
+    class_names: Sequence[str],
+    figures: Sequence[tuple[Path, str]],
+    facts: Sequence[tuple[str, str]],
+) -> Path:
+    """Write ``report.html``: headline metrics, verification protocol, per-class table,
+    triplet categories, the unseen-class metrics if any, the figures and the run's facts."""
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
+    parts.append(
+        f"<p class='big'>precision@1 {metrics['precision_at_1']:.4f} &middot; MAP@R "
+        f"{metrics['map_at_r']:.4f} &middot; verification accuracy "
+        f"{metrics['verification']['accuracy']:.4f}</p>"
+    )
+    parts.append(_table(facts, ["", ""]))
+    parts.append("<h2>Metrics</h2>" + _headline(metrics))
+    parts.append(f"<p class='note'>{html.escape(metrics['verification']['protocol'])}</p>")
+    if "unseen_classes" in metrics:
+        parts.append(
+            "<h2>Classes never seen in training</h2>" + _headline(metrics["unseen_classes"])
+        )
+    cats = metrics["triplet_categories"]
+    parts.append(
+        "<h2>Triplets of the test set, by difficulty</h2>"
+        + _table(
+            [
+                ("easy (d_an ≥ d_ap + margin)", cats["easy"]),
+                ("semi-hard (d_ap < d_an < d_ap + margin)", cats["semi_hard"]),
+                ("hard (d_an ≤ d_ap)", cats["hard"]),
+            ],
+            ["share of valid triplets", f"margin {cats['margin']}"],
+        )
+    )
+    rows = [
+        (
+            class_names[r["class"]] if r["class"] < len(class_names) else r["class"],
+            r["n"],
+            r["triplet_accuracy"],
+            r["margin_min"],
+            r["margin_max"],
+            r["margin_mean"],
+            r["verification_accuracy"],
+            r["precision_at_1"],
+        )
+        for r in metrics["per_class"]
+    ]
+    parts.append(
+        "<h2>Per class</h2>"
+        + _table(
+            rows,
+            [
+                "class",
+                "items",
+                "triplet acc.",
+                "min d_ap−d_an",
+                "max d_ap−d_an",
+                "mean d_ap−d_an",
+                "verif. acc.",
+                "precision@1",
+            ],
+        )
+    )
+    parts.append("<h2>Figures</h2>" + "".join(_figure(p, c) for p, c in figures))
+    parts.append("</body></html>")
+    path = Path(path)
+    path.write_text("".join(parts), encoding="utf-8")
+    return path

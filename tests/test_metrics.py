@@ -1,0 +1,398 @@
+"""Retrieval and clustering metrics against brute-force references written as plain Python
+loops: full distance lists sorted per query by (distance, index) with ``sorted``."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deepmetric.distances import METRICS
+from deepmetric.evaluate import metrics as M
+from deepmetric.evaluate.metrics import (
+    clustering_nmi,
+    kmeans,
+    nearest_neighbors,
+    nearest_other,
+    nmi,
+    retrieval_metrics,
+)
+
+# ----------------------------------------------------------------------------- references
+
+
+def _dist(u: list[float], v: list[float], metric: str) -> float:
+    if metric == "cosine":
+        nu, nv = math.sqrt(sum(a * a for a in u)), math.sqrt(sum(b * b for b in v))
+        if nu == 0 or nv == 0:
+            return 1.0
+        return min(max(1.0 - sum(a * b for a, b in zip(u, v)) / (nu * nv), 0.0), 2.0)
+    sq = sum((a - b) ** 2 for a, b in zip(u, v))
+    return sq if metric == "squared_euclidean" else math.sqrt(sq)
+
+
+def _ranking(query: list[float], refs: list[list[float]], metric: str, skip: int | None):
+    """[(distance, index)] of all refs but ``skip``, sorted by distance, then index."""
+    pairs = [(_dist(query, r, metric), j) for j, r in enumerate(refs) if j != skip]
+    return sorted(pairs)
+
+
+def _reference_retrieval(x: torch.Tensor, labels: torch.Tensor, metric: str, ks):
+    pts, lab = x.tolist(), labels.tolist()
+    p1 = rp = mapr = 0.0
+    recall = dict.fromkeys(ks, 0.0)
+    queries = 0
+    for i in range(len(lab)):
+        r = sum(1 for j in range(len(lab)) if j != i and lab[j] == lab[i])
+        if r == 0:
+            continue
+        rel = [lab[j] == lab[i] for _, j in _ranking(pts[i], pts, metric, i)]
+        queries += 1
+        p1 += rel[0]
+        rp += sum(rel[:r]) / r
+        ap, hits = 0.0, 0
+        for pos in range(r):
+            if rel[pos]:
+                hits += 1
+                ap += hits / (pos + 1)
+        mapr += ap / r
+        for k in ks:
+            recall[k] += any(rel[:k])
+    if queries == 0:
+        return None
+    return {
+        "precision_at_1": p1 / queries,
+        "r_precision": rp / queries,
+        "map_at_r": mapr / queries,
+        "recall_at_k": {str(k): v / queries for k, v in recall.items()},
+        "queries": queries,
+    }
+
+
+def _points(seed: int, n: int, d: int, metric: str) -> torch.Tensor:
+    """Gaussian points for cosine; small integer coordinates otherwise, so that euclidean
+    distances are exact in float64 and ties (broken by lower index) are frequent."""
+    g = torch.Generator().manual_seed(seed)
+    if metric == "cosine":
+        return torch.randn(n, d, generator=g, dtype=torch.float64)
+    return torch.randint(-2, 3, (n, d), generator=g).to(torch.float64)
+
+
+# ----------------------------------------------------------------------------- neighbours
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(2, 12),
+    n_q=st.integers(1, 8),
+    d=st.integers(1, 3),
+    metric=st.sampled_from(METRICS),
+    exclude_self=st.booleans(),
+    data=st.data(),
+)
+def test_nearest_neighbors_matches_brute_force(seed, n, n_q, d, metric, exclude_self, data):
+    refs = _points(seed, n, d, metric)
+    queries = refs if exclude_self else _points(seed + 1, n_q, d, metric)
+    k = data.draw(st.integers(1, n - int(exclude_self)), label="k")
+    chunk = data.draw(st.integers(1, queries.shape[0] + 1), label="chunk")
+    dist, idx = nearest_neighbors(
+        queries, refs, k, metric=metric, exclude_self=exclude_self, chunk=chunk
+    )
+    assert dist.shape == idx.shape == (queries.shape[0], k)
+    assert idx.dtype == torch.long and dist.dtype == torch.float64
+    pts = refs.tolist()
+    for i, q in enumerate(queries.tolist()):
+        expected = _ranking(q, pts, metric, i if exclude_self else None)[:k]
+        assert idx[i].tolist() == [j for _, j in expected]
+        for got, (want, _) in zip(dist[i].tolist(), expected):
+            assert got == pytest.approx(want, rel=0, abs=1e-9)
+
+
+def test_ties_broken_by_lower_index():
+    x = torch.zeros(200, 2)  # every distance ties: topk alone would pick arbitrary indices
+    _, idx = nearest_neighbors(x, x, 5, exclude_self=True, chunk=64)
+    assert idx[0].tolist() == [1, 2, 3, 4, 5]
+    assert idx[3].tolist() == [0, 1, 2, 4, 5]
+    assert (idx[10:] == torch.arange(5)).all()
+    # equal values inside the k (not at the boundary) are ordered by index as well
+    y = torch.tensor([[0.0], [2.0], [-1.0], [1.0], [-2.0], [3.0]])
+    dist, idx = nearest_neighbors(y, y, 4, exclude_self=True)
+    assert idx[0].tolist() == [2, 3, 1, 4]
+    assert dist[0].tolist() == [1.0, 1.0, 2.0, 2.0]
+    # the tie decides precision@1: item 0 has two neighbours at distance 1
+    x = torch.tensor([[0.0], [1.0], [-1.0]])
+    wrong_first = retrieval_metrics(x, torch.tensor([0, 1, 0]))  # neighbour 1, other class
+    right_first = retrieval_metrics(x, torch.tensor([0, 0, 1]))  # neighbour 1, same class
+    assert wrong_first["precision_at_1"] == 0.5 and wrong_first["queries"] == 2
+    assert right_first["precision_at_1"] == 1.0 and right_first["queries"] == 2
+
+
+def test_chunks_bound_the_distance_matrix(monkeypatch):
+    shapes, original = [], M.pairwise
+
+    def spy(x, y=None, metric="euclidean"):
+        shapes.append((x.shape[0], y.shape[0]))
+        return original(x, y, metric)
+
+    monkeypatch.setattr(M, "pairwise", spy)
+    x = _points(0, 50, 3, "euclidean")
+    nearest_neighbors(x, x, 3, chunk=8)
+    retrieval_metrics(x, torch.arange(50) % 4, chunk=8)
+    assert shapes and all(rows <= 8 and cols == 50 for rows, cols in shapes)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_nearest_other(metric):
+    x = _points(3, 30, 2, metric)
+    labels = torch.arange(30) % 4
+    labels[7] = 9  # a class of one: always wrong
+    idx, correct = nearest_other(x, labels, metric)
+    _, nn = nearest_neighbors(x, x, 1, metric=metric, exclude_self=True)
+    assert idx.tolist() == nn[:, 0].tolist()
+    pts = x.tolist()
+    for i in range(30):
+        j = _ranking(pts[i], pts, metric, i)[0][1]
+        assert idx[i] == j and bool(correct[i]) == (labels[j] == labels[i])
+    assert not correct[7]
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(2, 14),
+    n_classes=st.integers(1, 5),
+    d=st.integers(1, 3),
+    metric=st.sampled_from(METRICS),
+    ks=st.lists(st.integers(1, 16), min_size=1, max_size=4, unique=True),
+    chunk=st.integers(1, 6),
+)
+def test_retrieval_metrics_match_brute_force(seed, n, n_classes, d, metric, ks, chunk):
+    x = _points(seed, n, d, metric)
+    labels = torch.randint(0, n_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    got = retrieval_metrics(x, labels, metric=metric, ks=ks, chunk=chunk)
+    want = _reference_retrieval(x, labels, metric, ks)
+    assert list(got["recall_at_k"]) == [str(k) for k in ks]
+    if want is None:  # every class a singleton: no query counts
+        assert got["queries"] == 0
+        assert math.isnan(got["precision_at_1"]) and math.isnan(got["map_at_r"])
+        return
+    assert got["queries"] == want["queries"]
+    for name in ("precision_at_1", "r_precision", "map_at_r"):
+        assert got[name] == pytest.approx(want[name], rel=0, abs=1e-9)
+    for k, v in want["recall_at_k"].items():
+        assert got["recall_at_k"][k] == pytest.approx(v, rel=0, abs=1e-9)
+
+
+def test_map_at_r_worked_example():
+    # R = 10; relevant (same class) at ranks 1, 3, 4 and 7 of the first 10, plus 11 and 12
+    # (beyond R: ignored). P(1) = 1/1, P(3) = 2/3, P(4) = 3/4, P(7) = 4/7, so
+    # MAP@R = (1/10)(1 + 2/3 + 3/4 + 4/7) = (1/10)(84 + 56 + 63 + 48)/84 = 251/840 ≈ 0.29881,
+    # R-precision = 4/10, precision@1 = 1; recall@2 = 1 (rank 1).
+    rel = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    scores = M._query_scores(rel, torch.tensor([10]), (2,))
+    assert scores["map_at_r"].item() == pytest.approx(251 / 840, rel=0, abs=1e-12)
+    assert scores["r_precision"].item() == pytest.approx(0.4, rel=0, abs=1e-12)
+    assert scores["precision_at_1"].item() == 1.0 and scores["recall@2"].item() == 1.0
+
+
+def test_retrieval_hand_example():
+    # 1-D points 0, 1, 3, 6 with classes a, a, b, a: item 2 (b) has R = 0 and is excluded.
+    # item 0 ranks 1 (a), 2 (b), 3 (a): R = 2, R-prec 1/2, AP@R (1/2)(1) = 1/2, p@1 = 1
+    # item 1 ranks 0 (a), 2 (b), 3 (a): the same
+    # item 3 ranks 2 (b), 1 (a), 0 (a): R-prec 1/2, AP@R (1/2)(1/2) = 1/4, p@1 = 0
+    x = torch.tensor([[0.0], [1.0], [3.0], [6.0]], dtype=torch.float64)
+    got = retrieval_metrics(x, torch.tensor([0, 0, 1, 0]), ks=(1, 2, 4))
+    assert got["queries"] == 3
+    assert got["precision_at_1"] == pytest.approx(2 / 3)
+    assert got["r_precision"] == pytest.approx(1 / 2)
+    assert got["map_at_r"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 4) / 3)
+    assert got["recall_at_k"] == pytest.approx({"1": 2 / 3, "2": 1.0, "4": 1.0})
+
+
+def test_r_zero_queries_are_excluded():
+    x = _points(5, 9, 2, "euclidean")
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 4, 5])  # four singletons
+    got = retrieval_metrics(x, labels)
+    want = _reference_retrieval(x, labels, "euclidean", (1, 2, 4, 8))
+    assert got["queries"] == 5 == want["queries"]
+    assert got["map_at_r"] == pytest.approx(want["map_at_r"], abs=1e-9)
+    none = retrieval_metrics(x, torch.arange(9))
+    assert none["queries"] == 0 and math.isnan(none["r_precision"])
+
+
+def test_retrieval_accepts_float32_and_autograd_inputs():
+    x = _points(2, 40, 4, "cosine").float().requires_grad_(True)
+    labels = torch.arange(40) % 3
+    got = retrieval_metrics(x, labels, metric="cosine")
+    want = retrieval_metrics(x.detach().double(), labels, metric="cosine")
+    assert got["map_at_r"] == pytest.approx(want["map_at_r"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- faiss path
+
+
+class _FakeFlatIndex:
+    """Stands in for faiss.IndexFlatL2 / IndexFlatIP (numpy brute force). Ties come back in
+    *descending* index order, the worst case for the wrapper's reordering and self-removal."""
+
+    def __init__(self, dim: int, inner_product: bool):
+        self.ip, self.x = inner_product, np.zeros((0, dim), dtype=np.float32)
+
+    def add(self, x: np.ndarray) -> None:
+        assert x.dtype == np.float32 and x.flags.c_contiguous
+        self.x = np.concatenate([self.x, x])
+
+    def search(self, q: np.ndarray, k: int):
+        if self.ip:
+            score, key = q @ self.x.T, -(q @ self.x.T)
+        else:
+            score = ((q[:, None, :] - self.x[None, :, :]) ** 2).sum(-1)
+            key = score
+        cols = np.arange(self.x.shape[0])
+        order = np.stack([np.lexsort((-cols, row)) for row in key])[:, :k]
+        return np.take_along_axis(score, order, 1).astype(np.float32), order.astype(np.int64)
+
+
+@pytest.fixture
+def fake_faiss(monkeypatch):
+    fake = types.SimpleNamespace(
+        IndexFlatL2=lambda dim: _FakeFlatIndex(dim, False),
+        IndexFlatIP=lambda dim: _FakeFlatIndex(dim, True),
+    )
+    monkeypatch.setattr(M, "_faiss", fake)
+    return fake
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_faiss_path_agrees_with_torch(fake_faiss, monkeypatch, metric, exclude_self):
+    refs = _points(7, 40, 5, "cosine").float()
+    queries = refs if exclude_self else _points(8, 13, 5, "cosine").float()
+    got = nearest_neighbors(queries, refs, 6, metric=metric, exclude_self=exclude_self, chunk=5)
+    monkeypatch.setattr(M, "_faiss", None)
+    want = nearest_neighbors(queries, refs, 6, metric=metric, exclude_self=exclude_self)
+    assert got[1].tolist() == want[1].tolist()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
+
+
+def test_faiss_path_never_returns_self_among_duplicates(fake_faiss):
+    x = torch.zeros(6, 2)
+    dist, idx = nearest_neighbors(x, x, 2, exclude_self=True)
+    assert (dist == 0).all()
+    assert all(i not in row for i, row in enumerate(idx.tolist()))
+    assert all(row == sorted(row) for row in idx.tolist())
+
+
+def test_float64_never_uses_faiss(monkeypatch):
+    monkeypatch.setattr(M, "_faiss", types.SimpleNamespace())  # any use would fail
+    x = _points(1, 10, 2, "euclidean")
+    assert nearest_neighbors(x, x, 2)[1].shape == (10, 2)
+
+
+# ----------------------------------------------------------------------------- clustering
+
+
+def test_nmi_hand_example():
+    # contingency  [[2, 1, 0],   a = (3, 3), b = (2, 2, 2), N = 6
+    #               [0, 1, 2]]
+    # MI = 2 * (2/6) log(6*2 / (3*2)) + 2 * (1/6) log(6*1 / (3*2)) = (2/3) log 2
+    # H(true) = log 2, H(pred) = log 3: NMI = (2/3) log 2 / ((log 2 + log 3) / 2)
+    true, pred = [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]
+    expected = (4 / 3) * math.log(2) / math.log(6)  # 0.5158037...
+    assert nmi(true, pred) == pytest.approx(expected, rel=0, abs=1e-12)
+    assert nmi(pred, true) == pytest.approx(expected, rel=0, abs=1e-12)
+    renamed_true, renamed_pred = [7, 7, 7, -3, -3, -3], np.array([5, 5, 0, 0, 9, 9])
+    assert nmi(renamed_true, renamed_pred) == pytest.approx(expected, rel=0, abs=1e-12)
+    assert nmi(torch.tensor(true), torch.tensor(pred)) == pytest.approx(expected, abs=1e-12)
+
+
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 30), k=st.integers(1, 6))
+def test_nmi_identical_partitions_up_to_renaming(seed, n, k):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    renamed = rng.permutation(100)[labels] * 3 - 50
+    assert nmi(labels, renamed) == 1.0
+    other = rng.integers(0, k, n)
+    assert nmi(labels, other) == pytest.approx(nmi(renamed, other), abs=1e-12)
+    assert 0.0 <= nmi(labels, other) <= 1.0 + 1e-12
+
+
+def test_nmi_special_cases():
+    assert nmi([4, 4, 4], [1, 1, 1]) == 1.0  # both one cluster: identical
+    assert nmi([0, 0, 1, 1], [5, 5, 5, 5]) == 0.0  # one side a single cluster
+    assert nmi([0, 0, 1, 1], [0, 1, 0, 1]) == 0.0  # independent
+    assert nmi([3], [8]) == 1.0
+
+
+def _blobs(per: int = 30, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    centers = 20.0 * torch.eye(4, 6, dtype=dtype)
+    labels = torch.arange(4).repeat_interleave(per)[torch.randperm(4 * per, generator=g)]
+    x = centers[labels] + 0.5 * torch.randn(4 * per, 6, generator=g, dtype=dtype)
+    return x, labels
+
+
+def test_kmeans_recovers_blobs_deterministically():
+    x, labels = _blobs()
+    pred = kmeans(x, 4, seed=1)
+    assert pred.dtype == torch.long and pred.shape == labels.shape
+    assert nmi(labels, pred) == 1.0
+    assert torch.equal(pred, kmeans(x, 4, seed=1))
+    assert clustering_nmi(x, labels) == 1.0
+    assert clustering_nmi(x.float(), labels + 10, seed=3) == 1.0
+
+
+def test_kmeans_edge_cases():
+    x, _ = _blobs(per=3)
+    assert (kmeans(x, 1) == 0).all()
+    assert sorted(kmeans(x, 12).tolist()) == list(range(12))  # k = N: one point each
+    dup = torch.zeros(5, 2)  # fewer distinct points than clusters
+    pred = kmeans(dup, 3, iters=5, n_init=2)
+    assert pred.shape == (5,) and int(pred.min()) >= 0 and int(pred.max()) < 3
+
+
+# ----------------------------------------------------------------------------- errors
+
+_X = torch.randn(6, 3)
+_L = torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: retrieval_metrics(torch.randn(6), _L), "2-D"),
+        (lambda: retrieval_metrics(_X, _L[:5]), "5 entries"),
+        (lambda: retrieval_metrics(_X, _L.float()), "integer"),
+        (lambda: retrieval_metrics(_X, _L.view(2, 3)), "1-D"),
+        (lambda: retrieval_metrics(torch.tensor([[0.0, math.nan]] * 6), _L), "NaN"),
+        (lambda: retrieval_metrics(_X[:1], _L[:1]), "at least 2"),
+        (lambda: retrieval_metrics(_X.long(), _L), "floating"),
+        (lambda: retrieval_metrics(_X, _L, ks=()), "empty"),
+        (lambda: retrieval_metrics(_X, _L, ks=(1, 0)), "ks"),
+        (lambda: retrieval_metrics(_X, _L, metric="manhattan"), "metric"),
+        (lambda: retrieval_metrics(_X, _L, chunk=0), "chunk"),
+        (lambda: nearest_neighbors(_X, _X, 0), "k must"),
+        (lambda: nearest_neighbors(_X, _X, 6, exclude_self=True), "only 5"),
+        (lambda: nearest_neighbors(_X, _X, 7), "only 6"),
+        (lambda: nearest_neighbors(_X[:3], _X, 1, exclude_self=True), "queries to be"),
+        (lambda: nearest_neighbors(_X, torch.randn(4, 2), 1), "dimension"),
+        (lambda: nearest_other(_X, _L[:3]), "3 entries"),
+        (lambda: kmeans(_X, 0), "k must"),
+        (lambda: kmeans(_X, 7), "exceeds"),
+        (lambda: kmeans(_X, 2, iters=0), "iters"),
+        (lambda: clustering_nmi(_X[:1], _L[:1]), "at least 2"),
+        (lambda: nmi([0, 1], [0, 1, 2]), "items"),
+        (lambda: nmi([], []), "at least one"),
+        (lambda: nmi([[0, 1]], [[0, 1]]), "1-D"),
+    ],
+)
+def test_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
