@@ -21,7 +21,7 @@ RIGHT, WRONG = "#2ca02c", "#d62728"
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
-    fig = Figure(figsize=kwargs.pop("figsize", (7, 4)))
+    fig = Figure(figsize=kwargs.pop("figsize", (7, 4)), layout="constrained")
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
@@ -40,11 +40,27 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def loss_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Training loss per logged step (raw and smoothed), train / validation loss per epoch, and
-    validation precision@1 per epoch, from the records of a run's ``log.jsonl``."""
+    """Training loss per logged step (raw and smoothed), train / validation loss per epoch,
+    the share of active triplets per logged step (batch-all averages over those only, so its
+    loss can rise while the embedding improves) and validation precision@1 per epoch, from the
+    records of a run's ``log.jsonl``."""
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, (ax_loss, ax_p1) = _subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_active, ax_p1) = _subplots(1, 3, figsize=(15, 4))
+    active = [
+        (r["step"], r["active"])
+        for r in steps
+        if r.get("active") is not None and np.isfinite(r["active"])
+    ]
+    if active:
+        ax_active.plot(*zip(*active), color="C1", lw=1)
+    ax_active.set(
+        xlabel="optimiser step",
+        ylabel="share of valid triplets",
+        title="Active triplets (loss > 0) in the batch",
+        ylim=(0, 1.02),
+    )
+    ax_active.grid(alpha=0.3)
     if steps:
         x = np.array([r["step"] for r in steps])
         y = np.array([r["loss"] for r in steps])
@@ -205,7 +221,7 @@ def per_class_bars(
     ax.set_ylim(max(0.0, low - 0.1), 1.0)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set(ylabel="score", title="Per-class scores")
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(fontsize=8, loc="outside lower center", ncol=3, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
