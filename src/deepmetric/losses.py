@@ -241,7 +241,20 @@ def triplet_margin_loss(
     return (F.softplus(x) if soft else F.relu(x + margin)).mean()
 
 
-class ContrastiveLoss(nn.Module):
+class _PairwiseLoss(nn.Module):
+    """A margin and a metric, checked at construction: what the pair-based losses share."""
+
+    def __init__(self, *, margin: float = 1.0, metric: Metric = "euclidean") -> None:
+        super().__init__()
+        check_metric(metric)
+        self.margin = _check_margin(margin)
+        self.metric = metric
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, metric={self.metric!r}"
+
+
+class ContrastiveLoss(_PairwiseLoss):
     """Contrastive loss for Siamese pairs (Hadsell, Chopra and LeCun 2006).
 
     For a pair at distance d: ``0.5 * d^2`` if the two are the same kind, else
@@ -253,15 +266,6 @@ class ContrastiveLoss(nn.Module):
     - ``loss(embeddings (B, D), labels (B,))``: the mean over all B (B - 1) / 2 unordered pairs
       i < j of the batch; 0 when B = 1. O(B^2).
     """
-
-    def __init__(self, *, margin: float = 1.0, metric: Metric = "euclidean") -> None:
-        super().__init__()
-        check_metric(metric)
-        self.margin = _check_margin(margin)
-        self.metric = metric
-
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}, metric={self.metric!r}"
 
     def _terms(self, d: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         return 0.5 * torch.where(same, d**2, F.relu(self.margin - d) ** 2)
@@ -301,7 +305,7 @@ class ContrastiveLoss(nn.Module):
         return self._terms(d, same.to(d.device).bool()).mean()
 
 
-class LiftedStructuredLoss(nn.Module):
+class LiftedStructuredLoss(_PairwiseLoss):
     """Lifted structured loss (Song, Xiang, Jegelka and Savarese, CVPR 2016, eq. 4).
 
     With D the (B, B) distance matrix and ``S_i = sum over negatives k of i of exp(margin - D_ik)``,
@@ -309,15 +313,6 @@ class LiftedStructuredLoss(nn.Module):
     ``1 / (2 |P|) * sum over positive pairs of relu(J_ij)^2``. ``log S_i`` is a logsumexp, so
     nothing overflows; O(B^2). 0 when there is no positive pair or a single class.
     """
-
-    def __init__(self, *, margin: float = 1.0, metric: Metric = "euclidean") -> None:
-        super().__init__()
-        check_metric(metric)
-        self.margin = _check_margin(margin)
-        self.metric = metric
-
-    def extra_repr(self) -> str:
-        return f"margin={self.margin}, metric={self.metric!r}"
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_batch(embeddings, labels)

@@ -52,6 +52,7 @@ from deepmetric.data import (
     train_val_split,
 )
 from deepmetric.distances import pairwise
+from deepmetric.evaluate.metrics import nearest_other
 from deepmetric.losses import (
     ContrastiveLoss,
     LiftedStructuredLoss,
@@ -284,16 +285,9 @@ def embed(net: nn.Module, x: torch.Tensor, device: torch.device, batch: int = 10
     return torch.cat(out) if out else torch.zeros(0, getattr(net, "dim", 0))
 
 
-@torch.no_grad()
 def precision_at_1(emb: torch.Tensor, labels: torch.Tensor, metric: str = "euclidean") -> float:
-    """Share of items whose nearest other item has the same label (chunked, O(chunk x N))."""
-    hits = 0
-    for start in range(0, len(emb), 1024):
-        d = pairwise(emb[start : start + 1024], emb, metric=metric)
-        rows = torch.arange(len(d))
-        d[rows, rows + start] = float("inf")
-        hits += int((labels[d.argmin(dim=1)] == labels[start : start + 1024]).sum())
-    return hits / max(1, len(emb))
+    """Share of items whose nearest other item has the same label."""
+    return float(nearest_other(emb, labels, metric)[1].float().mean())
 
 
 # ----------------------------------------------------------------------------- logging
