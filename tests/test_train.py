@@ -73,7 +73,7 @@ def test_batch_mode_learns_and_writes_the_run_folder(idx_dir, tmp_path):
         ["mode=triplet", "loss.margin=1.0"],
         ["mode=offline", "train.offline_every=3", "train.offline_p=4", "train.offline_k=6"],
         ["mode=joint", "loss.mining=semi_hard", "loss.softmax_weight=0.5"],
-        ["loss.name=lifted", "loss.margin=1.0"],
+        ["loss.name=lifted", "loss.margin=1.0", "model.batch_norm=true"],
     ],
     ids=lambda o: o[0],
 )

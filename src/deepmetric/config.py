@@ -29,6 +29,7 @@ class ModelConfig:
     backbone: Literal["small_cnn", "resnet_small", "mlp"] = "small_cnn"
     dim: int = 128
     normalize: bool = True
+    batch_norm: bool = False  # small_cnn: BatchNorm after each convolution (resnet_small has it)
 
 
 @dataclass
