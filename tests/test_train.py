@@ -18,7 +18,7 @@ from synthetic import write_learnable_idx
 from deepmetric.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
 from deepmetric.cli import main as cli_main
 from deepmetric.config import ConfigError, load_config
-from deepmetric.train import StepStats, _warn_collapse, resume_config, train
+from deepmetric.train import StepStats, _warn_collapse, augment, resume_config, train
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,7 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(idx_dir, tmp_p
         "train.p=3",
         "train.k=2",
         "train.log_every=1",
+        "train.augment=true",
         "epochs=3",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -185,3 +186,18 @@ def test_collapse_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_collapse(config, StepStats(loss=0.15, mean_dist=0.9))
+
+
+def test_augment_flips_and_shifts_within_bounds():
+    x = torch.rand(16, 2, 7, 9)
+    out = augment(x, torch.Generator().manual_seed(0), max_shift=2)
+    assert out.shape == x.shape
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(0), max_shift=2))
+    for img, got in zip(x, out):
+        candidates = []
+        for flipped in (img, img.flip(-1)):
+            padded = torch.nn.functional.pad(flipped, (2, 2, 2, 2))
+            for dy in range(5):
+                for dx in range(5):
+                    candidates.append(padded[:, dy : dy + 7, dx : dx + 9])
+        assert any(torch.equal(got, c) for c in candidates)

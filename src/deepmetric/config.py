@@ -67,7 +67,7 @@ class TrainConfig:
     offline_every: int = 100  # offline mode: re-mine triplets every N steps
     offline_p: int = 32
     offline_k: int = 16
-    num_workers: int = 0
+    augment: bool = False  # images: random horizontal flips and shifts of up to 2 pixels
     log_every: int = 10
 
 

@@ -184,6 +184,21 @@ def batches(config: Config, train: ArrayDataset, epoch: int) -> Iterator[torch.T
         yield torch.as_tensor(idx)
 
 
+def augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips (p = 1/2) and shifts of up to ``max_shift`` pixels each way,
+    zero-filled; (B, C, H, W) -> (B, C, H, W)."""
+    b, c, h, w = x.shape
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    padded = F.pad(x, (max_shift,) * 4)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+    return padded[
+        torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
+    ]
+
+
 @torch.no_grad()
 def mine_offline(
     config: Config,
@@ -456,7 +471,11 @@ def train(
                 if b < pos.batch:  # resuming inside an epoch: these ran already
                     continue
                 stop.check()
-                x = train_set.x[idx].to(device, non_blocking=True)
+                x = train_set.x[idx]
+                if config.train.augment and x.dim() == 4:
+                    seed = _epoch_seed(config, pos.epoch) * 1_000_003 + b  # stateless: resumable
+                    x = augment(x, torch.Generator().manual_seed(seed))
+                x = x.to(device, non_blocking=True)
                 y = train_set.y[idx].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     loss, emb, emb_labels = step_loss(config, model, loss_fn, x, y, class_index)
