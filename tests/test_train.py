@@ -201,3 +201,27 @@ def test_augment_flips_and_shifts_within_bounds():
                 for dx in range(5):
                     candidates.append(padded[:, dy : dy + 7, dx : dx + 9])
         assert any(torch.equal(got, c) for c in candidates)
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(idx_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    # The step schedule multiplies the learning rate by 1e30 after epoch 1: epoch 2 diverges.
+    args = [
+        "train",
+        f"data=idx:{idx_dir}",
+        f"out={out}",
+        "model.dim=16",
+        "train.p=3",
+        "train.k=4",
+        "epochs=2",
+        "model.normalize=false",
+        "train.schedule=step",
+        "train.step_size=1",
+        "train.gamma=1e30",
+    ]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err or "loss is" in err, err
+    kept = latest_checkpoint(out)
+    assert kept.name.startswith("epoch0001")
+    assert all(torch.isfinite(w).all() for w in _weights(out).values())

@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate(args) if args.command == "evaluate" else _train(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, CheckpointError, DatasetError) as error:
+    except (ValueError, CheckpointError, DatasetError, FloatingPointError) as error:
         print(f"deepmetric: error: {error}", file=sys.stderr)
         return 2
 

@@ -240,6 +240,17 @@ class StepStats:
     mean_dist: float = float("nan")
 
 
+def _check_finite(*embeddings: torch.Tensor) -> torch.Tensor:
+    """Stop with a clear message when the network's output is no longer finite (divergence)."""
+    for e in embeddings:
+        if not torch.isfinite(e).all():
+            raise FloatingPointError(
+                "the network produced NaN or inf embeddings (training diverged): try a lower "
+                "train.lr or train.grad_clip; the last checkpoint is kept"
+            )
+    return embeddings[0]
+
+
 def step_loss(
     config: Config,
     model: nn.Module,
@@ -252,16 +263,19 @@ def step_loss(
     if config.mode in ("batch", "joint"):
         if config.mode == "joint":
             emb, logits = model(x)
+            _check_finite(emb)
             ce = F.cross_entropy(logits.float(), class_index[y])
             return loss_fn(emb.float(), y) + config.loss.softmax_weight * ce, emb, y
-        emb = model(x)
+        emb = _check_finite(model(x))
         return loss_fn(emb.float(), y), emb, y
     if config.mode == "siamese":
         b = len(x) // 2
         e1, e2 = SiameseNet(model)(x[:b], x[b:])
+        _check_finite(e1, e2)
         return loss_fn(e1.float(), e2.float(), y[:b] == y[b:]), torch.cat([e1, e2]), None
     b = len(x) // 3
     ea, ep, en = TripletNet(model)(x[:b], x[b : 2 * b], x[2 * b :])
+    _check_finite(ea, ep, en)
     loss = triplet_margin_loss(
         ea.float(),
         ep.float(),
@@ -357,7 +371,8 @@ class Position:
     epoch: int = 0
     batch: int = 0
     step: int = 0  # optimiser steps so far
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    epoch_losses: list[float] = field(default_factory=list)  # this epoch's batch losses so far
 
 
 def _rng_state() -> dict[str, Any]:
@@ -460,7 +475,6 @@ def train(
     try:
         while pos.epoch < config.epochs:
             model.train()
-            epoch_losses: list[float] = []
             offline_rng = np.random.default_rng(_epoch_seed(config, pos.epoch))
             source = (
                 _offline_batches(config, net, train_set, device, offline_rng, per_epoch)
@@ -479,6 +493,12 @@ def train(
                 y = train_set.y[idx].to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     loss, emb, emb_labels = step_loss(config, model, loss_fn, x, y, class_index)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"loss is {value} at step {pos.step + 1}: try a lower train.lr or "
+                        "train.grad_clip; the last checkpoint is kept"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.train.grad_clip > 0:
@@ -488,10 +508,7 @@ def train(
                 scaler.update()
                 scheduler.step()
                 pos.batch, pos.step = b + 1, pos.step + 1
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"loss is {value} at step {pos.step}")
-                epoch_losses.append(value)
+                pos.epoch_losses.append(value)
                 if pos.step % config.train.log_every == 0 or b + 1 == per_epoch:
                     stats = batch_stats(config, value, emb, emb_labels)
                     _warn_collapse(config, stats)
@@ -508,7 +525,7 @@ def train(
                         f"epoch {pos.epoch + 1}/{config.epochs} [{b + 1}/{per_epoch}] "
                         f"loss {value:.4f} active {stats.active:.2f} dist {stats.mean_dist:.3f}"
                     )
-            record = _epoch_record(config, net, loss_fn, val_set, device, pos, epoch_losses)
+            record = _epoch_record(config, net, loss_fn, val_set, device, pos, pos.epoch_losses)
             pos.history.append(record)
             log.write(record)
             log.progress(
@@ -517,18 +534,18 @@ def train(
                 f"{record['val_precision_at_1']:.3f}",
                 final=True,
             )
-            pos.epoch, pos.batch = pos.epoch + 1, 0
+            pos.epoch, pos.batch, pos.epoch_losses = pos.epoch + 1, 0, []
             checkpoint()
             stop.check()
     except _StopRequested:
-        if config.mode == "offline":
-            pos.batch = 0  # offline batches depend on the weights: redo the epoch on resume
+        if config.mode == "offline":  # offline batches depend on the weights: redo the epoch
+            pos.batch, pos.epoch_losses = 0, []
         checkpoint()
         log.progress(f"interrupted: checkpoint saved; continue with --resume {run_dir}", final=True)
         log.close()
         raise
-    except KeyboardInterrupt:
-        log.progress("interrupted twice: stopped at once; the last checkpoint is kept", final=True)
+    except BaseException:
+        log.progress("stopped; the last checkpoint is kept", final=True)
         log.close()
         raise
     finally:
