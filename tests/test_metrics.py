@@ -238,41 +238,17 @@ def test_retrieval_accepts_float32_and_autograd_inputs():
 # ----------------------------------------------------------------------------- faiss path
 
 
-class _FakeFlatIndex:
-    """Stands in for faiss.IndexFlatL2 / IndexFlatIP (numpy brute force). Ties come back in
-    *descending* index order, the worst case for the wrapper's reordering and self-removal."""
-
-    def __init__(self, dim: int, inner_product: bool):
-        self.ip, self.x = inner_product, np.zeros((0, dim), dtype=np.float32)
-
-    def add(self, x: np.ndarray) -> None:
-        assert x.dtype == np.float32 and x.flags.c_contiguous
-        self.x = np.concatenate([self.x, x])
-
-    def search(self, q: np.ndarray, k: int):
-        if self.ip:
-            score, key = q @ self.x.T, -(q @ self.x.T)
-        else:
-            score = ((q[:, None, :] - self.x[None, :, :]) ** 2).sum(-1)
-            key = score
-        cols = np.arange(self.x.shape[0])
-        order = np.stack([np.lexsort((-cols, row)) for row in key])[:, :k]
-        return np.take_along_axis(score, order, 1).astype(np.float32), order.astype(np.int64)
-
-
 @pytest.fixture
-def fake_faiss(monkeypatch):
-    fake = types.SimpleNamespace(
-        IndexFlatL2=lambda dim: _FakeFlatIndex(dim, False),
-        IndexFlatIP=lambda dim: _FakeFlatIndex(dim, True),
-    )
-    monkeypatch.setattr(M, "_faiss", fake)
-    return fake
+def real_faiss():
+    """The real faiss (the dev extra installs faiss-cpu); the torch path is the reference."""
+    faiss = pytest.importorskip("faiss")
+    assert M._faiss is faiss
+    return faiss
 
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_faiss_path_agrees_with_torch(fake_faiss, monkeypatch, metric, exclude_self):
+def test_faiss_path_agrees_with_torch(real_faiss, monkeypatch, metric, exclude_self):
     refs = _points(7, 40, 5, "cosine").float()
     queries = refs if exclude_self else _points(8, 13, 5, "cosine").float()
     got = nearest_neighbors(queries, refs, 6, metric=metric, exclude_self=exclude_self, chunk=5)
@@ -282,7 +258,7 @@ def test_faiss_path_agrees_with_torch(fake_faiss, monkeypatch, metric, exclude_s
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
 
 
-def test_faiss_path_never_returns_self_among_duplicates(fake_faiss):
+def test_faiss_path_never_returns_self_among_duplicates(real_faiss):
     x = torch.zeros(6, 2)
     dist, idx = nearest_neighbors(x, x, 2, exclude_self=True)
     assert (dist == 0).all()
