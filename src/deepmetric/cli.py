@@ -65,7 +65,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deepmetric", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="deepmetric", description="Train, evaluate and try metric-learning models."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
