@@ -248,11 +248,16 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML text, keys in definition order."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def dump_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: temporary file, then rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.write_text(config_to_yaml(config))
     tmp.replace(path)
 
 

@@ -29,8 +29,9 @@ import torch
 Method = Literal["auto", "sort", "direct"]
 METHODS: tuple[str, ...] = get_args(Method)
 
-#: "auto" compares directly when no anchor has more positives than this (measured with
-#: benchmarks/losses.py --sweep-k on CPU).
+#: "auto" compares directly when no anchor has more positives than this. Measured with
+#: benchmarks/crossover.py at B = 4096 on 2 CPU cores: direct is faster up to K = 16 for
+#: batch-all and up to about K = 12 for semi-hard (docs/benchmarks.md).
 DIRECT_MAX_POSITIVES = 12
 
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from deepmetric import mining
 from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from deepmetric.config import Config, ConfigError, config_from_dict, to_dict
+from deepmetric.config import Config, ConfigError, config_from_dict, config_to_yaml, dump_config
 from deepmetric.data import (
     ArrayDataset,
     PairSampler,
@@ -217,15 +217,9 @@ def mine_offline(
     idx = np.concatenate(
         [rng.permutation(np.flatnonzero(labels == c))[: t.offline_k] for c in chosen]
     )
-    was_training = net.training
-    net.eval()
-    emb = torch.cat(
-        [net(train.x[s].to(device)) for s in np.array_split(idx, max(1, len(idx) // 512))]
-    )
-    net.train(was_training)
-    y = torch.as_tensor(labels[idx], device=device)
-    triplets = mining.semi_hard(pairwise(emb, metric=config.loss.metric), y)
-    found = torch.stack(list(triplets), dim=1).cpu()
+    emb = embed(net, train.x[idx], device)
+    triplets = mining.semi_hard(pairwise(emb, metric=config.loss.metric), train.y[idx])
+    found = torch.stack(list(triplets), dim=1)
     found = torch.as_tensor(idx)[found]
     return found[torch.as_tensor(rng.permutation(len(found)))]
 
@@ -427,8 +421,8 @@ def train(
             f"{run_dir} already holds a run: resume it (--resume {run_dir}) or set out=ANOTHER_DIR"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_yaml)
+    dump_config(config, run_dir / "config.yaml")
+    config_yaml = config_to_yaml(config)  # also stored in every checkpoint
 
     torch.manual_seed(config.seed)
     device = resolve_device(config.train.device)
