@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from deepmetric import neighbors as NB
 from deepmetric.distances import METRICS
 from deepmetric.evaluate import metrics as M
 from deepmetric.evaluate.metrics import (
@@ -133,13 +134,13 @@ def test_ties_broken_by_lower_index():
 
 
 def test_chunks_bound_the_distance_matrix(monkeypatch):
-    shapes, original = [], M.pairwise
+    shapes, original = [], NB.pairwise
 
     def spy(x, y=None, metric="euclidean"):
         shapes.append((x.shape[0], y.shape[0]))
         return original(x, y, metric)
 
-    monkeypatch.setattr(M, "pairwise", spy)
+    monkeypatch.setattr(NB, "pairwise", spy)
     x = _points(0, 50, 3, "euclidean")
     nearest_neighbors(x, x, 3, chunk=8)
     retrieval_metrics(x, torch.arange(50) % 4, chunk=8)
@@ -242,7 +243,7 @@ def test_retrieval_accepts_float32_and_autograd_inputs():
 def real_faiss():
     """The real faiss (the dev extra installs faiss-cpu); the torch path is the reference."""
     faiss = pytest.importorskip("faiss")
-    assert M._faiss is faiss
+    assert NB._faiss is faiss
     return faiss
 
 
@@ -252,7 +253,7 @@ def test_faiss_path_agrees_with_torch(real_faiss, monkeypatch, metric, exclude_s
     refs = _points(7, 40, 5, "cosine").float()
     queries = refs if exclude_self else _points(8, 13, 5, "cosine").float()
     got = nearest_neighbors(queries, refs, 6, metric=metric, exclude_self=exclude_self, chunk=5)
-    monkeypatch.setattr(M, "_faiss", None)
+    monkeypatch.setattr(NB, "_faiss", None)
     want = nearest_neighbors(queries, refs, 6, metric=metric, exclude_self=exclude_self)
     assert got[1].tolist() == want[1].tolist()
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
@@ -267,7 +268,7 @@ def test_faiss_path_never_returns_self_among_duplicates(real_faiss):
 
 
 def test_float64_never_uses_faiss(monkeypatch):
-    monkeypatch.setattr(M, "_faiss", types.SimpleNamespace())  # any use would fail
+    monkeypatch.setattr(NB, "_faiss", types.SimpleNamespace())  # any use would fail
     x = _points(1, 10, 2, "euclidean")
     assert nearest_neighbors(x, x, 2)[1].shape == (10, 2)
 

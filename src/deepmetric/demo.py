@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from deepmetric.evaluate.metrics import nearest_other
 from deepmetric.losses import ContrastiveLoss, LiftedStructuredLoss, TripletLoss
+from deepmetric.neighbors import nearest_other
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

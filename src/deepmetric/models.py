@@ -30,6 +30,7 @@ __all__ = [
     "SmallCNN",
     "TripletNet",
     "build_backbone",
+    "embed",
 ]
 
 
@@ -289,6 +290,28 @@ class EmbeddingNet(nn.Module):
         return F.normalize(e, p=2.0, dim=1) if self.normalize else e
 
 
+def _shared_forward(net: nn.Module, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``net`` applied once to the concatenated ``parts``, split back: every branch goes through
+    the same forward pass (with BatchNorm, the same batch statistics), as one network should."""
+    sizes = [len(p) for p in parts]
+    return tuple(net(torch.cat(parts)).split(sizes))
+
+
+@torch.no_grad()
+def embed(
+    net: nn.Module, x: torch.Tensor, device: torch.device | str = "cpu", *, batch: int = 1024
+) -> torch.Tensor:
+    """(N, dim) float32 embeddings of ``x`` (N, ...) in eval mode, returned on the CPU, computed
+    ``batch`` inputs at a time on ``device``; the module's train / eval mode is restored."""
+    was_training = net.training
+    net.eval()
+    try:
+        out = [net(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
+    finally:
+        net.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, getattr(net, "dim", 0))
+
+
 class SiameseNet(nn.Module):
     """Two branches through one shared :class:`EmbeddingNet`.
 
@@ -304,7 +327,9 @@ class SiameseNet(nn.Module):
         return self.embedding_net.dim
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embedding_net(x1), self.embedding_net(x2)
+        """One forward pass over ``cat([x1, x2])``, so BatchNorm sees one batch of 2B."""
+        e1, e2 = _shared_forward(self.embedding_net, x1, x2)
+        return e1, e2
 
     def get_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """``x -> (B, dim)``."""
@@ -330,7 +355,7 @@ class TripletNet(nn.Module):
     def forward(
         self, a: torch.Tensor, p: torch.Tensor, n: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | torch.Tensor:
-        ea, ep, en = self.embedding_net(a), self.embedding_net(p), self.embedding_net(n)
+        ea, ep, en = _shared_forward(self.embedding_net, a, p, n)  # one pass: one set of BN stats
         if self.concat:
             return torch.cat((ea, ep, en), dim=1)
         return ea, ep, en

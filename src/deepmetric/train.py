@@ -52,7 +52,6 @@ from deepmetric.data import (
     train_val_split,
 )
 from deepmetric.distances import pairwise
-from deepmetric.evaluate.metrics import nearest_other
 from deepmetric.losses import (
     ContrastiveLoss,
     LiftedStructuredLoss,
@@ -60,6 +59,7 @@ from deepmetric.losses import (
     triplet_margin_loss,
 )
 from deepmetric.models import EmbeddingNet, JointNet, SiameseNet, TripletNet, build_backbone
+from deepmetric.neighbors import nearest_other
 
 # ----------------------------------------------------------------------------- building blocks
 

@@ -34,7 +34,8 @@ from deepmetric.evaluate.verification import (
     verification_metrics,
     verification_pairs,
 )
-from deepmetric.train import embed, load_data, load_trained, resolve_device
+from deepmetric.models import embed
+from deepmetric.training import load_data, load_trained, resolve_device
 
 Progress = Callable[[str], None]
 

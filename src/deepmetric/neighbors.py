@@ -1,0 +1,244 @@
+"""Exact k nearest neighbours, in chunks (torch; faiss when installed).
+
+The one neighbour search of the project: training (validation precision@1), evaluation
+(retrieval metrics, figures) and the gallery all use it, so no layer imports a higher one.
+
+Shapes: ``queries`` (Q, D), ``refs`` (R, D), ``labels`` (N,) integers. Neighbours are ordered
+by distance, ties broken by the lower index, deterministically.
+
+Memory: searches run over chunks of queries, so they hold one (chunk, R) distance matrix and
+the (chunk, k) results at a time, never a full (Q, R) matrix.
+
+faiss: when ``import faiss`` works, float32 CPU searches use an exact flat index
+(``IndexFlatL2`` / ``IndexFlatIP``); otherwise (and always for float64) the torch path runs.
+Both return the exact neighbours ordered by (distance, index); faiss computes in float32
+(distances may differ from torch's by rounding) and, among references tied at the k-th
+distance, returns the ones it finds rather than the lowest indices. The tests check both
+paths against brute force, the faiss one with the real faiss-cpu.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deepmetric.distances import Metric, check_embeddings, check_metric, pairwise
+
+try:  # optional: exact flat-index search, used only when installed
+    import faiss as _faiss  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the environment
+    _faiss = None
+
+__all__ = [
+    "check_items",
+    "check_labels",
+    "check_positive_int",
+    "knn_chunks",
+    "nearest_neighbors",
+    "nearest_other",
+]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_items(embeddings: torch.Tensor, name: str = "embeddings") -> None:
+    check_embeddings(embeddings, name)
+    if embeddings.shape[0] < 2:
+        raise ValueError(f"{name} must hold at least 2 items, got {embeddings.shape[0]}")
+
+
+def check_labels(labels: torch.Tensor, n: int) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(
+            f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} "
+            f"and dtype {labels.dtype}"
+        )
+    if labels.shape[0] != n:
+        raise ValueError(f"labels has {labels.shape[0]} entries for {n} embeddings")
+
+
+def check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# --------------------------------------------------------------------------- neighbours
+
+
+def _order_rows(dist: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder each row of (dist, idx) by (distance, index)."""
+    idx, perm = idx.sort(dim=1)
+    dist, order = dist.gather(1, perm).sort(dim=1, stable=True)
+    return dist, idx.gather(1, order)
+
+
+def _smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest entries of each row of ``d`` (c, R), ordered by (distance, index).
+
+    ``torch.topk`` gives the right values but an arbitrary choice among entries tied with the
+    k-th value; rows with such a tie (the (k+1)-th value equals the k-th) are redone with
+    the lowest-index tied entries, and rows with equal values are reordered by index.
+    """
+    width = min(k + 1, d.shape[1])  # one more: a tie at the boundary shows as value k+1 == k
+    vals, idx = torch.topk(d, width, dim=1, largest=False, sorted=True)
+    tied = (vals[:, k] == vals[:, k - 1]).nonzero().squeeze(1) if width > k else idx[:0, 0]
+    vals, idx, kth = vals[:, :k].contiguous(), idx[:, :k].contiguous(), vals[:, k - 1 : k]
+    if tied.numel():
+        dt, kt = d[tied], kth[tied]
+        below = dt < kt
+        equal = dt == kt
+        need = k - below.sum(dim=1, keepdim=True)
+        keep = below | (equal & (equal.cumsum(dim=1) <= need))  # exactly k per row
+        chosen = keep.nonzero()[:, 1].view(-1, k)
+        vals[tied], idx[tied] = _order_rows(dt.gather(1, chosen), chosen)
+    if k > 1:  # topk orders by value only: reorder rows holding equal values by index too
+        redo = (vals[:, 1:] == vals[:, :-1]).any(dim=1).nonzero().squeeze(1)
+        if redo.numel():
+            vals[redo], idx[redo] = _order_rows(vals[redo], idx[redo])
+    return vals, idx
+
+
+def _faiss_usable(queries: torch.Tensor, refs: torch.Tensor) -> bool:
+    return (
+        _faiss is not None
+        and queries.dtype == refs.dtype == torch.float32
+        and queries.device.type == refs.device.type == "cpu"
+    )
+
+
+def knn_chunks(
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    k: int,
+    metric: Metric,
+    exclude_self: bool,
+    chunk: int,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(start, dist (c, k), idx (c, k))`` for consecutive chunks of queries."""
+    n_q = queries.shape[0]
+    if _faiss_usable(queries, refs):
+        yield from _faiss_chunks(queries, refs, k, metric, exclude_self, chunk)
+        return
+    for start in range(0, n_q, chunk):
+        d = pairwise(queries[start : start + chunk], refs, metric)
+        if exclude_self:
+            rows = torch.arange(d.shape[0], device=d.device)
+            d[rows, rows + start] = math.inf
+        dist, idx = _smallest_k(d, k)
+        yield start, dist, idx
+
+
+def _faiss_chunks(
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    k: int,
+    metric: Metric,
+    exclude_self: bool,
+    chunk: int,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The faiss path of :func:`knn_chunks` (float32, CPU): an exact flat index."""
+    assert _faiss is not None
+    cosine = metric == "cosine"
+    if cosine:
+        queries, refs = F.normalize(queries, dim=1), F.normalize(refs, dim=1)
+    index = (_faiss.IndexFlatIP if cosine else _faiss.IndexFlatL2)(refs.shape[1])
+    index.add(np.ascontiguousarray(refs.numpy()))
+    kk = k + int(exclude_self)
+    for start in range(0, queries.shape[0], chunk):
+        q = np.ascontiguousarray(queries[start : start + chunk].numpy())
+        score, found = index.search(q, kk)
+        score, idx = torch.from_numpy(score), torch.from_numpy(found).long()
+        if exclude_self:  # drop the query itself, or the last hit when it is not among them
+            rows = torch.arange(idx.shape[0])
+            is_self = idx == (rows + start)[:, None]
+            drop = torch.where(is_self.any(dim=1), is_self.int().argmax(dim=1), kk - 1)
+            keep = torch.ones_like(is_self)
+            keep[rows, drop] = False
+            score, idx = score[keep].view(-1, k), idx[keep].view(-1, k)
+        if cosine:
+            dist = (1.0 - score).clamp(0.0, 2.0)
+        else:
+            dist = score.clamp_min(0.0)
+            if metric == "euclidean":
+                dist = dist.sqrt()
+        yield (start, *_order_rows(dist, idx))
+
+
+def nearest_neighbors(
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    k: int,
+    *,
+    metric: Metric = "euclidean",
+    exclude_self: bool = False,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest references of each query.
+
+    Args:
+        queries: (Q, D) embeddings.
+        refs: (R, D) embeddings.
+        k: neighbours per query, ``1 <= k <= R`` (``R - 1`` with ``exclude_self``).
+        metric: see :mod:`deepmetric.distances`.
+        exclude_self: the queries are the references (row i of ``queries`` is item i of
+            ``refs``, Q == R): item i never returns itself.
+        chunk: queries per block; memory is O(chunk x R), never a full (Q, R) matrix.
+
+    Returns:
+        ``(dist (Q, k), idx (Q, k))``, each row ordered by distance, ties by lower index.
+    """
+    check_metric(metric)
+    check_embeddings(queries, "queries")
+    check_embeddings(refs, "refs")
+    check_positive_int(k, "k")
+    check_positive_int(chunk, "chunk")
+    if queries.shape[1] != refs.shape[1]:
+        raise ValueError(
+            f"queries and refs must have the same dimension, got {queries.shape[1]} "
+            f"and {refs.shape[1]}"
+        )
+    if exclude_self and queries.shape[0] != refs.shape[0]:
+        raise ValueError(
+            "exclude_self needs the queries to be the refs, got "
+            f"{queries.shape[0]} queries and {refs.shape[0]} refs"
+        )
+    available = refs.shape[0] - int(exclude_self)
+    if k > available:
+        raise ValueError(f"k = {k} but only {available} references are available")
+    with torch.no_grad():
+        queries, refs = queries.detach(), refs.detach()
+        parts = list(knn_chunks(queries, refs, k, metric, exclude_self, chunk))
+    if not parts:
+        empty = queries.new_empty((0, k))
+        return empty, torch.empty((0, k), dtype=torch.long, device=queries.device)
+    return torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
+def nearest_other(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    metric: Metric = "euclidean",
+    *,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each item's nearest other item (leave-one-out, ties by lower index).
+
+    Returns ``(idx (N,), correct (N,) bool)`` with ``correct[i] = labels[idx[i]] == labels[i]``:
+    the per-query precision@1. Unlike :func:`retrieval_metrics` this covers every item, so an
+    item whose class has no other item is always ``False``.
+    """
+    check_items(embeddings)
+    check_labels(labels, embeddings.shape[0])
+    _, idx = nearest_neighbors(
+        embeddings, embeddings, 1, metric=metric, exclude_self=True, chunk=chunk
+    )
+    idx = idx[:, 0]
+    labels = labels.to(idx.device)
+    return idx, labels[idx] == labels
