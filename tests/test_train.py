@@ -18,7 +18,9 @@ from synthetic import write_learnable_idx
 from deepmetric.checkpoints import CheckpointError, latest_checkpoint, load_checkpoint
 from deepmetric.cli import main as cli_main
 from deepmetric.config import ConfigError, load_config
-from deepmetric.train import StepStats, _warn_collapse, augment, resume_config, train
+from deepmetric.data import augment
+from deepmetric.training import resume_config, train
+from deepmetric.training.log import StepStats, warn_collapse
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,8 @@ def _config(idx_dir: Path, out: Path, *overrides: str):
     base = [
         f"data=idx:{idx_dir}",
         f"out={out}",
+        "mode=batch",
+        "epochs=5",
         "model.dim=16",
         "train.p=3",
         "train.k=4",
@@ -182,10 +186,10 @@ def test_mode_and_loss_must_fit(idx_dir, tmp_path):
 def test_collapse_is_warned_about():
     config = load_config(None, ["loss.margin=0.2"])
     with pytest.warns(RuntimeWarning, match="embeddings have collapsed"):
-        _warn_collapse(config, StepStats(loss=0.2003, mean_dist=0.002))
+        warn_collapse(StepStats(loss=0.2003, mean_dist=0.002), config.loss.margin)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_collapse(config, StepStats(loss=0.15, mean_dist=0.9))
+        warn_collapse(StepStats(loss=0.15, mean_dist=0.9), config.loss.margin)
 
 
 def test_augment_flips_and_shifts_within_bounds():

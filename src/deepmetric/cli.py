@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 def _train(args: argparse.Namespace) -> int:
     from deepmetric.config import load_config
-    from deepmetric.train import resume_config, train
+    from deepmetric.training import resume_config, train
 
     if args.resume:
         if args.config:

@@ -30,6 +30,10 @@ class ModelConfig:
     dim: int = 128
     normalize: bool = True
     batch_norm: bool = False  # small_cnn: BatchNorm after each convolution (resnet_small has it)
+    #: a model registered with ``deepmetric.models.register_model`` (``fit(..., builder=)``);
+    #: when set, ``backbone`` is ignored and the run's model is ``builder(**builder_args)``
+    builder: str | None = None
+    builder_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,7 +42,7 @@ class LossConfig:
 
     name: Literal["triplet", "contrastive", "lifted"] = "triplet"
     margin: float = 0.2
-    mining: Literal["batch_all", "batch_hard", "semi_hard"] = "batch_hard"
+    mining: Literal["batch_all", "batch_hard", "semi_hard"] = "batch_all"
     metric: Literal["euclidean", "squared_euclidean", "cosine"] = "euclidean"
     soft: bool = False
     #: weight of the cross-entropy term in ``mode: joint`` (loss = metric + weight * CE)
@@ -49,16 +53,18 @@ class LossConfig:
 class TrainConfig:
     """Optimisation and batching."""
 
-    p: int = 16  # classes per P x K batch
-    k: int = 4  # samples per class in a P x K batch
+    p: int = 10  # classes per P x K batch (fewer when the data has fewer classes)
+    k: int = 16  # samples per class in a P x K batch
     batch_size: int = 64  # pairs or triplets per batch (siamese / triplet / offline modes)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     schedule: Literal["none", "cosine", "step"] = "cosine"
     step_size: int = 1  # epochs per decay, schedule: step
     gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up at the start
+    label_smoothing: float = 0.0  # joint mode: label smoothing of the cross-entropy term
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     amp: bool = False  # mixed precision, on CUDA only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -78,8 +84,8 @@ class Config:
 
     name: str = "run"
     data: str = "fashion-mnist"
-    mode: Literal["batch", "siamese", "triplet", "offline", "joint"] = "batch"
-    epochs: int = 5
+    mode: Literal["batch", "siamese", "triplet", "offline", "joint"] = "joint"
+    epochs: int = 16
     seed: int = 0
     out: str | None = None  # run folder; default runs/NAME
     image_size: int = 64  # folder data: images are resized to this square size
@@ -136,6 +142,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is Literal:
         if value not in get_args(hint):
             raise ConfigError(f"{key}: expected one of {_type_name(hint)}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
     if origin is list:
         (item,) = get_args(hint)
@@ -236,6 +246,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {config.train.lr}")
+    if config.train.warmup_epochs < 0:
+        raise ConfigError(f"train.warmup_epochs must be >= 0, got {config.train.warmup_epochs}")
+    if not 0 <= config.train.label_smoothing < 1:
+        raise ConfigError(
+            f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}"
+        )
     if config.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {config.loss.margin}")
     if not 0 <= config.train.val_fraction < 1:

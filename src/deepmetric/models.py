@@ -21,6 +21,7 @@ from torch import nn
 __all__ = [
     "BACKBONES",
     "MLP",
+    "MODEL_BUILDERS",
     "BasicBlock",
     "ClassifierHead",
     "EmbeddingNet",
@@ -30,7 +31,9 @@ __all__ = [
     "SmallCNN",
     "TripletNet",
     "build_backbone",
+    "build_registered",
     "embed",
+    "register_model",
 ]
 
 
@@ -398,3 +401,42 @@ class JointNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.embedding_net(x)
         return e, self.head(e)
+
+
+# --------------------------------------------------------------------------------------------
+# Registered models: how a run of ``fit`` with a network of its own is rebuilt later
+# --------------------------------------------------------------------------------------------
+
+#: name -> function returning a fresh (untrained) embedding network; filled by
+#: :func:`register_model` when the module defining the network is imported.
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``fn(**args) -> nn.Module`` under ``name``, so that a run trained
+    with ``fit(..., builder=name, builder_args=args)`` can be rebuilt by ``deepmetric
+    evaluate`` (``--import MODULE`` imports the module that registers it). Only functions
+    registered by code you import are ever called: a run folder cannot name arbitrary code.
+
+    Example::
+
+        @register_model("my_cnn")
+        def my_cnn(dim: int = 64) -> nn.Module: ...
+    """
+
+    def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODEL_BUILDERS[name] = fn
+        return fn
+
+    return register
+
+
+def build_registered(name: str, **args: object) -> nn.Module:
+    """``MODEL_BUILDERS[name](**args)``, with a clear error when ``name`` is not registered."""
+    if name not in MODEL_BUILDERS:
+        known = ", ".join(sorted(MODEL_BUILDERS)) or "none"
+        raise ValueError(
+            f"model builder {name!r} is not registered (registered: {known}); import the "
+            "module that registers it (deepmetric evaluate --import MODULE)"
+        )
+    return MODEL_BUILDERS[name](**args)

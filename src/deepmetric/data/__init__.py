@@ -4,6 +4,7 @@ Importing this package only imports code: nothing is read or downloaded until a 
 is called.
 """
 
+from deepmetric.data.augment import augment
 from deepmetric.data.datasets import (
     IDX_FILES,
     IMAGE_EXTENSIONS,
@@ -34,6 +35,7 @@ __all__ = [
     "DatasetError",
     "PKSampler",
     "PairSampler",
+    "augment",
     "balanced_pairs",
     "class_split",
     "data_home",

@@ -1,6 +1,21 @@
-"""Training: ``fit`` over Python objects, ``train`` over a config (being split out of
-``deepmetric.train``; import from here)."""
+"""Training: :func:`fit` over Python objects, :func:`train` over a config, and run folders.
 
-from deepmetric.train import load_data, load_trained, resolve_device, resume_config, train
+Modules: ``fit`` (the loop), ``modes`` (batches + step loss per training mode), ``builders``
+(config -> device, data, model, loss, mode, optimiser), ``schedule`` (the learning-rate plan),
+``state`` (position, RNG, stop signals), ``log`` (log.jsonl, progress, diagnostics), ``run``
+(run folders: train, resume, load a trained run).
+"""
 
-__all__ = ["load_data", "load_trained", "resolve_device", "resume_config", "train"]
+from deepmetric.training.builders import load_data, resolve_device
+from deepmetric.training.fit import fit
+from deepmetric.training.run import load_trained, resume_config, test_report, train
+
+__all__ = [
+    "fit",
+    "load_data",
+    "load_trained",
+    "resolve_device",
+    "resume_config",
+    "test_report",
+    "train",
+]

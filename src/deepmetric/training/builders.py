@@ -1,0 +1,211 @@
+"""From a config to the objects the loop takes: device, data, model, loss, mode, optimiser.
+
+``fit`` takes these objects from the user directly; ``train(config)`` builds them here. The
+training mode (:mod:`deepmetric.training.modes`) is built here for both, from the config's
+``mode`` and ``train`` options.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepmetric.config import Config, ConfigError
+from deepmetric.data import ArrayDataset, class_split, load_dataset, train_val_split
+from deepmetric.losses import (
+    ContrastiveLoss,
+    LiftedStructuredLoss,
+    TripletLoss,
+    triplet_margin_loss,
+)
+from deepmetric.models import EmbeddingNet, JointNet, build_backbone
+from deepmetric.training.modes import (
+    JointMode,
+    Mode,
+    OfflineMode,
+    PKMode,
+    SiameseMode,
+    TripletMode,
+)
+from deepmetric.training.schedule import LRPlan
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name}, but CUDA is not available here")
+    return device
+
+
+def load_options(config: Config) -> dict[str, object]:
+    """Loader options of the config's data spec (folders: the image size)."""
+    if config.data.startswith("folder:"):
+        return {"size": (config.image_size, config.image_size)}
+    return {}
+
+
+def load_data(config: Config) -> tuple[ArrayDataset, ArrayDataset]:
+    """The training set (restricted to ``train.classes`` if set) and its validation split."""
+    data = load_dataset(config.data, "train", **load_options(config))  # type: ignore[arg-type]
+    if config.train.classes is not None:
+        data, _ = class_split(data, config.train.classes)
+    if len(data) == 0:
+        raise ConfigError(f"no training samples in {config.data} (train.classes filter?)")
+    if config.train.val_fraction == 0:
+        return data, data.subset(np.zeros(0, dtype=np.int64))
+    return train_val_split(data, config.train.val_fraction, seed=config.seed)
+
+
+def build_model(config: Config, sample: torch.Tensor, num_classes: int) -> nn.Module:
+    """``EmbeddingNet`` (or ``JointNet`` in joint mode) sized for inputs like ``sample``."""
+    name = config.model.backbone
+    if name == "mlp":
+        backbone = build_backbone(name, in_features=int(np.prod(sample.shape[1:])))
+    else:
+        if sample.dim() != 4:
+            raise ConfigError(
+                f"model.backbone={name} needs images (N, C, H, W); the data is "
+                f"{tuple(sample.shape)}: use model.backbone=mlp"
+            )
+        extra = {"batch_norm": config.model.batch_norm} if name == "small_cnn" else {}
+        backbone = build_backbone(name, in_channels=sample.shape[1], **extra)
+    net = EmbeddingNet(backbone, dim=config.model.dim, normalize=config.model.normalize)
+    return JointNet(net, num_classes) if config.mode == "joint" else net
+
+
+def build_loss(config: Config) -> Callable[..., torch.Tensor]:
+    """The loss of the config's mode: a batch loss ``(embeddings, labels)`` for ``batch`` and
+    ``joint``, a pair loss ``(e1, e2, same)`` for ``siamese``, a triplet loss
+    ``(ea, ep, en)`` for ``triplet`` and ``offline``."""
+    c = config.loss
+    if config.mode == "siamese" and c.name != "contrastive":
+        raise ConfigError("mode=siamese trains on pairs: set loss.name=contrastive")
+    if config.mode in ("triplet", "offline"):
+        if c.name != "triplet":
+            raise ConfigError(f"mode={config.mode} trains on triplets: set loss.name=triplet")
+        return functools.partial(triplet_margin_loss, margin=c.margin, metric=c.metric, soft=c.soft)
+    if c.name == "triplet":
+        return TripletLoss(margin=c.margin, mining=c.mining, metric=c.metric, soft=c.soft)
+    if c.name == "contrastive":
+        return ContrastiveLoss(margin=c.margin, metric=c.metric)
+    return LiftedStructuredLoss(margin=c.margin, metric=c.metric)
+
+
+def adapt_p(config: Config, labels: torch.Tensor, stream: TextIO | None = sys.stderr) -> int:
+    """P = min(train.p, classes present), saying so once when it is smaller; a P x K batch
+    needs at least 2 classes."""
+    present = len(torch.unique(labels))
+    if present < 2:
+        raise ConfigError(
+            f"the training data has {present} class(es): metric learning needs at least 2"
+        )
+    if config.train.p > present:
+        if stream is not None:
+            print(
+                f"note: train.p={config.train.p} but the training data has {present} classes: "
+                f"using P={present} classes per batch",
+                file=stream,
+            )
+        return present
+    return config.train.p
+
+
+def build_mode(
+    config: Config,
+    labels: torch.Tensor,
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    fetch: Callable[[torch.Tensor], torch.Tensor],
+    embed_net: nn.Module,
+    device: torch.device,
+    stream: TextIO | None = sys.stderr,
+) -> Mode:
+    """The training mode of ``config.mode`` over a training set with these ``labels``."""
+    t = config.train
+    if config.mode in ("batch", "joint"):
+        p = adapt_p(config, labels, stream)
+        if config.mode == "batch":
+            return PKMode(labels, loss_fn, p=p, k=t.k, seed=config.seed)  # type: ignore[arg-type]
+        return JointMode(
+            labels,
+            loss_fn,  # type: ignore[arg-type]
+            p=p,
+            k=t.k,
+            seed=config.seed,
+            classes=torch.unique(labels),
+            weight=config.loss.softmax_weight,
+            label_smoothing=t.label_smoothing,
+        )
+    if config.mode == "siamese":
+        return SiameseMode(labels, loss_fn, batch_size=t.batch_size, seed=config.seed)
+    if config.mode == "triplet":
+        return TripletMode(labels, loss_fn, batch_size=t.batch_size, seed=config.seed)
+    return OfflineMode(
+        labels,
+        loss_fn,
+        batch_size=t.batch_size,
+        seed=config.seed,
+        fetch=fetch,
+        embed_net=embed_net,
+        device=device,
+        metric=config.loss.metric,
+        every=t.offline_every,
+        mine_p=t.offline_p,
+        mine_k=t.offline_k,
+    )
+
+
+def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = config.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def build_plan(config: Config, steps_per_epoch: int) -> LRPlan:
+    t = config.train
+    return LRPlan(
+        schedule=t.schedule,
+        total=max(1, config.epochs * steps_per_epoch),
+        per_epoch=steps_per_epoch,
+        step_size=t.step_size,
+        gamma=t.gamma,
+        warmup=round(t.warmup_epochs * steps_per_epoch),
+    )
+
+
+def embedding_part(model: nn.Module) -> nn.Module:
+    """The part of ``model`` that maps inputs to embeddings (a joint net without its head)."""
+    return model.embedding_net if isinstance(model, JointNet) else model
+
+
+def check_embedding_net(net: nn.Module) -> None:
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(net).__name__}")
+
+
+__all__ = [
+    "EmbeddingNet",
+    "adapt_p",
+    "build_loss",
+    "build_mode",
+    "build_model",
+    "build_optimizer",
+    "build_plan",
+    "embedding_part",
+    "load_data",
+    "load_options",
+    "resolve_device",
+]

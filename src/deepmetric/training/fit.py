@@ -1,0 +1,365 @@
+"""``fit``: the training loop over Python objects, written out top to bottom.
+
+``fit(model, train_data, loss=..., epochs=...)`` trains any ``nn.Module`` that maps a batch to
+(B, D) embeddings on any map-style ``Dataset`` of ``(input, int label)``; ``train(config)``
+(:mod:`deepmetric.training.run`) builds these objects from a config and calls the same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from deepmetric.config import (
+    Config,
+    ConfigError,
+    LossConfig,
+    TrainConfig,
+    config_to_yaml,
+    dump_config,
+)
+from deepmetric.config import validate as validate_config
+from deepmetric.data import ArrayDataset, augment
+from deepmetric.models import embed
+from deepmetric.neighbors import nearest_other
+from deepmetric.training.builders import (
+    build_mode,
+    build_optimizer,
+    build_plan,
+    embedding_part,
+    resolve_device,
+)
+from deepmetric.training.log import RunLog, batch_stats, truncate_log, warn_collapse
+from deepmetric.training.modes import Mode, epoch_seed
+from deepmetric.training.schedule import set_lr
+from deepmetric.training.state import Position, StopRequested, StopSignals, rng_state, set_rng_state
+
+
+class Source:
+    """Index access to a data set: ``labels`` (N,) int64 and ``fetch(idx) -> inputs (B, ...)``.
+
+    An :class:`~deepmetric.data.ArrayDataset` is indexed directly; any other map-style
+    ``Dataset`` of ``(input, label)`` is read item by item (its labels once, at the start,
+    unless given)."""
+
+    def __init__(self, data: Dataset, labels: Any = None) -> None:
+        self.data = data
+        if isinstance(data, ArrayDataset):
+            self.labels = data.y
+        elif labels is not None:
+            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        else:
+            self.labels = torch.as_tensor([int(data[i][1]) for i in range(len(data))])  # type: ignore[arg-type]
+        if self.labels.dim() != 1 or len(self.labels) != len(data):  # type: ignore[arg-type]
+            raise ValueError(
+                f"labels must be (N,) = ({len(data)},), got {tuple(self.labels.shape)}"  # type: ignore[arg-type]
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.data, ArrayDataset):
+            return self.data.x[idx]
+        return torch.stack([torch.as_tensor(self.data[int(i)][0]) for i in idx])
+
+
+def _epoch_record(
+    config: Config, model: nn.Module, mode: Mode, val: Source | None, pos: Position, device
+) -> dict[str, Any]:
+    """Train loss (mean over the epoch's batches); on the validation data, the same loss on a
+    fixed stratified batch and the leave-one-out precision@1 of every item."""
+    record: dict[str, Any] = {
+        "kind": "epoch",
+        "epoch": pos.epoch + 1,
+        "step": pos.step,
+        "train_loss": float(np.mean(pos.epoch_losses)) if pos.epoch_losses else float("nan"),
+        "val_loss": float("nan"),
+        "val_precision_at_1": float("nan"),
+    }
+    if val is not None and len(val) >= 2:
+        x = val.fetch(torch.arange(len(val)))
+        emb = embed(embedding_part(model), x, device)
+        _, correct = nearest_other(emb, val.labels, config.loss.metric)
+        record["val_precision_at_1"] = float(correct.float().mean())
+        idx = mode.val_indices(val.labels)
+        if len(idx):
+            model.eval()
+            with torch.no_grad():
+                step = mode.loss(model, x[idx].to(device), val.labels[idx].to(device))
+            model.train()
+            record["val_loss"] = float(step.loss)
+    return record
+
+
+def train_loop(
+    config: Config,
+    model: nn.Module,
+    mode: Mode,
+    train: Source,
+    val: Source | None,
+    *,
+    device: torch.device,
+    run_dir: Path | None,
+    resume: bool = False,
+    stream: TextIO | None = sys.stderr,
+) -> Position:
+    """Optimise ``model`` for ``config.epochs`` epochs of ``mode``'s batches; with ``run_dir``,
+    log to ``log.jsonl`` and checkpoint after every epoch and on Ctrl-C / SIGTERM."""
+    t = config.train
+    optimizer = build_optimizer(config, model)
+    plan = build_plan(config, mode.steps_per_epoch)
+    use_amp = t.amp and device.type == "cuda"
+    if t.amp and not use_amp:
+        warnings.warn("train.amp=true needs CUDA; training in float32 on the CPU", stacklevel=2)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    pos = Position()
+    if resume:
+        assert run_dir is not None
+        model_state, state = load_checkpoint(latest_checkpoint(run_dir))
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        pos = Position(**state["position"])
+        truncate_log(run_dir, pos.step)
+    config_yaml = config_to_yaml(config)
+
+    def checkpoint() -> None:
+        if run_dir is None:
+            return
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "position": vars(pos),
+        }
+        name = f"epoch{pos.epoch:04d}-batch{pos.batch:06d}"
+        save_checkpoint(run_dir, name, model.state_dict(), state, config_yaml)
+
+    log = RunLog(run_dir, stream)
+    stop = StopSignals()
+    try:
+        while pos.epoch < config.epochs:
+            model.train()
+            for b, idx in enumerate(mode.batches(pos.epoch)):
+                if b < pos.batch:  # resuming inside an epoch: these ran already
+                    continue
+                stop.check()
+                x = train.fetch(idx)
+                if t.augment and x.dim() == 4:  # stateless per batch: resume stays exact
+                    seed = epoch_seed(config.seed, pos.epoch) * 1_000_003 + b
+                    x = augment(x, torch.Generator().manual_seed(seed))
+                x, y = x.to(device, non_blocking=True), train.labels[idx].to(device)
+                lr = set_lr(optimizer, plan, pos.step)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    step = mode.loss(model, x, y)
+                value = float(step.loss.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"loss is {value} at step {pos.step + 1}: try a lower train.lr or "
+                        "train.grad_clip; the last checkpoint is kept"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(step.loss).backward()
+                if t.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                pos.batch, pos.step = b + 1, pos.step + 1
+                pos.epoch_losses.append(value)
+                if pos.step % t.log_every == 0 or b + 1 == mode.steps_per_epoch:
+                    stats = batch_stats(
+                        value,
+                        step.embeddings,
+                        step.labels,
+                        metric=config.loss.metric,
+                        margin=config.loss.margin,
+                    )
+                    warn_collapse(stats, config.loss.margin)
+                    log.write(
+                        {"kind": "step", "step": pos.step, "epoch": pos.epoch, "lr": lr}
+                        | vars(stats)
+                    )
+                    log.progress(
+                        f"epoch {pos.epoch + 1}/{config.epochs} [{b + 1}/{mode.steps_per_epoch}]"
+                        f" loss {value:.4f} active {stats.active:.2f} dist {stats.mean_dist:.3f}"
+                    )
+            record = _epoch_record(config, model, mode, val, pos, device)
+            pos.history.append(record)
+            log.write(record)
+            log.progress(
+                f"epoch {pos.epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} "
+                f"val loss {record['val_loss']:.4f} val precision@1 "
+                f"{record['val_precision_at_1']:.3f}",
+                final=True,
+            )
+            pos.epoch, pos.batch, pos.epoch_losses = pos.epoch + 1, 0, []
+            checkpoint()
+            stop.check()
+    except StopRequested:
+        if not getattr(mode, "resumable_mid_epoch", True):  # batches depend on the weights
+            pos.batch, pos.epoch_losses = 0, []
+        checkpoint()
+        where = f"continue with --resume {run_dir}" if run_dir else "no run folder (out=None)"
+        log.progress(f"interrupted: checkpoint saved; {where}", final=True)
+        raise
+    except BaseException:
+        log.progress("stopped; the last checkpoint is kept", final=True)
+        raise
+    finally:
+        stop.restore()
+        log.close()
+    return pos
+
+
+def _loss_config(loss: Any) -> LossConfig:
+    """What a loss object says of itself, for the run's config.yaml (metric, margin, ...)."""
+    c = LossConfig()
+    name = type(loss).__name__
+    c.name = {"ContrastiveLoss": "contrastive", "LiftedStructuredLoss": "lifted"}.get(
+        name, "triplet"
+    )  # type: ignore[assignment]
+    for key in ("margin", "mining", "metric", "soft"):
+        if hasattr(loss, key):
+            setattr(c, key, getattr(loss, key))
+    return c
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    *,
+    loss: Any,
+    epochs: int,
+    mode: str = "batch",
+    p: int = TrainConfig.p,
+    k: int = TrainConfig.k,
+    val_data: Dataset | None = None,
+    labels: Any = None,
+    val_labels: Any = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    builder: str | None = None,
+    builder_args: dict[str, Any] | None = None,
+    softmax_weight: float = 1.0,
+    stream: TextIO | None = sys.stderr,
+    **options: Any,
+) -> nn.Module:
+    """Train ``model`` on ``train_data`` and return it (trained in place).
+
+    Args:
+        model: any ``nn.Module`` mapping a batch (B, ...) to (B, D) embeddings; in
+            ``mode="joint"`` it returns ``(embeddings, logits)`` (e.g. a
+            :class:`~deepmetric.models.JointNet`).
+        train_data: a map-style ``Dataset`` of ``(input, int label)``; labels are read once
+            (pass ``labels=`` (N,) to skip that).
+        loss: ``mode="batch"`` / ``"joint"``: a loss over ``(embeddings (B, D), labels (B,))``
+            such as ``TripletLoss``; ``"siamese"``: a pair loss ``loss(e1, e2, same)`` such as
+            ``ContrastiveLoss``; ``"triplet"`` / ``"offline"``: ``loss(ea, ep, en)`` such as
+            ``functools.partial(triplet_margin_loss, margin=0.2)``.
+        epochs, p, k, seed: as in the config (``train.p``, ...); P adapts to the classes present.
+        val_data: a validation ``Dataset``: per-epoch validation loss and precision@1.
+        out: a run folder like the CLI's (``config.yaml``, ``log.jsonl``, checkpoints, exact
+            ``resume=True``). ``deepmetric evaluate`` can rebuild the model when ``builder``
+            names a function registered with :func:`deepmetric.models.register_model`
+            (called as ``builder(**builder_args)``; pass ``--import MODULE`` to the CLI).
+        **options: any ``train.*`` option of the config: ``lr``, ``optimizer``,
+            ``weight_decay``, ``schedule``, ``warmup_epochs``, ``augment``, ``device``,
+            ``amp``, ``grad_clip``, ``batch_size``, ``log_every``, ...
+
+    Example::
+
+        net = fit(MyNet(), my_dataset, loss=TripletLoss(margin=0.2), epochs=5, p=8, k=4)
+    """
+    valid = {f.name for f in dataclasses.fields(TrainConfig)} - {"p", "k", "classes"}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; valid: {', '.join(sorted(valid))}")
+    config = Config(name=Path(out).name if out else "fit", data="(python objects)", seed=seed)
+    config.mode, config.epochs = mode, epochs  # type: ignore[assignment]
+    config.out = str(out) if out is not None else None
+    config.train = dataclasses.replace(TrainConfig(), p=p, k=k, **options)
+    config.loss = _loss_config(loss)
+    config.loss.softmax_weight = softmax_weight
+    config.model.builder, config.model.builder_args = builder, dict(builder_args or {})
+    validate_config(config)
+    val = Source(val_data, val_labels) if val_data is not None else None
+    run_config(config, model, Source(train_data, labels), val, loss, resume=resume, stream=stream)
+    return model
+
+
+def run_config(
+    config: Config,
+    model: nn.Module,
+    train: Source,
+    val: Source | None,
+    loss: Any,
+    *,
+    resume: bool,
+    stream: TextIO | None,
+) -> dict[str, Any]:
+    """Train ``model`` as ``config`` says (into ``config.out`` when set); return the summary:
+    epochs, steps, seconds, last train loss and validation precision@1."""
+    run_dir = config.run_dir if config.out is not None else None
+    if run_dir is not None:
+        start_run_folder(config, run_dir, resume)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.train.device)
+    model.to(device)
+    mode = build_mode(
+        config,
+        train.labels,
+        loss,
+        fetch=train.fetch,
+        embed_net=embedding_part(model),
+        device=device,
+        stream=stream,
+    )
+    started = time.perf_counter()
+    pos = train_loop(
+        config,
+        model,
+        mode,
+        train,
+        val,
+        device=device,
+        run_dir=run_dir,
+        resume=resume,
+        stream=stream,
+    )
+    return {
+        "epochs": config.epochs,
+        "steps": pos.step,
+        "seconds": round(time.perf_counter() - started, 1),
+        "train_loss": pos.history[-1]["train_loss"] if pos.history else float("nan"),
+        "val_precision_at_1": pos.history[-1]["val_precision_at_1"]
+        if pos.history
+        else float("nan"),
+    }
+
+
+def start_run_folder(config: Config, run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite a run; write the resolved config."""
+    if not resume and (run_dir / "checkpoints").exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run: resume it (--resume {run_dir}) or set out=ANOTHER_DIR"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, run_dir / "config.yaml")
+
+
+__all__ = ["Source", "fit", "run_config", "train_loop"]

@@ -1,0 +1,273 @@
+"""Training modes as small strategies: which index batches an epoch runs, and the loss of one.
+
+Every mode has the same four parts:
+
+- ``steps_per_epoch``: batches in one epoch;
+- ``batches(epoch)``: the index batches of that epoch, a pure function of (seed, epoch) (the
+  offline mode also depends on the current weights);
+- ``loss(model, x, y) -> Step``: the training loss of one batch, from ONE forward pass over the
+  whole batch (Siamese and triplet inputs are concatenated, so BatchNorm sees one batch);
+- ``val_indices(labels)``: a fixed validation batch on which the same loss is reported, so the
+  validation loss is comparable with the training loss.
+
+The modes: :class:`PKMode` (P x K batches, any loss over ``(embeddings, labels)``),
+:class:`JointMode` (the same plus cross-entropy on a classifier head: the model returns
+``(embeddings, logits)``), :class:`SiameseMode` (balanced pairs, a pair loss
+``loss(e1, e2, same)``), :class:`TripletMode` (random explicit triplets, a triplet loss
+``loss(ea, ep, en)``), :class:`OfflineMode` (FaceNet-style: every N steps, embed P x K samples
+with the current network and train on their semi-hard triplets).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepmetric import mining
+from deepmetric.data import PairSampler, PKSampler, random_triplets
+from deepmetric.distances import Metric, pairwise
+from deepmetric.models import embed
+
+#: validation batch size of the P x K modes (a stratified sample of the validation split)
+VAL_ITEMS = 4096
+
+
+class Step(NamedTuple):
+    """One batch's loss, the embeddings it used and their labels (``None`` for pairs and
+    explicit triplets, whose labels are not a batch of classes)."""
+
+    loss: torch.Tensor
+    embeddings: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def check_finite(emb: torch.Tensor) -> torch.Tensor:
+    """Stop with a clear message when the network's output is no longer finite (divergence)."""
+    if not torch.isfinite(emb).all():
+        raise FloatingPointError(
+            "the network produced NaN or inf embeddings (training diverged): try a lower "
+            "train.lr or train.grad_clip; the last checkpoint is kept"
+        )
+    return emb
+
+
+def stratified_indices(labels: torch.Tensor, total: int, seed: int) -> torch.Tensor:
+    """Up to ``total`` indices with (nearly) the same number from every class, grouped by
+    class, deterministic for ``seed``: a validation batch that covers every class even when the
+    data is sorted by class."""
+    y = labels.cpu().numpy()
+    classes = np.unique(y)
+    if len(classes) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    per_class = max(2, total // len(classes))
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in classes]
+    return torch.from_numpy(np.concatenate(picked)[:total])
+
+
+def _pk_batches(sampler: PKSampler, epoch: int) -> Iterator[torch.Tensor]:
+    sampler.set_epoch(epoch)
+    for idx in sampler:
+        yield torch.as_tensor(idx)
+
+
+class PKMode:
+    """P x K batches and a loss over the batch: ``loss_fn(embeddings (B, D), labels (B,))``."""
+
+    name = "batch"
+
+    def __init__(self, labels: torch.Tensor, loss_fn: nn.Module, *, p: int, k: int, seed: int):
+        self.sampler = PKSampler(labels, p, k, seed=seed)
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.steps_per_epoch = len(self.sampler)
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        return _pk_batches(self.sampler, epoch)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+        emb = check_finite(model(x)).float()
+        return Step(self.loss_fn(emb, y), emb, y)
+
+    def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
+        return stratified_indices(labels, VAL_ITEMS, self.seed)
+
+
+class JointMode(PKMode):
+    """P x K batches; ``model(x) -> (embeddings, logits)``; loss = metric loss + ``weight`` x
+    cross-entropy (``label_smoothing`` as in ``F.cross_entropy``). ``classes`` lists the label
+    values the head's outputs stand for, in order."""
+
+    name = "joint"
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        loss_fn: nn.Module,
+        *,
+        p: int,
+        k: int,
+        seed: int,
+        classes: torch.Tensor,
+        weight: float = 1.0,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(labels, loss_fn, p=p, k=k, seed=seed)
+        self.class_index = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
+        self.class_index[classes] = torch.arange(len(classes))
+        self.weight = weight
+        self.label_smoothing = label_smoothing
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+        emb, logits = model(x)
+        emb = check_finite(emb).float()
+        target = self.class_index.to(y.device)[y]
+        ce = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        return Step(self.loss_fn(emb, y) + self.weight * ce, emb, y)
+
+
+class SiameseMode:
+    """Balanced pairs: batches of ``2B`` indices ``[i_1..i_B, j_1..j_B]``, one forward pass,
+    ``loss_fn(e[:B], e[B:], same)``."""
+
+    name = "siamese"
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        batch_size: int,
+        seed: int,
+    ):
+        self.sampler = PairSampler(labels, batch_size, seed=seed)
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.steps_per_epoch = len(self.sampler)
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        self.sampler.set_epoch(epoch)
+        for idx in self.sampler:
+            yield torch.as_tensor(idx)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+        emb = check_finite(model(x)).float()
+        b = len(x) // 2
+        return Step(self.loss_fn(emb[:b], emb[b:], y[:b] == y[b:]), emb, None)
+
+    def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
+        n = min(len(labels), VAL_ITEMS // 2)
+        sampler = PairSampler(labels, n, n_pairs=n, seed=self.seed)
+        return torch.as_tensor(next(iter(sampler)))
+
+
+def _triplet_batches(
+    a: torch.Tensor, p: torch.Tensor, n: torch.Tensor, batch_size: int
+) -> Iterator[torch.Tensor]:
+    for start in range(0, len(a), batch_size):
+        sl = slice(start, start + batch_size)
+        yield torch.cat([a[sl], p[sl], n[sl]])
+
+
+class TripletMode:
+    """Random explicit triplets: batches of ``3B`` indices (anchors, positives, negatives), one
+    forward pass, ``loss_fn(ea, ep, en)``; ``len(labels)`` triplets per epoch."""
+
+    name = "triplet"
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        batch_size: int,
+        seed: int,
+    ):
+        self.labels = labels
+        self.loss_fn = loss_fn
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps_per_epoch = max(1, math.ceil(len(labels) / batch_size))
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        a, p, n = random_triplets(self.labels, len(self.labels), seed=epoch_seed(self.seed, epoch))
+        return _triplet_batches(a, p, n, self.batch_size)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+        emb = check_finite(model(x)).float()
+        ea, ep, en = emb.chunk(3)
+        return Step(self.loss_fn(ea, ep, en), emb, None)
+
+    def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
+        a, p, n = random_triplets(labels, min(len(labels), VAL_ITEMS // 3), seed=self.seed)
+        return torch.cat([a, p, n])
+
+
+class OfflineMode(TripletMode):
+    """FaceNet-style offline mining: every ``every`` steps, embed ``mine_p`` classes x
+    ``mine_k`` samples (``fetch(idx)`` gives their inputs) with the current network
+    (``embed_net``), take the semi-hard triplet of every positive pair
+    (:func:`deepmetric.mining.semi_hard`) and train on those, ``batch_size`` triplets a step.
+    The batches depend on the weights, so an interrupted epoch is redone."""
+
+    name = "offline"
+    resumable_mid_epoch = False
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        batch_size: int,
+        seed: int,
+        fetch: Callable[[torch.Tensor], torch.Tensor],
+        embed_net: nn.Module,
+        device: torch.device,
+        metric: Metric,
+        every: int,
+        mine_p: int,
+        mine_k: int,
+    ):
+        super().__init__(labels, loss_fn, batch_size=batch_size, seed=seed)
+        self.fetch, self.embed_net, self.device, self.metric = fetch, embed_net, device, metric
+        self.every, self.mine_p, self.mine_k = every, mine_p, mine_k
+
+    def mine(self, rng: np.random.Generator) -> torch.Tensor:
+        """(T, 3) semi-hard triplets (indices into the training set), shuffled."""
+        labels = self.labels.numpy()
+        classes = np.unique(labels)
+        chosen = rng.choice(classes, size=min(self.mine_p, len(classes)), replace=False)
+        idx = np.concatenate(
+            [rng.permutation(np.flatnonzero(labels == c))[: self.mine_k] for c in chosen]
+        )
+        emb = embed(self.embed_net, self.fetch(torch.as_tensor(idx)), self.device)
+        triplets = mining.semi_hard(pairwise(emb, metric=self.metric), self.labels[idx])
+        found = torch.as_tensor(idx)[torch.stack(list(triplets), dim=1)]
+        return found[torch.as_tensor(rng.permutation(len(found)))]
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        rng = np.random.default_rng(epoch_seed(self.seed, epoch))
+        done = 0
+        while done < self.steps_per_epoch:
+            triplets = self.mine(rng)
+            if len(triplets) == 0:
+                raise ValueError("offline mining found no triplet: need 2+ classes with 2+ samples")
+            for batch in _triplet_batches(*triplets.T, self.batch_size):
+                yield batch
+                done += 1
+                if done >= self.steps_per_epoch or done % self.every == 0:
+                    break
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of everything random in ``epoch`` that is not drawn from torch's RNG."""
+    return seed * 1_000_003 + epoch
+
+
+Mode = PKMode | JointMode | SiameseMode | TripletMode | OfflineMode

@@ -1,0 +1,149 @@
+"""Run folders: ``train(config)`` (config -> objects -> the loop -> summary), resuming, and
+loading a trained run back (``load_trained``) for evaluation and inference.
+
+A run folder (``config.run_dir``) holds ``config.yaml`` (the resolved config), ``log.jsonl``
+(one record per logged step, per epoch, and the summary), ``checkpoints/`` (after every epoch
+and on Ctrl-C / SIGTERM; see :mod:`deepmetric.checkpoints`) and TensorBoard events when
+tensorboard is installed. Resuming restores weights, optimiser, the position in the schedule
+and the RNG, so a CPU run interrupted at any batch ends with the same weights as an
+uninterrupted one (in ``offline`` mode, at any epoch boundary).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import yaml
+from torch import nn
+
+from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
+from deepmetric.config import Config, ConfigError, config_from_dict
+from deepmetric.data import load_dataset
+from deepmetric.models import EmbeddingNet, build_registered, embed
+from deepmetric.neighbors import nearest_other
+from deepmetric.training.builders import (
+    build_loss,
+    build_model,
+    load_data,
+    load_options,
+    resolve_device,
+)
+from deepmetric.training.fit import Source, run_config
+from deepmetric.training.log import RunLog
+
+
+def train(
+    config: Config, *, resume: bool = False, stream: TextIO | None = sys.stderr
+) -> dict[str, Any]:
+    """Train ``config`` into ``config.run_dir``; return the final summary (also logged), with
+    the test split's precision@1 when the data set has one."""
+    config = replace(config, out=str(config.run_dir))
+    train_set, val_set = load_data(config)
+    classes = torch.unique(train_set.y)
+    torch.manual_seed(config.seed)  # the same initial weights for the same seed
+    model = build_model(config, train_set.x[:1], len(classes))
+    summary = run_config(
+        config,
+        model,
+        Source(train_set),
+        Source(val_set) if len(val_set) else None,
+        build_loss(config),
+        resume=resume,
+        stream=stream,
+    )
+    net = model.embedding_net if hasattr(model, "embedding_net") else model
+    summary = {
+        "kind": "summary",
+        **test_report(config, net, resolve_device(config.train.device)),
+        "run_dir": str(config.run_dir),
+        **summary,
+    }
+    log = RunLog(config.run_dir, None)
+    log.write(summary)
+    log.close()
+    return summary
+
+
+def test_report(config: Config, net: nn.Module, device: torch.device) -> dict[str, Any]:
+    """Precision@1 on the data set's test split (each test item a query against the others);
+    with ``train.classes``, also on the test items of the classes never trained on."""
+    try:
+        test_set = load_dataset(config.data, "test", **load_options(config))  # type: ignore[arg-type]
+    except (ValueError, OSError):  # no test split (a plain folder or npz): nothing to report
+        return {}
+    report: dict[str, Any] = {"test_items": len(test_set)}
+    emb = embed(net, test_set.x, device)
+    metric = config.loss.metric
+    report["test_precision_at_1"] = float(nearest_other(emb, test_set.y, metric)[1].float().mean())
+    if config.train.classes is not None:
+        unseen = ~torch.isin(test_set.y, torch.as_tensor(config.train.classes))
+        if int(unseen.sum()) >= 2:
+            correct = nearest_other(emb[unseen], test_set.y[unseen], metric)[1]
+            report["unseen_classes_precision_at_1"] = float(correct.float().mean())
+    return report
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config saved in ``run_dir``; ``epochs=N`` may be overridden to train longer (the
+    learning-rate schedule is then re-planned over N epochs: see
+    :mod:`deepmetric.training.schedule`)."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir} is not a run folder: {path} is missing") from None
+    values["out"] = str(run_dir)
+    config = config_from_dict(values)
+    for text in overrides or []:
+        key, _, value = text.partition("=")
+        if key != "epochs":
+            raise ConfigError(f"only epochs=N can change on resume, got {key!r}")
+        try:
+            config.epochs = int(value)
+        except ValueError:
+            raise ConfigError(f"epochs must be an integer, got {value!r}") from None
+        if config.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {config.epochs}")
+    return config
+
+
+def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module]:
+    """The config and the embedding network (weights of the latest checkpoint, eval mode, on
+    the CPU) of a run. In joint mode the classifier head is dropped. A run of ``fit`` with a
+    registered ``builder`` is rebuilt with it (the module registering it must be imported)."""
+    run_dir = Path(run_dir)
+    config = resume_config(run_dir)
+    model_state, _ = load_checkpoint(latest_checkpoint(run_dir))
+    prefix = "embedding_net."
+    if any(k.startswith(prefix) for k in model_state):
+        model_state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
+    if config.model.builder is not None:
+        net = build_registered(config.model.builder, **config.model.builder_args)
+    elif config.data == "(python objects)":
+        raise ConfigError(
+            f"{run_dir} was trained by fit() with a model of its own and no builder: pass "
+            "builder= (a function registered with deepmetric.models.register_model) to fit"
+        )
+    else:
+        net = build_model(replace(config, mode="batch"), _sample_input(config, model_state), 1)
+    try:
+        net.load_state_dict(model_state)
+    except RuntimeError as error:
+        raise ConfigError(f"{run_dir}: the checkpoint does not fit the model: {error}") from None
+    net.eval()
+    return config, net
+
+
+def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A dummy input of the shape the saved backbone expects (read from its first layer)."""
+    first = next(v for k, v in model_state.items() if k.endswith("weight"))
+    if config.model.backbone == "mlp":
+        return torch.zeros(1, first.shape[1])
+    return torch.zeros(1, first.shape[1], 28, 28)
+
+
+__all__ = ["EmbeddingNet", "load_trained", "resume_config", "test_report", "train"]

@@ -1,0 +1,77 @@
+"""Where a run stands and how it stops: the position in the schedule, the RNG state, and the
+signal handling that turns Ctrl-C or SIGTERM into a checkpoint at a batch boundary."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Position:
+    """Where training stands: the next batch to run is batch ``batch`` of epoch ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0  # optimiser steps so far
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    epoch_losses: list[float] = field(default_factory=list)  # this epoch's batch losses so far
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequested(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, acted on at a batch boundary, where the state is consistent.
+
+    ``signum`` is the signal received; the command line exits with ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """While installed, SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, ``docker stop``,
+    ``timeout``) only record the request; the loop calls :meth:`check` between batches, so a
+    checkpoint never catches a half-done step. A second Ctrl-C interrupts at once.
+
+    Signal handlers can only be installed from the main thread; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise StopRequested(self.received)
+
+    def restore(self) -> None:
+        """Give the signals back to their previous handlers."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
