@@ -345,3 +345,18 @@ def test_tiny_optimisation_lowers_loss() -> None:
     with torch.no_grad():
         _, logits = net(x)
     assert (logits.argmax(dim=1) == labels).float().mean() > 0.9
+
+
+def test_siamese_and_triplet_branches_share_one_forward_pass():
+    """With BatchNorm in training mode, every branch must see the statistics of the whole
+    batch (one concatenated forward), as the same network run on the same inputs would."""
+    from deepmetric.models import EmbeddingNet, SiameseNet, SmallCNN, TripletNet
+
+    torch.manual_seed(0)
+    net = EmbeddingNet(SmallCNN(batch_norm=True), dim=8).train()
+    a, b, c = (torch.randn(4, 1, 28, 28) + shift for shift in (0.0, 1.0, 2.0))
+    e1, e2 = SiameseNet(net)(a, b)
+    assert torch.allclose(torch.cat([e1, e2]), net(torch.cat([a, b])), atol=1e-6)
+    assert not torch.allclose(e1, net(a), atol=1e-3)  # separate passes would differ
+    ea, ep, en = TripletNet(net)(a, b, c)
+    assert torch.allclose(torch.cat([ea, ep, en]), net(torch.cat([a, b, c])), atol=1e-6)

@@ -105,7 +105,8 @@ def test_resume_at_an_epoch_boundary_equals_an_uninterrupted_run(idx_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(idx_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(idx_dir, tmp_path, signum):
     args = [
         f"data=idx:{idx_dir}",
         "model.dim=16",
@@ -125,9 +126,9 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(idx_dir, tmp_p
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode()
+    assert proc.returncode == 128 + signum, err.decode()
     assert b"checkpoint saved" in err
     state = load_checkpoint(latest_checkpoint(tmp_path / "cut"))[1]
     assert state["position"]["step"] < _records(tmp_path / "full", "summary")[0]["steps"]
@@ -140,6 +141,10 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(idx_dir, tmp_p
     assert resumed.returncode == 0, resumed.stderr.decode()
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the log continues from the checkpoint: every step once, in order, as in the full run
+    steps = [r["step"] for r in _records(tmp_path / "cut", "step")]
+    assert steps == [r["step"] for r in _records(tmp_path / "full", "step")]
+    assert len(_records(tmp_path / "cut", "summary")) == 1
 
 
 def test_command_line_errors_are_clear(idx_dir, tmp_path, capsys):

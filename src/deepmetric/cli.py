@@ -49,14 +49,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         out=args.out,
         embedding_map=not args.no_map,
+        device=args.device,
         progress=progress,
     )
     v = m["verification"]
     print(
         f"precision@1 {m['precision_at_1']:.4f}  MAP@R {m['map_at_r']:.4f}  "
         f"R-precision {m['r_precision']:.4f}  NMI {m['nmi']:.4f}  verification accuracy "
-        f"{v['accuracy']:.4f} (threshold {v['threshold']:.4f})  ROC AUC {v['roc_auc']:.4f}  "
-        f"EER {v['eer']:.4f}  [{m['seconds']} s]"
+        f"{v['accuracy']:.4f} (threshold {v['threshold']:.4f}, {v['threshold_source']})  "
+        f"ROC AUC {v['roc_auc']:.4f}  EER {v['eer']:.4f}  [{m['seconds']} s]"
     )
     if "unseen_classes" in m:
         u = m["unseen_classes"]
@@ -83,14 +84,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate = commands.add_parser(
         "evaluate",
         help="metrics, figures and an HTML report of a trained run",
-        description="Writes RUN_DIR/eval/metrics.json, report.html and the figures, and the "
-        "verification threshold to RUN_DIR/threshold.json.",
+        description="Writes metrics.json, report.html and the figures to RUN_DIR/eval (or "
+        "--out, and nothing outside it). The verification threshold is chosen on the run's "
+        "validation split and then saved as RUN_DIR/threshold.json (not with --out); with "
+        "--data or no validation split, the pairs are scored by 10-fold cross-validation and "
+        "no threshold is saved.",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.add_argument("--data", help="another data set spec (default: the run's own)")
-    evaluate.add_argument("--split", default="test", choices=["train", "test"])
+    evaluate.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "test"],
+        help="split to score (train: without the run's validation items)",
+    )
     evaluate.add_argument("--out", help="output folder (default RUN_DIR/eval)")
     evaluate.add_argument("--no-map", action="store_true", help="skip the 2-D embedding map")
+    evaluate.add_argument(
+        "--device",
+        default="auto",
+        help="where the network runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1 "
+        "(the run's train.device is not used)",
+    )
 
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
@@ -107,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _evaluate(args) if args.command == "evaluate" else _train(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C: 130; SIGTERM (a checkpoint was saved): 143
+        return 128 + getattr(stop, "signum", 2)
     except (ValueError, CheckpointError, DatasetError, FloatingPointError) as error:
         print(f"deepmetric: error: {error}", file=sys.stderr)
         return 2

@@ -55,10 +55,10 @@ class Source:
 
     def __init__(self, data: Dataset, labels: Any = None) -> None:
         self.data = data
-        if isinstance(data, ArrayDataset):
-            self.labels = data.y
-        elif labels is not None:
+        if labels is not None:
             self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        elif isinstance(data, ArrayDataset):
+            self.labels = data.y
         else:
             self.labels = torch.as_tensor([int(data[i][1]) for i in range(len(data))])  # type: ignore[arg-type]
         if self.labels.dim() != 1 or len(self.labels) != len(data):  # type: ignore[arg-type]

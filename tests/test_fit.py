@@ -1,0 +1,214 @@
+"""Tests for deepmetric.fit (the loop over Python objects), the learning-rate plan, P adapting
+to the data, the validation loss and the built-in defaults."""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synthetic import write_learnable_idx
+from torch import nn
+from torch.utils.data import Dataset
+
+from deepmetric.config import Config, ConfigError, load_config
+from deepmetric.data import load_dataset
+from deepmetric.losses import ContrastiveLoss, TripletLoss, triplet_margin_loss
+from deepmetric.models import EmbeddingNet, JointNet, SmallCNN, embed, register_model
+from deepmetric.neighbors import nearest_other
+from deepmetric.training import fit, load_trained, resume_config, train
+from deepmetric.training.fit import Source, _epoch_record
+from deepmetric.training.modes import JointMode, stratified_indices
+from deepmetric.training.schedule import LRPlan
+from deepmetric.training.state import Position
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+    return write_learnable_idx(tmp_path_factory.mktemp("data") / "toy", n_classes=4)
+
+
+class PlainImages(Dataset):
+    """A plain map-style Dataset (not an ArrayDataset): numpy images and int labels."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x.numpy(), y.tolist()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.x[i], self.y[i]
+
+
+class TinyNet(nn.Module):
+    """A user's own network: flatten -> linear -> L2 normalisation."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.fc(x.flatten(1)), dim=1)
+
+
+register_model("tests.tiny_net")(TinyNet)
+
+
+def _p_at_1(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(nearest_other(embed(net, x), y)[1].float().mean())
+
+
+def test_fit_trains_a_users_module_on_a_plain_dataset(idx_dir):
+    train_set, test_set = load_dataset(f"idx:{idx_dir}", "train"), load_dataset(f"idx:{idx_dir}")
+    torch.manual_seed(0)
+    net = TinyNet()
+    before = _p_at_1(net, test_set.x, test_set.y)
+    stream = io.StringIO()
+    out = fit(
+        net,
+        PlainImages(train_set.x, train_set.y),
+        loss=TripletLoss(margin=0.2),
+        epochs=3,
+        p=4,
+        k=8,
+        val_data=PlainImages(test_set.x, test_set.y),
+        stream=stream,
+    )
+    assert out is net
+    assert _p_at_1(net, test_set.x, test_set.y) > before + 0.05  # it learned (0.76 -> 0.88)
+    assert "val precision@1" in stream.getvalue()
+
+
+def test_fit_writes_a_run_folder_that_load_trained_rebuilds(idx_dir, tmp_path):
+    data = load_dataset(f"idx:{idx_dir}", "train")
+    net = fit(
+        TinyNet(dim=6),
+        data,
+        loss=TripletLoss(margin=0.3, metric="cosine"),
+        epochs=1,
+        p=4,
+        k=8,
+        out=tmp_path / "run",
+        builder="tests.tiny_net",
+        builder_args={"dim": 6},
+        stream=None,
+    )
+    config, loaded = load_trained(tmp_path / "run")
+    assert config.loss.metric == "cosine" and config.loss.margin == 0.3
+    assert torch.equal(embed(loaded, data.x[:16]), embed(net, data.x[:16]))
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1]
+
+    fit(TinyNet(), data, loss=TripletLoss(), epochs=1, p=4, k=8, out=tmp_path / "x", stream=None)
+    with pytest.raises(ConfigError, match="no builder"):
+        load_trained(tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    ("mode", "loss"),
+    [
+        ("siamese", ContrastiveLoss(margin=1.0)),
+        ("triplet", functools.partial(triplet_margin_loss, margin=0.2)),
+    ],
+)
+def test_fit_pair_and_triplet_modes(idx_dir, mode, loss):
+    data = load_dataset(f"idx:{idx_dir}", "train")
+    net = fit(TinyNet(), data, loss=loss, epochs=1, mode=mode, batch_size=16, stream=None)
+    assert torch.isfinite(embed(net, data.x[:4])).all()
+
+
+def test_fit_rejects_unknown_options(idx_dir):
+    data = load_dataset(f"idx:{idx_dir}", "train")
+    with pytest.raises(ConfigError, match=r"unknown option.*lrr"):
+        fit(TinyNet(), data, loss=TripletLoss(), epochs=1, lrr=0.1)
+    with pytest.raises(ValueError, match="labels must be"):
+        fit(TinyNet(), data, loss=TripletLoss(), epochs=1, labels=[0, 1])
+
+
+def test_p_adapts_to_the_classes_present_and_says_so_once(idx_dir, tmp_path):
+    config = load_config(
+        None,
+        [f"data=idx:{idx_dir}", f"out={tmp_path / 'run'}", "epochs=2", "model.dim=8", "train.k=4"],
+    )
+    assert config.train.p == 10  # the default, more than the 4 classes of the data
+    stream = io.StringIO()
+    summary = train(config, stream=stream)
+    assert summary["steps"] > 0
+    assert stream.getvalue().count("using P=4 classes per batch") == 1
+
+
+def test_defaults_are_the_recommended_fashion_mnist_config():
+    defaults = load_config(None)
+    recommended = load_config(REPO / "configs" / "fashion_mnist.yaml")
+    defaults.name = recommended.name
+    assert defaults == recommended
+    assert defaults.data == "fashion-mnist"
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "none"])
+def test_lr_plan_values(schedule):
+    plan = LRPlan(schedule=schedule, total=100, per_epoch=10, step_size=2, gamma=0.5)
+    f = [plan.factor(s) for s in range(101)]
+    assert f[0] == 1.0
+    if schedule == "cosine":
+        assert f[50] == pytest.approx(0.5) and f[100] == pytest.approx(0.0, abs=1e-12)
+        assert all(a >= b for a, b in itertools.pairwise(f))
+    elif schedule == "step":
+        assert f[19] == 1.0 and f[20] == 0.5 and f[40] == 0.25
+    else:
+        assert set(f) == {1.0}
+    warm = LRPlan(schedule=schedule, total=100, per_epoch=10, warmup=4)
+    assert [warm.factor(s) / plan.factor(s) for s in range(4)] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8]
+    )
+
+
+def test_resume_with_more_epochs_replans_instead_of_rewarming(idx_dir, tmp_path):
+    base = [f"data=idx:{idx_dir}", f"out={tmp_path / 'run'}", "model.dim=8", "train.p=4"]
+    train(load_config(None, [*base, "epochs=2", "train.k=8", "train.lr=0.001"]), stream=None)
+    train(resume_config(tmp_path / "run", ["epochs=4"]), resume=True, stream=None)
+    steps = [
+        r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").open()) if r["kind"] == "step"
+    ]
+    per_epoch = max(r["step"] for r in steps) // 4
+    total = 4 * per_epoch
+    after = [r for r in steps if r["step"] > 2 * per_epoch]
+    assert after, "the resumed run logged no step"
+    for r in after:  # the new plan at that step: never back to the peak
+        expected = 0.001 * 0.5 * (1 + math.cos(math.pi * (r["step"] - 1) / total))
+        assert r["lr"] == pytest.approx(expected)
+        assert r["lr"] <= 0.001 * 0.5 + 1e-9
+    assert all(a["lr"] >= b["lr"] for a, b in itertools.pairwise(after))
+
+
+def test_stratified_validation_batch_covers_every_class():
+    labels = torch.arange(10).repeat_interleave(1000)  # sorted by class, as a folder loads
+    idx = stratified_indices(labels, 4096, seed=0)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert len(idx) <= 4096 and counts.min() == counts.max() == 409
+    assert torch.equal(stratified_indices(labels, 4096, seed=0), idx)
+
+
+def test_validation_loss_is_the_trained_loss(idx_dir):
+    data = load_dataset(f"idx:{idx_dir}", "train")
+    torch.manual_seed(0)
+    model = JointNet(EmbeddingNet(SmallCNN(), dim=8), num_classes=4)
+    metric_loss = TripletLoss(margin=0.2)
+    mode = JointMode(data.y, metric_loss, p=4, k=8, seed=0, classes=torch.arange(4))
+    record = _epoch_record(Config(), model, mode, Source(data), Position(), torch.device("cpu"))
+    idx = mode.val_indices(data.y)
+    model.eval()
+    with torch.no_grad():
+        emb, logits = model(data.x[idx])
+        expected = metric_loss(emb, data.y[idx]) + nn.functional.cross_entropy(logits, data.y[idx])
+    assert record["val_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert record["val_loss"] > float(metric_loss(emb, data.y[idx]))  # the CE term is in it
