@@ -29,9 +29,11 @@ import torch
 Method = Literal["auto", "sort", "direct"]
 METHODS: tuple[str, ...] = get_args(Method)
 
-#: "auto" compares directly when no anchor has more positives than this. Measured with
-#: benchmarks/crossover.py at B = 4096 on 2 CPU cores: direct is faster up to K = 16 for
-#: batch-all and up to about K = 12 for semi-hard (docs/benchmarks.md).
+#: "auto" compares directly when no anchor has more positives than this (K <= 13). Measured
+#: with benchmarks/crossover.py at B = 4096 on 2 CPU cores (docs/benchmarks.md): direct is
+#: faster up to K = 16 for batch-all, and up to K = 8 for semi-hard, where sort already wins
+#: by 4% at K = 12 (1404 vs 1458 ms); 12 is the one threshold within 4% of the faster method
+#: for both at K = 12, while direct is about 2x faster at K = 4.
 DIRECT_MAX_POSITIVES = 12
 
 
