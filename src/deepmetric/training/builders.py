@@ -191,13 +191,7 @@ def embedding_part(model: nn.Module) -> nn.Module:
     return model.embedding_net if isinstance(model, JointNet) else model
 
 
-def check_embedding_net(net: nn.Module) -> None:
-    if not isinstance(net, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(net).__name__}")
-
-
 __all__ = [
-    "EmbeddingNet",
     "adapt_p",
     "build_loss",
     "build_mode",

@@ -23,7 +23,7 @@ from torch import nn
 from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
 from deepmetric.config import Config, ConfigError, config_from_dict
 from deepmetric.data import load_dataset
-from deepmetric.models import EmbeddingNet, build_registered, embed
+from deepmetric.models import build_registered, embed
 from deepmetric.neighbors import nearest_other
 from deepmetric.training.builders import (
     build_loss,
@@ -146,4 +146,4 @@ def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch
     return torch.zeros(1, first.shape[1], 28, 28)
 
 
-__all__ = ["EmbeddingNet", "load_trained", "resume_config", "test_report", "train"]
+__all__ = ["load_trained", "resume_config", "test_report", "train"]
