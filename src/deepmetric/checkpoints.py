@@ -5,18 +5,45 @@ A checkpoint is a folder ``RUN_DIR/checkpoints/NAME/`` holding
 - ``model.safetensors``: the model's ``state_dict``;
 - ``state.safetensors`` + ``state.json``: any nested state (optimizer, scheduler, sampler, RNG,
   counters) as a JSON tree whose tensors are stored in the safetensors file by name;
-- ``config.yaml``: the resolved config of the run.
+- ``config.yaml``: the resolved config of the run;
+- ``complete``: a small JSON manifest (each file's size), written last. A folder is *complete*
+  when the manifest is there and every file it lists has the listed size (a folder written by an
+  older deepmetric, with no manifest, counts as complete when its four files are there).
 
-It is written to a temporary folder and renamed into place, then ``checkpoints/latest`` (a text
-file naming the newest checkpoint) is replaced atomically, so an interruption at any moment
-leaves the previous checkpoint intact. Loading never unpickles anything.
+``checkpoints/latest`` is a text file naming the checkpoint to resume from. Names such as
+``epoch0003-batch000120`` are zero-padded, so name order is training order. Loading never
+unpickles anything.
+
+How a save proceeds: the files go into a fresh ``.tmp-NAME-XXXXXXXX`` folder, each file is
+fsynced, the manifest is written and fsynced last, then the folder itself. For a same-name save,
+the old ``NAME`` is first renamed aside to ``.old-NAME-XXXXXXXX``; then the new folder is renamed
+to ``NAME``, ``latest`` is replaced atomically (temporary file, fsync, ``os.replace``), the aside
+folder is deleted and old checkpoints are pruned (renamed to ``.del-...`` and then deleted). The
+parent folder is fsynced after every rename. Leftovers of an interrupted save (``.tmp-*``,
+``.del-*``, a stray ``.latest.tmp``) are removed by the next save; an ``.old-*`` folder is renamed
+back to its name if that name is missing, removed otherwise.
+
+The guarantee. If the process is killed at *any* instant of :func:`save_checkpoint` (SIGKILL, an
+exception, Ctrl-C), :func:`latest_checkpoint` afterwards returns a complete checkpoint that holds
+either the state before the save or the state it was writing, never a mixture and never an error
+(provided one save had completed before). It returns what ``latest`` names when that is complete;
+otherwise it falls back, with a warning, to the ``.old-*`` folder of that name (a kill between the
+two renames of a same-name save) or else to the newest complete checkpoint by name (a folder damaged
+or removed by hand). What fsync adds: once :func:`save_checkpoint` has returned, the checkpoint and
+the ``latest`` pointer are on the disk and survive a power loss or an OS crash, and a power loss in
+the middle of a save gives the same old-or-new outcome as a kill; this holds on local file systems
+that honour fsync (ext4, XFS, btrfs; on macOS fsync stops short of the drive's own cache) and not on
+storage that acknowledges writes it has not made. One process writes a run folder at a time: two
+concurrent writers to the same ``checkpoints/`` are not supported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +52,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+MODEL = "model.safetensors"
+STATE_TENSORS = "state.safetensors"
+STATE_TREE = "state.json"
+CONFIG = "config.yaml"
+COMPLETE = "complete"
+FILES = (MODEL, STATE_TENSORS, STATE_TREE, CONFIG)
+TMP = ".tmp-"  # a new checkpoint being written
+OLD = ".old-"  # the checkpoint a same-name save replaces, until the new one is in place
+DEL = ".del-"  # a checkpoint being deleted
+POINTER_TMP = f".{LATEST}.tmp"
 
 
 class CheckpointError(ValueError):
@@ -61,6 +98,158 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+# ---- durable file-system steps -------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:  # write access: Windows refuses to flush a read-only handle
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (renames, new files) durable. POSIX only: Windows
+    cannot open a folder, and NTFS journals renames itself."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _check_name(name: str) -> None:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name.startswith(".")
+        or name == LATEST
+        or "/" in name
+        or "\\" in name
+        or name.strip() != name
+    ):
+        raise ValueError(
+            f"checkpoint name {name!r} must be a plain folder name, not {LATEST!r}, with no "
+            "path separator, no leading dot and no surrounding spaces"
+        )
+
+
+def _problem(path: Path) -> str | None:
+    """``None`` if ``path`` is a complete checkpoint folder, else what is wrong with it."""
+    if not path.is_dir():
+        return "does not exist" if not path.exists() else "is not a folder"
+    marker = path / COMPLETE
+    if not marker.exists():
+        missing = [f for f in FILES if not (path / f).is_file()]
+        if not missing:
+            return None  # written by an older deepmetric, before the manifest
+        return f"is incomplete (no {COMPLETE!r} manifest; {', '.join(missing)} missing)"
+    try:
+        sizes = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        listed = {str(f): int(sizes[f]) for f in FILES}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"has an unreadable {COMPLETE!r} manifest ({error!r})"
+    for file, size in listed.items():
+        try:
+            actual = (path / file).stat().st_size
+        except FileNotFoundError:
+            return f"is incomplete ({file} missing)"
+        if actual != size:
+            return f"is damaged ({file} has {actual} bytes, the manifest says {size})"
+    return None
+
+
+def _aside_name(folder: str) -> str:
+    """``NAME`` from ``.old-NAME-XXXXXXXX``."""
+    return folder[len(OLD) :].rpartition("-")[0]
+
+
+def _complete(root: Path) -> list[tuple[str, bool, Path]]:
+    """``(name, not_aside, path)`` of every complete checkpoint, ``.old-*`` folders included,
+    sorted so the last is the newest (a real folder beats an aside one of the same name)."""
+    found = []
+    for path in root.iterdir():
+        if path.name.startswith(OLD):
+            name, real = _aside_name(path.name), False
+        elif path.name.startswith(".") or path.name == LATEST:
+            continue
+        else:
+            name, real = path.name, True
+        if name and _problem(path) is None:
+            found.append((name, real, path))
+    return sorted(found)
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove what an interrupted save left behind; put back an aside folder that is the only
+    copy of its checkpoint (a kill between the two renames of a same-name save)."""
+    changed = False
+    for path in sorted(root.iterdir()):
+        if path.name.startswith((TMP, DEL)) or path.name == POINTER_TMP:
+            _remove(path)
+            changed = True
+        elif path.name.startswith(OLD):
+            name = _aside_name(path.name)
+            final = root / name
+            if name and _problem(final) is not None and _problem(path) is None:
+                if final.exists() or final.is_symlink():
+                    doomed = root / f"{DEL}{name}-{secrets.token_hex(4)}"
+                    os.rename(final, doomed)
+                    _fsync_dir(root)
+                    _remove(doomed)
+                os.rename(path, final)
+            else:
+                _remove(path)
+            changed = True
+    if changed:
+        _fsync_dir(root)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    pointer = root / POINTER_TMP
+    _write_durably(pointer, (name + "\n").encode("utf-8"))
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+
+
+def _prune(root: Path, current: str, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints and ``current`` (what ``latest`` names);
+    leave folders that are not complete checkpoints alone."""
+    names = sorted(
+        p.name
+        for p in root.iterdir()
+        if not p.name.startswith(".") and p.name != LATEST and _problem(p) is None
+    )
+    kept = {*names[-keep:], current}
+    doomed = []
+    for name in names:
+        if name not in kept:
+            target = root / f"{DEL}{name}-{secrets.token_hex(4)}"
+            os.rename(root / name, target)  # gone from view at once; deleted below
+            doomed.append(target)
+    if doomed:
+        _fsync_dir(root)
+    for target in doomed:
+        shutil.rmtree(target)
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+
 def save_checkpoint(
     run_dir: str | Path,
     name: str,
@@ -70,63 +259,118 @@ def save_checkpoint(
     *,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint ``name`` atomically, point ``latest`` at it, keep the newest ``keep``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model_state.items()},
-        str(tmp / "model.safetensors"),
-    )
+    """Write checkpoint ``name``, point ``latest`` at it, keep the newest ``keep``; its folder.
+
+    Crash-safe and durable as the module docstring says: a kill at any instant leaves the old
+    or the new checkpoint loadable. Saving a name that exists replaces it. ``keep`` (at least 1)
+    counts complete checkpoints; the one just saved is always kept, even when its name sorts
+    before the others."""
+    _check_name(name)
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    model_tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     tensors: dict[str, torch.Tensor] = {}
-    tree = _encode(state, tensors)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(tree))
-    (tmp / "config.yaml").write_text(config_yaml)
+    tree = json.dumps(_encode(state, tensors)).encode("utf-8")  # fails before touching the disk
+
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(root.parent)
+    _clean_leftovers(root)
+
+    token = secrets.token_hex(4)
+    tmp = root / f"{TMP}{name}-{token}"
+    tmp.mkdir()
+    save_file(model_tensors, str(tmp / MODEL))
+    _fsync_file(tmp / MODEL)
+    save_file(tensors, str(tmp / STATE_TENSORS))
+    _fsync_file(tmp / STATE_TENSORS)
+    _write_durably(tmp / STATE_TREE, tree)
+    _write_durably(tmp / CONFIG, config_yaml.encode("utf-8"))
+    sizes = {f: (tmp / f).stat().st_size for f in FILES}
+    _write_durably(tmp / COMPLETE, json.dumps({"files": sizes}).encode("utf-8"))
+    _fsync_dir(tmp)
+
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, root / LATEST)
-    for old in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))[
-        :-keep
-    ]:
-        if old.name != name:
-            shutil.rmtree(old)
+    aside = None
+    if final.exists() or final.is_symlink():
+        aside = root / f"{OLD}{name}-{token}"
+        os.rename(final, aside)  # the old one stays findable: latest_checkpoint looks at .old-*
+        _fsync_dir(root)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _point_latest(root, name)
+    if aside is not None:
+        _remove(aside)
+    _prune(root, name, keep)
     return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The folder ``checkpoints/latest`` names; ``CheckpointError`` if there is none."""
+    """The checkpoint to resume from: the folder ``checkpoints/latest`` names when it is
+    complete; otherwise, with a ``RuntimeWarning`` saying why, the ``.old-*`` folder of that same
+    name (left by a kill between the two renames of a same-name save) or else the newest complete
+    checkpoint by name. ``CheckpointError`` naming each problem when there is none.
+    """
     root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        raise CheckpointError(f"no checkpoint in {run_dir} (no {root} folder)")
+    pointer = root / LATEST
     try:
-        name = (root / LATEST).read_text().strip()
+        name = pointer.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint in {run_dir} (no {root / LATEST})") from None
-    path = root / name
-    if not path.is_dir():
-        raise CheckpointError(f"{root / LATEST} names {name}, which does not exist")
+        why = f"{pointer} does not exist"
+    except (OSError, ValueError) as error:
+        why = f"{pointer} is unreadable ({error})"
+    else:
+        try:
+            _check_name(name)
+        except ValueError:
+            why = f"{pointer} holds {name!r}, which is not a checkpoint name"
+        else:
+            problem = _problem(root / name)
+            if problem is None:
+                return root / name
+            why = f"{pointer} names {name}, which {problem}"
+            asides = [p for n, real, p in _complete(root) if n == name and not real]
+            if asides:  # a kill between the two renames of a same-name save: its old folder
+                warnings.warn(f"{why}; falling back to {asides[-1]}", RuntimeWarning, stacklevel=2)
+                return asides[-1]
+    found = _complete(root)
+    if not found:
+        others = [
+            f"{p.name} {_problem(p)}"
+            for p in sorted(root.iterdir())
+            if p.is_dir() and not p.name.startswith((TMP, DEL))
+        ]
+        detail = "; ".join(others) if others else "no checkpoint folder either"
+        raise CheckpointError(f"no usable checkpoint in {root}: {why}; {detail}")
+    path = found[-1][2]
+    warnings.warn(f"{why}; falling back to {path}", RuntimeWarning, stacklevel=2)
     return path
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(model_state, state)`` from a checkpoint folder, with clear errors for broken files."""
+    """``(model_state, state)`` from a checkpoint folder, with clear errors for broken files.
+
+    Only safetensors and JSON are parsed: a pickle (``torch.save``) in place of a safetensors
+    file is reported as corrupt, never unpickled."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
     try:
-        model_state = load_file(str(path / "model.safetensors"))
-        tensors = load_file(str(path / "state.safetensors"))
-        tree = json.loads((path / "state.json").read_text())
+        model_state = load_file(str(path / MODEL))
+        tensors = load_file(str(path / STATE_TENSORS))
+        tree = json.loads((path / STATE_TREE).read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise CheckpointError(
             f"checkpoint {path} is incomplete: {error.filename} missing"
         ) from None
-    except (SafetensorError, json.JSONDecodeError, OSError) as error:
+    except (SafetensorError, ValueError, OSError) as error:  # ValueError: bad JSON or UTF-8
         raise CheckpointError(f"checkpoint {path} is corrupt: {error}") from None
     try:
         return model_state, _decode(tree, tensors)
     except KeyError as error:
         raise CheckpointError(f"checkpoint {path} is corrupt: tensor {error} missing") from None
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {STATE_TREE}: {error}") from None
