@@ -24,9 +24,15 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -q
 
-# Fashion-MNIST from Debian's package (offline machines get it this way).
+# Fashion-MNIST from Debian's package (offline machines get it this way), unless
+# $DEEPMETRIC_DATA/fashion-mnist (default ~/.cache/deepmetric) already holds the four IDX
+# files, gzipped or not: deepmetric reads that copy first.
+FASHION_CACHE = $(or $(DEEPMETRIC_DATA),$(HOME)/.cache/deepmetric)/fashion-mnist
+IDX_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
 data:
-	@[ -d $(FASHION) ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	@( for f in $(IDX_FILES); do [ -f $(FASHION_CACHE)/$$f ] || [ -f $(FASHION_CACHE)/$$f.gz ] || exit 1; done ) \
+	|| [ -d $(FASHION) ] \
+	|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
 # The main job: train the default config on Fashion-MNIST and evaluate it on the test set.
 # Run again: resumes (or just reports) the finished run instead of overwriting it.
@@ -37,7 +43,7 @@ demo: install data
 
 # One minute, no data needed: every loss on synthetic open-set data.
 demo-synthetic: install
-	$(BIN)/deepmetric demo
+	$(BIN)/deepmetric demo $(ARGS)
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

@@ -338,23 +338,30 @@ def fetch_mnist_family(
 ) -> Path:
     """The folder holding ``split`` of ``name`` (``mnist``, ``fashion-mnist``, ``kmnist``).
 
-    Looked for in ``search_dirs`` (default: the family's system folders, e.g. Debian's
-    ``/usr/share/datasets/fashion-mnist``), then in ``data_home(root)/name``; else the two
-    ``.gz`` files are downloaded from ``mirrors`` (md5-checked) into the latter. Files
-    already present (``.gz`` or not) are trusted as they are; their IDX structure is
+    Precedence, first match wins:
+
+    1. ``data_home(root)/name`` (``root``, else ``$DEEPMETRIC_DATA``, else
+       ``~/.cache/deepmetric``) when it already holds the split's two files, so a data set
+       you put there (or set ``DEEPMETRIC_DATA`` to) is always the one read;
+    2. ``search_dirs`` (default: the family's system folders, e.g. Debian's
+       ``/usr/share/datasets/fashion-mnist``);
+    3. a download of the two ``.gz`` files from ``mirrors`` (md5-checked) into
+       ``data_home(root)/name``.
+
+    Files already present (``.gz`` or not) are trusted as they are; their IDX structure is
     checked on load.
     """
     if name not in MNIST_FAMILY:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(MNIST_FAMILY)}")
     family = MNIST_FAMILY[name]
     split = _check_split(split)
+    target = data_home(root) / name
+    if _has_split(target, split):
+        return target
     dirs = family.search_dirs if search_dirs is None else search_dirs
     for directory in map(Path, dirs):
         if _has_split(directory, split):
             return directory
-    target = data_home(root) / name
-    if _has_split(target, split):
-        return target
     reason = "downloading is off (download=False)"
     if download:
         failures = _download_split(family, target, split, mirrors or family.mirrors, fetch)

@@ -1,0 +1,79 @@
+"""Tiny data sets on disk, in the real formats, for tests that run the command line.
+
+Images are 28x28 uint8: a bright bar whose place depends on the class, jittered by a pixel
+and noised, so a few training steps already separate the classes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+IDX_NAMES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def patterns(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``(N, 28, 28)`` uint8 images: class ``c`` is a 5x10 bar at one of 10 grid places."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(20.0, 10.0, size=(len(labels), 28, 28))
+    for i, c in enumerate(labels):
+        dr, dc = rng.integers(-1, 2, size=2)
+        row = 3 + (int(c) // 5 % 2) * 13 + dr
+        col = 1 + (int(c) % 5) * 5 + dc
+        images[i, row : row + 10, col : col + 5] += 200.0
+    return np.clip(images, 0, 255).astype(np.uint8)
+
+
+def _labels(classes: int, per_class: int) -> np.ndarray:
+    return np.repeat(np.arange(classes, dtype=np.uint8), per_class)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """A gzipped IDX file: magic ``0x0000 08 ndim``, big-endian dims, then the uint8 data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def make_idx_dir(
+    directory: Path, *, classes: int = 10, n_train: int = 24, n_test: int = 8, seed: int = 0
+) -> Path:
+    """The four MNIST files (``train-images-idx3-ubyte.gz``, ...) with ``n_*`` per class."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", n_train), ("test", n_test)):
+        labels = _labels(classes, per_class)
+        image_name, label_name = IDX_NAMES[split]
+        write_idx(directory / image_name, patterns(labels, seed + (split == "test")))
+        write_idx(directory / label_name, labels)
+    return directory
+
+
+def make_image_folder(
+    directory: Path, *, classes: int = 5, n_train: int = 16, n_test: int = 8, seed: int = 0
+) -> Path:
+    """``directory/{train,test}/class_C/I.png``: grayscale PNGs, one subfolder per class."""
+    from PIL import Image
+
+    for split, per_class in (("train", n_train), ("test", n_test)):
+        labels = _labels(classes, per_class)
+        for i, (c, image) in enumerate(zip(labels, patterns(labels, seed + (split == "test")))):
+            folder = directory / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return directory
+
+
+def make_npz(
+    file: Path, *, classes: int = 10, n_train: int = 24, n_test: int = 8, seed: int = 0
+) -> Path:
+    """One ``.npz`` with ``x``/``y`` (train) and ``x_test``/``y_test``."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    y, y_test = _labels(classes, n_train), _labels(classes, n_test)
+    np.savez(file, x=patterns(y, seed), y=y, x_test=patterns(y_test, seed + 1), y_test=y_test)
+    return file
