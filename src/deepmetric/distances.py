@@ -10,10 +10,17 @@ Metrics:
   (a subgradient) instead of NaN.
 - ``"squared_euclidean"``: ``||x - y||^2``.
 - ``"cosine"``: ``1 - cos(x, y)``, in [0, 2]; a zero vector has distance 1 to everything.
+
+Precision: distances are computed in float32 (float64 when an input is float64) whatever the
+autocast state. Under ``torch.autocast`` (CPU bfloat16, CUDA float16) autocast is turned off
+inside, and half / bfloat16 inputs (a layer's output under autocast) are cast up to float32, so
+mixed-precision training gets float32-accurate distances; gradients come back in each input's
+dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, get_args
 
 import torch
@@ -41,6 +48,20 @@ def check_embeddings(x: torch.Tensor, name: str = "embeddings") -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half and bfloat16 are cast up)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """A context with autocast disabled on ``device``'s type (nothing to do for device types
+    autocast does not know, such as ``meta``)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
     """sqrt(sq) for sq >= 0, with gradient 0 (not inf or NaN) where sq == 0."""
     positive = sq > 0
@@ -54,6 +75,8 @@ class _EuclideanMatrix(torch.autograd.Function):
     in-place passes. Backward: with ``W = dL/dsq`` (``dL/dd / (2 d)``, 0 where d = 0),
     ``dL/dx = 2 (rowsum(W) x - W y)`` and ``dL/dy = 2 (colsum(W) y - W^T x)``: two matrix
     products, where autograd through the same expression makes about ten (N, M) passes.
+    Both run with autocast off (a backward called inside an autocast region would otherwise
+    lower its matrix products), on inputs of one dtype, float32 or float64.
     """
 
     @staticmethod
@@ -80,6 +103,17 @@ class _EuclideanMatrix(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, other, d = ctx.saved_tensors  # type: ignore[attr-defined]
+        with _autocast_off(grad.device):
+            return _EuclideanMatrix._backward(ctx, grad.to(d.dtype), x, other, d)
+
+    @staticmethod
+    def _backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        other: torch.Tensor,
+        d: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         if ctx.squared:  # type: ignore[attr-defined]
             w, scale = grad, 2.0
         else:  # dL/dsq = grad / (2 d): fold the 1/2 into the scale; 0 where d == 0
@@ -108,7 +142,8 @@ def pairwise(
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
 
     Returns:
-        (N, M) tensor of ``x``'s dtype. Costs one (N, D) x (D, M) matrix product.
+        (N, M) tensor, float32 (float64 if an input is float64) whatever the autocast state.
+        Costs one (N, D) x (D, M) matrix product.
     """
     check_metric(metric)
     check_embeddings(x, "x")
@@ -118,19 +153,20 @@ def pairwise(
             raise ValueError(
                 f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}"
             )
-    same = y is None
-    y = x if y is None else y
-
-    if metric == "cosine":
-        xn = F.normalize(x, dim=1)
-        yn = xn if same else F.normalize(y, dim=1)
-        return (1.0 - xn @ yn.T).clamp(0.0, 2.0)
-
-    return _EuclideanMatrix.apply(x, None if same else y, metric == "squared_euclidean")
+    dtype = _compute_dtype(x) if y is None else _compute_dtype(x, y)
+    with _autocast_off(x.device):
+        x = x.to(dtype)
+        y = None if y is None else y.to(dtype)
+        if metric == "cosine":
+            xn = F.normalize(x, dim=1)
+            yn = xn if y is None else F.normalize(y, dim=1)
+            return (1.0 - xn @ yn.T).clamp(0.0, 2.0)
+        return _EuclideanMatrix.apply(x, y, metric == "squared_euclidean")
 
 
 def paired(x: torch.Tensor, y: torch.Tensor, metric: Metric = "euclidean") -> torch.Tensor:
-    """Row-wise distances ``d[i] = d(x_i, y_i)`` of two (N, D) tensors; returns (N,)."""
+    """Row-wise distances ``d[i] = d(x_i, y_i)`` of two (N, D) tensors; returns (N,), float32
+    (float64 if an input is float64) whatever the autocast state."""
     check_metric(metric)
     check_embeddings(x, "x")
     check_embeddings(y, "y")
@@ -138,7 +174,10 @@ def paired(x: torch.Tensor, y: torch.Tensor, metric: Metric = "euclidean") -> to
         raise ValueError(
             f"paired inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}"
         )
-    if metric == "cosine":
-        return (1.0 - F.cosine_similarity(x, y, dim=1, eps=1e-12)).clamp(0.0, 2.0)
-    sq = ((x - y) ** 2).sum(dim=1)
-    return sq if metric == "squared_euclidean" else _safe_sqrt(sq)
+    dtype = _compute_dtype(x, y)
+    with _autocast_off(x.device):
+        x, y = x.to(dtype), y.to(dtype)
+        if metric == "cosine":
+            return (1.0 - F.cosine_similarity(x, y, dim=1, eps=1e-12)).clamp(0.0, 2.0)
+        sq = ((x - y) ** 2).sum(dim=1)
+        return sq if metric == "squared_euclidean" else _safe_sqrt(sq)
