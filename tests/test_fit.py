@@ -212,3 +212,20 @@ def test_validation_loss_is_the_trained_loss(idx_dir):
         expected = metric_loss(emb, data.y[idx]) + nn.functional.cross_entropy(logits, data.y[idx])
     assert record["val_loss"] == pytest.approx(float(expected), rel=1e-5)
     assert record["val_loss"] > float(metric_loss(emb, data.y[idx]))  # the CE term is in it
+
+
+def test_class_disjoint_validation(idx_dir):
+    config = load_config(
+        None, [f"data=idx:{idx_dir}", "train.classes=[0,1,2,3]", "train.val_classes=[2,3]"]
+    )
+    from deepmetric.training import load_data
+
+    train_set, val_set = load_data(config)
+    assert set(train_set.y.tolist()) == {0, 1} and set(val_set.y.tolist()) == {2, 3}
+    assert len(val_set) == int(torch.isin(load_dataset(f"idx:{idx_dir}", "train").y, 2).sum()) * 2
+    with pytest.raises(ConfigError, match="must be among train.classes"):
+        load_config(None, ["train.classes=[0,1,2,3]", "train.val_classes=[3,4]"])
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        load_config(None, ["train.val_classes=[3]"])
+    with pytest.raises(ConfigError, match="leaves fewer than 2"):
+        load_config(None, ["train.classes=[0,1,2]", "train.val_classes=[1,2]"])

@@ -70,6 +70,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_fraction: float = 0.1
     classes: list[int] | None = None  # train on these classes only (open-set protocol)
+    #: class-disjoint validation (Musgrave et al. 2020): these classes (of ``classes``, or of
+    #: all when unset) are held out of training and ARE the validation split; replaces
+    #: val_fraction, so validation measures classes the network never trained on
+    val_classes: list[int] | None = None
     offline_every: int = 100  # offline mode: re-mine triplets every N steps
     offline_p: int = 32
     offline_k: int = 16
@@ -256,6 +260,16 @@ def validate(config: Config) -> None:
         raise ConfigError(f"loss.margin must be >= 0, got {config.loss.margin}")
     if not 0 <= config.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")
+    t = config.train
+    if t.val_classes is not None:
+        if len(set(t.val_classes)) < 2:
+            raise ConfigError("train.val_classes needs at least 2 classes (to compare them)")
+        if t.classes is not None and not set(t.val_classes) <= set(t.classes):
+            raise ConfigError(
+                f"train.val_classes {t.val_classes} must be among train.classes {t.classes}"
+            )
+        if t.classes is not None and len(set(t.classes) - set(t.val_classes)) < 2:
+            raise ConfigError("train.classes minus train.val_classes leaves fewer than 2 classes")
     if config.mode in ("batch", "joint", "offline") and config.train.k < 2:
         raise ConfigError("train.k must be >= 2: a P x K batch needs positive pairs")
 

@@ -54,12 +54,22 @@ def load_options(config: Config) -> dict[str, object]:
 
 
 def load_data(config: Config) -> tuple[ArrayDataset, ArrayDataset]:
-    """The training set (restricted to ``train.classes`` if set) and its validation split."""
+    """The training set (restricted to ``train.classes`` if set) and its validation split:
+    the items of ``train.val_classes`` when set (class-disjoint), else a stratified
+    ``train.val_fraction`` of every class."""
     data = load_dataset(config.data, "train", **load_options(config))  # type: ignore[arg-type]
     if config.train.classes is not None:
         data, _ = class_split(data, config.train.classes)
     if len(data) == 0:
         raise ConfigError(f"no training samples in {config.data} (train.classes filter?)")
+    if config.train.val_classes is not None:
+        val, train = class_split(data, config.train.val_classes)
+        if len(torch.unique(val.y)) < 2:
+            raise ConfigError(
+                f"train.val_classes {config.train.val_classes}: fewer than 2 of them have "
+                f"items in {config.data}"
+            )
+        return train, val
     if config.train.val_fraction == 0:
         return data, data.subset(np.zeros(0, dtype=np.int64))
     return train_val_split(data, config.train.val_fraction, seed=config.seed)
