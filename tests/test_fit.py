@@ -223,7 +223,7 @@ def test_class_disjoint_validation(idx_dir):
     train_set, val_set = load_data(config)
     assert set(train_set.y.tolist()) == {0, 1} and set(val_set.y.tolist()) == {2, 3}
     assert len(val_set) == int(torch.isin(load_dataset(f"idx:{idx_dir}", "train").y, 2).sum()) * 2
-    with pytest.raises(ConfigError, match="must be among train.classes"):
+    with pytest.raises(ConfigError, match=r"must be among train\.classes"):
         load_config(None, ["train.classes=[0,1,2,3]", "train.val_classes=[3,4]"])
     with pytest.raises(ConfigError, match="at least 2 classes"):
         load_config(None, ["train.val_classes=[3]"])
