@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from deepmetric.config import (
     Config,
     ConfigError,
@@ -41,9 +40,9 @@ from deepmetric.training.builders import (
     resolve_device,
 )
 from deepmetric.training.log import RunLog, batch_stats, truncate_log, warn_collapse
-from deepmetric.training.modes import Mode, epoch_seed
+from deepmetric.training.modes import Mode, Step, epoch_seed
 from deepmetric.training.schedule import set_lr
-from deepmetric.training.state import Position, StopRequested, StopSignals, rng_state, set_rng_state
+from deepmetric.training.state import Position, RunState, StopRequested, StopSignals
 
 
 class Source:
@@ -103,6 +102,35 @@ def _epoch_record(
     return record
 
 
+def _optimizer_step(state: RunState, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward (scaled under mixed precision), optional gradient clipping, one update."""
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+
+
+def _check_loss(value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"loss is {value} at step {step}: try a lower train.lr or train.grad_clip; "
+            "the last checkpoint is kept"
+        )
+
+
+def _log_step(log: RunLog, config: Config, pos: Position, lr: float, step: Step) -> str:
+    """Write a step record (loss, active triplets, mean distance, lr); return its summary."""
+    value = pos.epoch_losses[-1]
+    c = config.loss
+    stats = batch_stats(value, step.embeddings, step.labels, metric=c.metric, margin=c.margin)
+    warn_collapse(stats, c.margin)
+    log.write({"kind": "step", "step": pos.step, "epoch": pos.epoch, "lr": lr} | vars(stats))
+    return f"loss {value:.4f} active {stats.active:.2f} dist {stats.mean_dist:.3f}"
+
+
 def train_loop(
     config: Config,
     model: nn.Module,
@@ -118,38 +146,21 @@ def train_loop(
     """Optimise ``model`` for ``config.epochs`` epochs of ``mode``'s batches; with ``run_dir``,
     log to ``log.jsonl`` and checkpoint after every epoch and on Ctrl-C / SIGTERM."""
     t = config.train
-    optimizer = build_optimizer(config, model)
-    plan = build_plan(config, mode.steps_per_epoch)
     use_amp = t.amp and device.type == "cuda"
     if t.amp and not use_amp:
         warnings.warn("train.amp=true needs CUDA; training in float32 on the CPU", stacklevel=2)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    pos = Position()
-    if resume:
-        assert run_dir is not None
-        model_state, state = load_checkpoint(latest_checkpoint(run_dir))
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        pos = Position(**state["position"])
-        truncate_log(run_dir, pos.step)
-    config_yaml = config_to_yaml(config)
-
-    def checkpoint() -> None:
-        if run_dir is None:
-            return
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(),
-            "position": vars(pos),
-        }
-        name = f"epoch{pos.epoch:04d}-batch{pos.batch:06d}"
-        save_checkpoint(run_dir, name, model.state_dict(), state, config_yaml)
-
-    log = RunLog(run_dir, stream)
-    stop = StopSignals()
+    state = RunState(
+        model, build_optimizer(config, model), torch.amp.GradScaler("cuda", enabled=use_amp)
+    )
+    if resume and run_dir is not None:
+        state.restore(run_dir)
+        truncate_log(run_dir, state.pos.step)
+    pos, plan, config_yaml = (
+        state.pos,
+        build_plan(config, mode.steps_per_epoch),
+        config_to_yaml(config),
+    )
+    log, stop = RunLog(run_dir, stream), StopSignals()
     try:
         while pos.epoch < config.epochs:
             model.train()
@@ -162,57 +173,35 @@ def train_loop(
                     seed = epoch_seed(config.seed, pos.epoch) * 1_000_003 + b
                     x = augment(x, torch.Generator().manual_seed(seed))
                 x, y = x.to(device, non_blocking=True), train.labels[idx].to(device)
-                lr = set_lr(optimizer, plan, pos.step)
+                lr = set_lr(state.optimizer, plan, pos.step)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     step = mode.loss(model, x, y)
                 value = float(step.loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"loss is {value} at step {pos.step + 1}: try a lower train.lr or "
-                        "train.grad_clip; the last checkpoint is kept"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(step.loss).backward()
-                if t.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                _check_loss(value, pos.step + 1)
+                _optimizer_step(state, step.loss, t.grad_clip)
                 pos.batch, pos.step = b + 1, pos.step + 1
                 pos.epoch_losses.append(value)
                 if pos.step % t.log_every == 0 or b + 1 == mode.steps_per_epoch:
-                    stats = batch_stats(
-                        value,
-                        step.embeddings,
-                        step.labels,
-                        metric=config.loss.metric,
-                        margin=config.loss.margin,
-                    )
-                    warn_collapse(stats, config.loss.margin)
-                    log.write(
-                        {"kind": "step", "step": pos.step, "epoch": pos.epoch, "lr": lr}
-                        | vars(stats)
-                    )
-                    log.progress(
+                    text = _log_step(log, config, pos, lr, step)
+                    where = (
                         f"epoch {pos.epoch + 1}/{config.epochs} [{b + 1}/{mode.steps_per_epoch}]"
-                        f" loss {value:.4f} active {stats.active:.2f} dist {stats.mean_dist:.3f}"
                     )
+                    log.progress(f"{where} {text}")
             record = _epoch_record(config, model, mode, val, pos, device)
             pos.history.append(record)
             log.write(record)
             log.progress(
-                f"epoch {pos.epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} "
-                f"val loss {record['val_loss']:.4f} val precision@1 "
-                f"{record['val_precision_at_1']:.3f}",
+                f"epoch {pos.epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} val loss "
+                f"{record['val_loss']:.4f} val precision@1 {record['val_precision_at_1']:.3f}",
                 final=True,
             )
             pos.epoch, pos.batch, pos.epoch_losses = pos.epoch + 1, 0, []
-            checkpoint()
+            state.save(run_dir, config_yaml)
             stop.check()
     except StopRequested:
         if not getattr(mode, "resumable_mid_epoch", True):  # batches depend on the weights
             pos.batch, pos.epoch_losses = 0, []
-        checkpoint()
+        state.save(run_dir, config_yaml)
         where = f"continue with --resume {run_dir}" if run_dir else "no run folder (out=None)"
         log.progress(f"interrupted: checkpoint saved; {where}", final=True)
         raise

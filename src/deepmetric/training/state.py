@@ -6,9 +6,13 @@ from __future__ import annotations
 import signal
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -75,3 +79,35 @@ class StopSignals:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous = {}
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint holds: weights, optimiser, gradient scaler, RNG, position."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    pos: Position = field(default_factory=Position)
+
+    def save(self, run_dir: Path | None, config_yaml: str) -> None:
+        """Checkpoint ``epochNNNN-batchNNNNNN`` (nothing without a run folder)."""
+        if run_dir is None:
+            return
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "position": vars(self.pos),
+        }
+        name = f"epoch{self.pos.epoch:04d}-batch{self.pos.batch:06d}"
+        save_checkpoint(run_dir, name, self.model.state_dict(), state, config_yaml)
+
+    def restore(self, run_dir: Path) -> None:
+        """Load the latest checkpoint of ``run_dir`` into this state."""
+        model_state, state = load_checkpoint(latest_checkpoint(run_dir))
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.pos = Position(**state["position"])
