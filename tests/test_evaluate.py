@@ -2,15 +2,23 @@
 
 import json
 import re
+import shutil
+import statistics
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from synthetic import write_learnable_idx
 
 from deepmetric.cli import main as cli_main
 from deepmetric.config import load_config
-from deepmetric.evaluate import evaluate_run
-from deepmetric.train import train
+from deepmetric.data import load_dataset
+from deepmetric.distances import paired
+from deepmetric.evaluate import evaluate_run, out_of_fold, verification_pairs
+from deepmetric.evaluate import run as evaluate_module
+from deepmetric.models import embed
+from deepmetric.training import load_data, load_trained, train
 
 FIGURES = ["loss_curves.png", "distances.png", "roc.png", "per_class.png", "retrieval.png"]
 
@@ -70,30 +78,125 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert "Per class" in page and "Classes never seen in training" in page
 
 
-def test_evaluate_command_line(trained, tmp_path, capsys):
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under ``folder``: its modification time and its bytes."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.read_bytes())
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_evaluate_command_line_on_other_data_keeps_the_run_threshold(trained, capsys):
     run_dir, data = trained
-    out = tmp_path / "other"
-    assert (
-        cli_main(
-            [
-                "evaluate",
-                str(run_dir),
-                "--data",
-                f"idx:{data}",
-                "--split",
-                "train",
-                "--out",
-                str(out),
-                "--no-map",
-            ]
-        )
-        == 0
-    )
+    saved = run_dir / "threshold.json"
+    sentinel = '{"threshold": 0.5, "metric": "euclidean", "protocol": "validation"}'
+    saved.write_text(sentinel)
+    stamp = saved.stat().st_mtime_ns
+    argv = ["evaluate", str(run_dir), "--data", f"idx:{data}", "--split", "train", "--no-map"]
+    assert cli_main([*argv, "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "precision@1" in printed and "MAP@R" in printed
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved["data"]["split"] == "train" and saved["data"]["items"] == 240
-    assert "cross-validation" in saved["verification"]["protocol"]  # no val split for --data
-    assert not (out / "embedding_map.png").exists()
-    assert cli_main(["evaluate", str(tmp_path / "missing")]) == 2
-    assert "not a run folder" in capsys.readouterr().err
+    assert "precision@1" in printed and "MAP@R" in printed and "cross-validation" in printed
+    assert saved.read_text() == sentinel and saved.stat().st_mtime_ns == stamp
+    saved_metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    v = saved_metrics["verification"]
+    assert saved_metrics["data"]["split"] == "train" and saved_metrics["data"]["items"] == 240
+    assert v["threshold_source"] == "cross-validation"  # no validation split for --data
+    assert "cross-validation" in v["protocol"] and len(v["fold_thresholds"]) == 10
+    page = (run_dir / "eval" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(FIGURES)  # --no-map
+
+
+def test_evaluate_out_split_train_on_cpu_writes_only_into_out(trained, tmp_path):
+    run_dir, _ = trained
+    before = _snapshot(run_dir)
+    out = tmp_path / "out"
+    metrics = evaluate_run(
+        run_dir, split="train", out=out, device="cpu", embedding_map=False, progress=lambda _: None
+    )
+    assert _snapshot(run_dir) == before  # --out: nothing written outside it
+    assert {p.name for p in out.iterdir()} >= {"metrics.json", "report.html", "roc.png"}
+    config, _ = load_trained(run_dir)
+    train_part, val_part = load_data(config)
+    about = metrics["data"]
+    assert about["device"] == "cpu" and about["split"] == "train"
+    # The threshold was fitted on the validation items: they are not scored.
+    assert metrics["verification"]["threshold_source"] == "validation"
+    assert about["excluded_validation_items"] == len(val_part) > 0
+    assert about["items"] == 240 - len(val_part) == len(train_part) + 2 * 40
+    per_class = {row["class"]: row["n"] for row in metrics["per_class"]}
+    seen = {c: int((train_part.y == c).sum()) for c in range(4)}
+    assert per_class == {**seen, 4: 40, 5: 40}  # classes 4, 5: never trained on, all scored
+    assert len(metrics["unseen_classes"]["per_class"]) == 2
+
+
+def _out_of_fold_per_class(emb, labels, metric, seed):
+    """The cross-validated decisions on the verification pairs, and per class, by loops,
+    (TAR + TNR) / 2 of those decisions over the pairs of that class."""
+    i, j, same = verification_pairs(labels, seed=seed)
+    cv = out_of_fold(paired(emb[i], emb[j], metric), same, seed=seed, groups=i * len(labels) + j)
+    lab, il, jl, acc = labels.tolist(), i.tolist(), j.tolist(), cv.accepted.tolist()
+    per_class = {}
+    for c in sorted(set(lab)):
+        pos = [acc[k] for k in range(len(il)) if lab[il[k]] == lab[jl[k]] == c]
+        neg = [
+            not acc[k]
+            for k in range(len(il))
+            if lab[il[k]] != lab[jl[k]] and c in (lab[il[k]], lab[jl[k]])
+        ]
+        per_class[c] = (sum(pos) / len(pos) + sum(neg) / len(neg)) / 2
+    return cv, per_class
+
+
+def test_evaluate_without_validation_split_judges_every_pair_out_of_fold(
+    trained, tmp_path, monkeypatch
+):
+    trained_dir, data = trained
+    monkeypatch.setattr(evaluate_module, "_figures", lambda *args: [])  # not under test here
+    # A run without a validation split: evaluation reads only its config and checkpoint, so the
+    # trained run with train.val_fraction=0 in its config stands for one (no second training).
+    # Its train.device names CUDA, which evaluation ignores (it runs where it is told).
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_dir / "checkpoints", run_dir / "checkpoints")
+    values = yaml.safe_load((trained_dir / "config.yaml").read_text())
+    values["train"]["val_fraction"] = 0.0
+    values["train"]["device"] = "cuda"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(values))
+    metrics = evaluate_run(run_dir, embedding_map=False, device="cpu", progress=lambda _: None)
+    assert metrics["data"]["device"] == "cpu"
+    assert not (run_dir / "threshold.json").exists()  # fitted on the scored pairs: not saved
+    config, net = load_trained(run_dir)
+    test_set = load_dataset(f"idx:{data}", "test")
+    emb = embed(net, test_set.x)
+    metric = config.loss.metric
+    cv, want = _out_of_fold_per_class(emb, test_set.y, metric, config.seed)
+    v = metrics["verification"]
+    assert v["threshold_source"] == "cross-validation"
+    assert v["fold_thresholds"] == cv.thresholds
+    assert v["threshold"] == statistics.median(cv.thresholds)  # for information only
+    assert v["accuracy"] == pytest.approx(statistics.fmean(cv.accuracies), abs=1e-12)
+    got = {row["class"]: row["verification_accuracy"] for row in metrics["per_class"]}
+    assert got == pytest.approx(want, abs=1e-12)
+    # The unseen classes: their own cross-validation on their own pairs.
+    unseen = test_set.y >= 4
+    _, want = _out_of_fold_per_class(emb[unseen], test_set.y[unseen], metric, config.seed)
+    u = metrics["unseen_classes"]
+    assert u["verification"]["threshold_source"] == "cross-validation"
+    got = {row["class"]: row["verification_accuracy"] for row in u["per_class"]}
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_evaluate_command_line_errors_are_one_line(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    bad = [
+        (["evaluate", str(tmp_path / "missing")], "not a run folder"),
+        (["evaluate", str(run_dir), "--device", "nonsense"], "device 'nonsense'"),
+        (["evaluate", str(run_dir), "--data", f"idx:{tmp_path / 'nowhere'}"], "nowhere"),
+    ]
+    if not torch.cuda.is_available():
+        bad.append((["evaluate", str(run_dir), "--device", "cuda"], "device 'cuda'"))
+    for argv, message in bad:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("deepmetric: error:") and err.count("\n") == 1, err
+        assert message in err

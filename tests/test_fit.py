@@ -8,6 +8,8 @@ import io
 import itertools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +231,68 @@ def test_class_disjoint_validation(idx_dir):
         load_config(None, ["train.val_classes=[3]"])
     with pytest.raises(ConfigError, match="leaves fewer than 2"):
         load_config(None, ["train.classes=[0,1,2]", "train.val_classes=[1,2]"])
+
+
+_USER_MODULE = """
+from torch import nn
+from deepmetric.models import register_model
+
+
+@register_model("usernets.flat")
+class Flat(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, dim)
+
+    def forward(self, x):
+        return nn.functional.normalize(self.fc(x.flatten(1)), dim=1)
+"""
+
+
+def test_cli_import_registers_the_builder_of_a_fit_run(idx_dir, tmp_path, monkeypatch):
+    """`deepmetric evaluate RUN --import MODULE`: the module registering a fit run's builder is
+    imported first (from the current folder); without it, one clear line and exit 2."""
+    (tmp_path / "usernets.py").write_text(_USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import usernets  # the user's own module, registering "usernets.flat"
+
+    data = load_dataset(f"idx:{idx_dir}", "train")
+    fit(
+        usernets.Flat(dim=6),
+        data,
+        loss=TripletLoss(),
+        epochs=1,
+        p=4,
+        k=8,
+        out=tmp_path / "run",
+        builder="usernets.flat",
+        builder_args={"dim": 6},
+        stream=None,
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [
+            sys.executable,
+            "-m",
+            "deepmetric",
+            "evaluate",
+            "run",
+            "--data",
+            f"idx:{idx_dir}",
+            "--no-map",
+            "--out",
+            "ev",
+            *args,
+        ]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    missing = cli()
+    assert missing.returncode == 2
+    assert "'usernets.flat' is not registered" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = cli("--import", "no_such_module")
+    assert bad.returncode == 2 and "--import no_such_module" in bad.stderr
+    done = cli("--import", "usernets")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["data"]["items"] == len(load_dataset(f"idx:{idx_dir}", "test"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -65,6 +66,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        metavar="MODULE",
+        action="append",
+        default=[],
+        help="import a Python module first (repeatable): the one that registers a run's model "
+        "builder with deepmetric.models.register_model (runs trained by deepmetric.fit)",
+    )
+
+
+def _import_modules(names: list[str]) -> None:
+    """Import each module named by ``--import`` (from the current folder too), or say why not."""
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ValueError(f"--import {name}: {error}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="deepmetric", description="Train, evaluate and try metric-learning models."
@@ -80,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="a YAML file from configs/ (optional)")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=0.01")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    _import_option(train)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -106,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where the network runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1 "
         "(the run's train.device is not used)",
     )
+    _import_option(evaluate)
 
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
@@ -121,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deepmetric.data import DatasetError
 
     try:
+        _import_modules(args.imports)
         return _evaluate(args) if args.command == "evaluate" else _train(args)
     except KeyboardInterrupt as stop:  # Ctrl-C: 130; SIGTERM (a checkpoint was saved): 143
         return 128 + getattr(stop, "signum", 2)

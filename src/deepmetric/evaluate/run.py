@@ -1,15 +1,42 @@
 """``deepmetric evaluate RUN_DIR``: every metric, figure and the report of a trained run.
 
-Writes into ``RUN_DIR/eval/`` (or ``out``): ``metrics.json``, ``report.html`` and the figures
-as PNG files, and saves the verification threshold in ``RUN_DIR/threshold.json`` for ``verify``
-and the gallery. The threshold is chosen on the run's validation split (the same items training
-held out), or by 10-fold cross-validation on the test pairs when the run has none; it is never
-chosen on the pairs it is scored on.
+Writes ``metrics.json``, ``report.html`` and the figures as PNG files into ``RUN_DIR/eval/``, or
+into ``out`` and nowhere else.
+
+**The verification threshold.** Every number that depends on a threshold is scored on pairs the
+threshold was not fitted on. One of two protocols, named in ``metrics.json``
+(``verification.threshold_source`` and ``verification.protocol``):
+
+- ``"validation"`` (the run's own data set, when its validation split has pairs of at least two
+  classes): the threshold is :func:`~deepmetric.evaluate.roc.choose_threshold` on pairs of the
+  validation items, which training held out and which are never scored here. It decides the
+  scored pairs, the per-class verification accuracies and the unseen-class block. It is saved
+  as ``RUN_DIR/threshold.json`` (the threshold calibrated on the validation split, kept with the
+  run for later use), but only when writing to the default folder (``out`` is None).
+- ``"cross-validation"`` (``data`` is another data set, the run has ``train.val_fraction=0``,
+  or its validation split cannot give pairs): 10-fold cross-validation on the scored pairs, the
+  LFW protocol. Each pair is judged with the threshold fitted on the other nine folds
+  (:func:`~deepmetric.evaluate.roc.out_of_fold`; copies of one pair share a fold); the
+  verification ``accuracy`` is the mean fold accuracy, and the per-class verification
+  accuracies come from the same out-of-fold decisions (over the scored pairs of each class).
+  The unseen-class block runs its own cross-validation on its own pairs. The reported
+  ``threshold`` is the median of the ten fold thresholds: it was fitted on these pairs, is
+  shown for information (and drawn in the distance histogram) only, decides nothing and is
+  never saved.
+
+``split="train"`` on the run's own data scores the train split *without* the validation items
+(``metrics.json["data"]`` says how many were left out), so a threshold fitted on them never
+scores them; with ``train.classes``, the train items of the other classes (never trained on,
+never in the validation split) are scored too, and make the unseen-class block.
+
+The network runs on ``device`` (``"auto"``: CUDA when available, else the CPU), whatever device
+the run was trained on: the weights are loaded on the CPU and moved there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,33 +45,51 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepmetric.config import ConfigError
-from deepmetric.data import ArrayDataset, load_dataset
+from deepmetric.config import Config, ConfigError
+from deepmetric.data import ArrayDataset, class_split, load_dataset
+from deepmetric.data.datasets import Split
 from deepmetric.distances import paired
 from deepmetric.evaluate import figures
+from deepmetric.evaluate.diagnostics import JudgedPairs, per_class_table, test_triplet_categories
 from deepmetric.evaluate.metrics import clustering_nmi, nearest_neighbors, retrieval_metrics
+from deepmetric.evaluate.pairs import verification_pairs
 from deepmetric.evaluate.report import write_report
-from deepmetric.evaluate.verification import (
+from deepmetric.evaluate.roc import (
     choose_threshold,
-    cross_validated_accuracy,
     eer,
-    per_class_table,
+    out_of_fold,
     roc_curve,
-    test_triplet_categories,
     verification_metrics,
-    verification_pairs,
 )
 from deepmetric.models import embed
 from deepmetric.training import load_data, load_trained, resolve_device
 
 Progress = Callable[[str], None]
 
+#: Folds of the cross-validation used when there is no validation threshold (the LFW protocol).
+FOLDS = 10
 
-def _pair_distances(
+VALIDATION_PROTOCOL = "threshold chosen on the run's validation split, not on these pairs"
+CROSS_VALIDATION_PROTOCOL = (
+    f"{FOLDS}-fold cross-validation on these pairs (LFW protocol): each pair is judged with the "
+    f"threshold fitted on the other {FOLDS - 1} folds (accuracy: mean over folds; per-class "
+    "accuracies: the same decisions); 'threshold' is the median of the fold thresholds, fitted "
+    "on these pairs, for information only (not saved)"
+)
+
+
+def _pairs(
     emb: torch.Tensor, labels: torch.Tensor, metric: str, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(i, j, distances, same)`` of the deterministic verification pairs of a labelled set."""
     i, j, same = verification_pairs(labels, seed=seed)
-    return paired(emb[i], emb[j], metric), same
+    return i, j, paired(emb[i], emb[j], metric), same
+
+
+def _has_pairs(labels: torch.Tensor) -> bool:
+    """Verification pairs exist: two classes or more, and one with two items or more."""
+    counts = torch.unique(labels, return_counts=True)[1]
+    return len(counts) >= 2 and bool((counts >= 2).any())
 
 
 def retrieval_and_verification(
@@ -56,24 +101,34 @@ def retrieval_and_verification(
     threshold: float | None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """All metrics of one labelled set of embeddings. ``threshold=None``: choose it by 10-fold
-    cross-validation on these pairs (the LFW protocol) and report the cross-validated accuracy."""
+    """All metrics of one labelled set of embeddings.
+
+    ``threshold``: fitted on other (validation) data; it decides every pair. ``None``: no such
+    threshold; every pair is judged out of fold by a :data:`FOLDS`-fold cross-validation on
+    these pairs (see the module docstring), the per-class table included.
+    """
     out: dict[str, Any] = dict(retrieval_metrics(emb, labels, metric=metric))
     out["nmi"] = clustering_nmi(emb, labels, seed=seed)
-    dist, same = _pair_distances(emb, labels, metric, seed)
+    i, j, dist, same = _pairs(emb, labels, metric, seed)
     if threshold is None:
-        accuracy, std, thresholds = cross_validated_accuracy(dist, same, seed=seed)
-        threshold = float(np.median(thresholds))
-        verification = verification_metrics(dist, same, threshold=threshold)
-        verification["accuracy"], verification["accuracy_std"] = accuracy, std
-        protocol = "threshold chosen by 10-fold cross-validation on these pairs (LFW protocol)"
+        cv = out_of_fold(dist, same, folds=FOLDS, seed=seed, groups=i * len(labels) + j)
+        accuracies = torch.tensor(cv.accuracies, dtype=torch.float64)
+        verification = verification_metrics(dist, same, threshold=float(np.median(cv.thresholds)))
+        verification["accuracy"] = float(accuracies.mean())
+        verification["accuracy_std"] = float(accuracies.std(correction=0))
+        verification["fold_thresholds"] = cv.thresholds
+        verification["threshold_source"] = "cross-validation"
+        verification["protocol"] = CROSS_VALIDATION_PROTOCOL
+        judged = JudgedPairs(i, j, same, cv.accepted)
+        per_class = per_class_table(emb, labels, metric=metric, judged=judged, seed=seed)
     else:
         verification = verification_metrics(dist, same, threshold=threshold)
-        protocol = "threshold chosen on the run's validation split, not on these pairs"
-    verification["protocol"] = protocol
+        verification["threshold_source"] = "validation"
+        verification["protocol"] = VALIDATION_PROTOCOL
+        per_class = per_class_table(emb, labels, metric=metric, threshold=threshold, seed=seed)
     verification["pairs"] = {"positive": int(same.sum()), "negative": int((~same).sum())}
     out["verification"] = verification
-    out["per_class"] = per_class_table(emb, labels, metric=metric, threshold=threshold, seed=seed)
+    out["per_class"] = per_class
     out["triplet_categories"] = {
         **test_triplet_categories(emb, labels, margin=margin, metric=metric, seed=seed),
         "margin": margin,
@@ -82,55 +137,117 @@ def retrieval_and_verification(
     return out
 
 
+def _device(name: str) -> torch.device:
+    """The evaluation device: ``auto`` (CUDA when available, else CPU) or a torch device name,
+    checked by allocating on it, so a bad or absent device is a one-line ``ConfigError``."""
+    try:
+        device = resolve_device(name)
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or ["unavailable"])[0]
+        raise ConfigError(f"device {name!r} cannot be used: {reason}") from None
+    return device
+
+
+def _class_ids(classes: list[Any], ds: ArrayDataset) -> list[int]:
+    """``train.classes`` (ids or names) as label ids of ``ds``."""
+    ids = []
+    for c in classes:
+        if isinstance(c, str):
+            if ds.classes is None or c not in ds.classes:
+                raise ConfigError(f"train.classes names {c!r}, which the evaluated data lacks")
+            ids.append(ds.classes.index(c))
+        else:
+            ids.append(int(c))
+    return ids
+
+
+def _scored_and_validation(
+    config: Config, spec: str, split: Split, own: bool, opts: dict[str, object]
+) -> tuple[ArrayDataset, ArrayDataset | None, dict[str, Any]]:
+    """``(scored set, validation set or None, notes for metrics.json["data"])``.
+
+    The validation set is the run's own (:func:`~deepmetric.training.load_data`), only when the
+    run's own data is evaluated; on its train split, the scored set leaves it out.
+    """
+    if not own:
+        return load_dataset(spec, split, **opts), None, {}
+    if split == "test":
+        val_set = load_data(config)[1] if config.train.val_fraction > 0 else None
+        return load_dataset(spec, split, **opts), val_set, {}
+    train_part, val_set = load_data(config)  # after the train.classes filter
+    scored = train_part
+    if config.train.classes is not None:  # the other classes: never trained on, not in val
+        _, unseen = class_split(load_dataset(spec, "train", **opts), config.train.classes)
+        x, y = torch.cat([train_part.x, unseen.x]), torch.cat([train_part.y, unseen.y])
+        scored = ArrayDataset(x, y, unseen.classes)
+    about = {
+        "excluded_validation_items": len(val_set),
+        "note": "the train split without the validation items (the threshold's own data)",
+    }
+    return scored, val_set, about
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
     data: str | None = None,
-    split: str = "test",
+    split: Split = "test",
     out: str | Path | None = None,
     embedding_map: bool = True,
+    device: str = "auto",
     progress: Progress = print,
 ) -> dict[str, Any]:
     """Evaluate the latest checkpoint of ``run_dir`` on ``split`` of ``data`` (default: the
-    run's own data set); return the metrics written to ``metrics.json``."""
+    run's own data set) on ``device``; write into ``out`` (default ``RUN_DIR/eval``) and return
+    the metrics written to ``metrics.json``. See the module docstring for the threshold rules.
+    """
     started = time.perf_counter()
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     run_dir = Path(run_dir)
+    torch_device = _device(device)
     config, net = load_trained(run_dir)
-    device = resolve_device(config.train.device)
-    net.to(device)
+    net.to(torch_device)
+    own = data is None
     spec = data or config.data
-    opts = {"size": (config.image_size,) * 2} if spec.startswith("folder:") else {}
-    test_set: ArrayDataset = load_dataset(spec, split, **opts)  # type: ignore[arg-type]
+    if own and config.data == "(python objects)":
+        raise ConfigError(f"{run_dir} was trained on Python objects: pass data= (--data)")
+    opts: dict[str, object] = {}
+    if spec.startswith("folder:"):
+        opts["size"] = (config.image_size, config.image_size)
+    metric, margin = config.loss.metric, config.loss.margin
+
+    test_set, val_set, about = _scored_and_validation(config, spec, split, own, opts)
     if len(torch.unique(test_set.y)) < 2:
         raise ConfigError(f"{spec} ({split}) has fewer than 2 classes: nothing to evaluate")
     names = test_set.classes or [str(c) for c in range(int(test_set.y.max()) + 1)]
-    metric, margin = config.loss.metric, config.loss.margin
-    out_dir = Path(out) if out else run_dir / "eval"
+    out_dir = run_dir / "eval" if out is None else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    progress(f"embedding {len(test_set):,} {split} items of {spec}")
-    emb = embed(net, test_set.x, device)
+    progress(f"embedding {len(test_set):,} {split} items of {spec} on {torch_device}")
+    emb = embed(net, test_set.x, torch_device)
 
     threshold = None
-    if data is None and config.train.val_fraction > 0:
-        _, val_set = load_data(config)
-        if len(torch.unique(val_set.y)) >= 2:
-            val_emb = embed(net, val_set.x, device)
-            threshold = choose_threshold(*_pair_distances(val_emb, val_set.y, metric, config.seed))
+    if val_set is not None and _has_pairs(val_set.y):
+        val_emb = embed(net, val_set.x, torch_device)
+        _, _, val_dist, val_same = _pairs(val_emb, val_set.y, metric, config.seed)
+        threshold = choose_threshold(val_dist, val_same)
     progress("metrics")
     metrics = retrieval_and_verification(
         emb, test_set.y, metric=metric, margin=margin, threshold=threshold, seed=config.seed
     )
     dist, same = metrics.pop("_pairs")
     if config.train.classes is not None:
-        unseen = ~torch.isin(test_set.y, torch.as_tensor(config.train.classes))
-        if len(torch.unique(test_set.y[unseen])) >= 2:
+        seen = torch.as_tensor(_class_ids(config.train.classes, test_set), dtype=test_set.y.dtype)
+        unseen = ~torch.isin(test_set.y, seen)
+        if _has_pairs(test_set.y[unseen]):
             unseen_metrics = retrieval_and_verification(
                 emb[unseen],
                 test_set.y[unseen],
                 metric=metric,
                 margin=margin,
-                threshold=metrics["verification"]["threshold"],
+                threshold=threshold,  # None: its own cross-validation on its own pairs
                 seed=config.seed,
             )
             unseen_metrics.pop("_pairs")
@@ -151,19 +268,16 @@ def evaluate_run(
         embedding_map,
         config.seed,
     )
-    metrics["data"] = {"spec": spec, "split": split, "items": len(test_set), "metric": metric}
+    metrics["data"] = {
+        "spec": spec,
+        "split": split,
+        "items": len(test_set),
+        "metric": metric,
+        **about,
+        "device": str(torch_device),
+    }
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "metrics.json").write_text(json.dumps(_strict(metrics), indent=2))
-    (run_dir / "threshold.json").write_text(
-        json.dumps(
-            {
-                "threshold": metrics["verification"]["threshold"],
-                "metric": metric,
-                "protocol": metrics["verification"]["protocol"],
-            },
-            indent=2,
-        )
-    )
     facts = [
         ("run", str(run_dir)),
         ("data", f"{spec} ({split}, {len(test_set):,} items)"),
@@ -183,8 +297,28 @@ def evaluate_run(
         figures=figs,
         facts=facts,
     )
-    progress(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
+    written = [out_dir / "metrics.json", out_dir / "report.html"]
+    if threshold is not None and out is None:  # fitted on the run's validation split
+        assert val_set is not None
+        _write_json(
+            run_dir / "threshold.json",
+            {
+                "threshold": threshold,
+                "metric": metric,
+                "protocol": VALIDATION_PROTOCOL,
+                "validation_items": len(val_set),
+            },
+        )
+        written.append(run_dir / "threshold.json")
+    progress("wrote " + ", ".join(str(p) for p in written))
     return metrics
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2))
+    os.replace(partial, path)
 
 
 def _strict(value: Any) -> Any:
@@ -226,7 +360,12 @@ def _figures(
     figs.append(
         (
             figures.distance_histograms(d[s], d[~s], v["threshold"], out_dir / "distances.png"),
-            "Distances of same-class and different-class test pairs, with the threshold.",
+            "Distances of same-class and different-class test pairs, with the threshold"
+            + (
+                " (chosen on the validation split)."
+                if v["threshold_source"] == "validation"
+                else " (median of the cross-validation fold thresholds, for information)."
+            ),
         )
     )
     far, tar, _ = roc_curve(dist, same)
