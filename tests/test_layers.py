@@ -20,7 +20,7 @@ LAYERS = [
     ["data"],
     ["training"],
     ["evaluate"],
-    ["demo", "cli"],
+    ["demo", "cli", "__main__"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

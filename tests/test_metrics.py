@@ -345,7 +345,7 @@ _L = torch.tensor([0, 0, 1, 1, 2, 2])
     "call, match",
     [
         (lambda: retrieval_metrics(torch.randn(6), _L), "2-D"),
-        (lambda: retrieval_metrics(_X, _L[:5]), "5 entries"),
+        (lambda: retrieval_metrics(_X, _L[:5]), "length 5 but there are"),
         (lambda: retrieval_metrics(_X, _L.float()), "integer"),
         (lambda: retrieval_metrics(_X, _L.view(2, 3)), "1-D"),
         (lambda: retrieval_metrics(torch.tensor([[0.0, math.nan]] * 6), _L), "NaN"),
@@ -360,7 +360,7 @@ _L = torch.tensor([0, 0, 1, 1, 2, 2])
         (lambda: nearest_neighbors(_X, _X, 7), "only 6"),
         (lambda: nearest_neighbors(_X[:3], _X, 1, exclude_self=True), "queries to be"),
         (lambda: nearest_neighbors(_X, torch.randn(4, 2), 1), "dimension"),
-        (lambda: nearest_other(_X, _L[:3]), "3 entries"),
+        (lambda: nearest_other(_X, _L[:3]), "length 3 but there are"),
         (lambda: kmeans(_X, 0), "k must"),
         (lambda: kmeans(_X, 7), "exceeds"),
         (lambda: kmeans(_X, 2, iters=0), "iters"),

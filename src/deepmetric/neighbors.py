@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmetric.distances import Metric, check_embeddings, check_metric, pairwise
+from deepmetric.mining import check_labels  # the one label validator, re-exported
 
 try:  # optional: exact flat-index search, used only when installed
     import faiss as _faiss  # type: ignore[import-not-found]
@@ -50,18 +51,6 @@ def check_items(embeddings: torch.Tensor, name: str = "embeddings") -> None:
     check_embeddings(embeddings, name)
     if embeddings.shape[0] < 2:
         raise ValueError(f"{name} must hold at least 2 items, got {embeddings.shape[0]}")
-
-
-def check_labels(labels: torch.Tensor, n: int) -> None:
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(
-            f"labels must be a 1-D integer tensor, got shape {tuple(labels.shape)} "
-            f"and dtype {labels.dtype}"
-        )
-    if labels.shape[0] != n:
-        raise ValueError(f"labels has {labels.shape[0]} entries for {n} embeddings")
 
 
 def check_positive_int(value: int, name: str) -> None:
