@@ -52,6 +52,8 @@ def _small_embedding(dim: int = 16, normalize: bool = True) -> EmbeddingNet:
 BACKBONE_CASES: list[tuple[Callable[[], nn.Module], tuple[int, ...], int]] = [
     (lambda: SmallCNN(), (1, 28, 28), 256),
     (lambda: SmallCNN(batch_norm=True), (1, 28, 28), 256),
+    (lambda: SmallCNN(padding=1), (1, 28, 28), 256),
+    (lambda: SmallCNN(padding=1), (1, 50, 37), 256),
     (lambda: SmallCNN(in_channels=3), (3, 40, 40), 256),
     (lambda: SmallCNN(), (1, 64, 64), 256),
     (lambda: SmallCNN(), (1, 28, 45), 256),
@@ -65,6 +67,8 @@ BACKBONE_CASES: list[tuple[Callable[[], nn.Module], tuple[int, ...], int]] = [
 CASE_IDS = [
     "cnn28",
     "cnn28-bn",
+    "cnn28-pad",
+    "cnn50x37-pad",
     "cnn-rgb40",
     "cnn64",
     "cnn28x45",
@@ -99,15 +103,16 @@ def test_backbone_declared_input() -> None:
     assert (MLP(7).in_features, MLP(7).input_ndim) == (7, 2)
 
 
-def test_small_cnn_matches_classic_layer_order() -> None:
+@pytest.mark.parametrize(("padding", "side"), [(0, 5), (1, 7)])
+def test_small_cnn_matches_classic_layer_order(padding: int, side: int) -> None:
     """Pool-before-ReLU and channels_last are only optimisations: same function as the
-    classic conv -> ReLU -> maxpool stack in NCHW."""
-    net = SmallCNN().eval()
+    classic conv -> ReLU -> maxpool stack in NCHW (28 -> 5 unpadded, 28 -> 7 padded)."""
+    net = SmallCNN(padding=padding).eval()
     x = torch.randn(4, 1, 28, 28)
     c1, c2, fc = net.conv1[0], net.conv2[0], net.fc[0]
-    h = F.max_pool2d(F.relu(F.conv2d(x, c1.weight.contiguous(), c1.bias)), 2)
-    h = F.max_pool2d(F.relu(F.conv2d(h, c2.weight.contiguous(), c2.bias)), 2)
-    assert h.shape == (4, 64, 5, 5)
+    h = F.max_pool2d(F.relu(F.conv2d(x, c1.weight.contiguous(), c1.bias, padding=padding)), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, c2.weight.contiguous(), c2.bias, padding=padding)), 2)
+    assert h.shape == (4, 64, side, side)
     ref = F.relu(F.linear(h.reshape(4, -1), fc.weight, fc.bias))
     torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
 
@@ -125,6 +130,7 @@ def test_small_cnn_large_input_is_pooled_to_5x5() -> None:
     "factory",
     [
         lambda: SmallCNN(in_channels=0),
+        lambda: SmallCNN(padding=2),
         lambda: ResNetSmall(widths=()),
         lambda: ResNetSmall(widths=(8, 0)),
         lambda: MLP(0),

@@ -30,6 +30,7 @@ class ModelConfig:
     dim: int = 128
     normalize: bool = True
     batch_norm: bool = False  # small_cnn: BatchNorm after each convolution (resnet_small has it)
+    padding: int = 0  # small_cnn: 1 keeps the border (28 -> 14 -> 7), 0 the classic net (-> 5)
     #: a model registered with ``deepmetric.models.register_model`` (``fit(..., builder=)``);
     #: when set, ``backbone`` is ignored and the run's model is ``builder(**builder_args)``
     builder: str | None = None

@@ -86,7 +86,8 @@ def build_model(config: Config, sample: torch.Tensor, num_classes: int) -> nn.Mo
                 f"model.backbone={name} needs images (N, C, H, W); the data is "
                 f"{tuple(sample.shape)}: use model.backbone=mlp"
             )
-        extra = {"batch_norm": config.model.batch_norm} if name == "small_cnn" else {}
+        m = config.model
+        extra = {"batch_norm": m.batch_norm, "padding": m.padding} if name == "small_cnn" else {}
         backbone = build_backbone(name, in_channels=sample.shape[1], **extra)
     net = EmbeddingNet(backbone, dim=config.model.dim, normalize=config.model.normalize)
     return JointNet(net, num_classes) if config.mode == "joint" else net
