@@ -20,6 +20,9 @@ LAYERS = [
     ["data"],
     ["training"],
     ["evaluate"],
+    ["inference"],
+    ["gallery"],
+    ["service"],
     ["demo", "cli", "__main__"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
