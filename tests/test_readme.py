@@ -10,6 +10,8 @@ changes are made, to keep the runs small:
   copy; a proxy that refuses every connection keeps the network out);
 - placeholder paths (``/my/mnist``, ...) become tiny data sets, from :data:`PLACEHOLDERS`;
   an unknown placeholder fails its test, naming it;
+- the folder holds ``photo1.png`` and ``photo2.png``, the images the ``verify`` examples name
+  (:func:`tiny_data.make_photos`);
 - ``deepmetric train`` gets ``epochs=1`` appended, ``train --resume`` ``epochs=2``;
 - ``make`` runs with ``-C`` the repo, the running venv (not reinstalled) and the arguments of
   :data:`MAKE_ARGS`; an unknown target fails its test;
@@ -142,6 +144,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Result]:
     work = tmp / "work"
     work.mkdir()
     (work / "configs").symlink_to(ROOT / "configs", target_is_directory=True)
+    tiny_data.make_photos(work)
     data_home = tmp / "deepmetric_data"
     for name in MNIST_FAMILY:
         tiny_data.make_idx_dir(data_home / name)

@@ -77,3 +77,16 @@ def make_npz(
     y, y_test = _labels(classes, n_train), _labels(classes, n_test)
     np.savez(file, x=patterns(y, seed), y=y, x_test=patterns(y_test, seed + 1), y_test=y_test)
     return file
+
+
+def make_photos(directory: Path, seed: int = 0) -> list[Path]:
+    """``photo1.png`` (RGB, 56x56) and ``photo2.png`` (grayscale, 28x28): two images of class 0
+    for the ``verify`` / ``embed`` examples, of another size and mode than the training data."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    first, second = patterns(np.zeros(2, dtype=np.uint8), seed)
+    big = Image.fromarray(first).resize((56, 56), Image.Resampling.BILINEAR).convert("RGB")
+    big.save(directory / "photo1.png")
+    Image.fromarray(second).save(directory / "photo2.png")
+    return [directory / "photo1.png", directory / "photo2.png"]

@@ -1,4 +1,5 @@
-"""The ``deepmetric`` command line: ``deepmetric train``, ``deepmetric demo``."""
+"""The ``deepmetric`` command line: ``train``, ``evaluate``, ``embed``, ``verify``, ``export``,
+``demo``. Thin: parse, call the API, print; an error is one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -63,6 +66,122 @@ def _evaluate(args: argparse.Namespace) -> int:
     if "unseen_classes" in m:
         u = m["unseen_classes"]
         print(f"unseen classes: precision@1 {u['precision_at_1']:.4f}  MAP@R {u['map_at_r']:.4f}")
+    return 0
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _embedder(source: str, device: str, *, calibrate: bool) -> Any:
+    """An Embedder of a run folder, or of an exported ``.onnx`` file."""
+    from deepmetric.inference import Embedder
+
+    path = Path(source)
+    if path.suffix.lower() == ".onnx" and not path.is_dir():
+        return Embedder.from_onnx(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: neither a run folder nor an .onnx file")
+    return Embedder.from_run(path, device=device, calibrate=calibrate, progress=_progress)
+
+
+def _image_files(paths: list[str]) -> list[Path]:
+    """Files as given; folders: their image files (by extension), recursively, sorted, hidden
+    files and folders left out."""
+    from deepmetric.data import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not found:
+                raise ValueError(f"{path}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
+    return files
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """``write(file)`` into a temporary file next to ``path``, then rename it to ``path``."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as fh:
+            write(fh)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ValueError(f"--out {out}: the embeddings are a .npy file (e.g. emb.npy)")
+    files = _image_files(args.inputs)
+    embedder = _embedder(args.run_dir, args.device, calibrate=False)
+    emb = embedder.embed(files, batch_size=args.batch_size).numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out, lambda fh: np.save(fh, emb, allow_pickle=False))
+    listing = out.with_suffix(".json")
+    record = {
+        "embeddings": out.name,
+        "inputs": [str(f) for f in files],
+        "shape": list(emb.shape),
+        "model": embedder.identity(),
+    }
+    _write_atomically(listing, lambda fh: fh.write(json.dumps(record, indent=2).encode()))
+    print(
+        f"embedded {len(files)} image{'s' * (len(files) != 1)}: {out} ({len(files)} x "
+        f"{embedder.dim} float32, "
+        f"{embedder.metric}); {listing} lists the inputs in row order"
+    )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    for name in (args.a, args.b):
+        if not Path(name).is_file():
+            raise ValueError(f"{name}: no such file")
+    embedder = _embedder(args.run_dir, args.device, calibrate=True)
+    result = embedder.verify(args.a, args.b)[0]
+    if args.json:
+        record = {"a": args.a, "b": args.b, **result._asdict(), "metric": embedder.metric}
+        print(json.dumps(record))
+    else:
+        verdict, sign = ("same", "<=") if result.same else ("different", ">")
+        print(
+            f"{verdict}: {embedder.metric} distance {result.distance:.4f} {sign} threshold "
+            f"{result.threshold:.4f}"
+        )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from deepmetric.inference import Embedder, export_onnx
+
+    embedder = Embedder.from_run(args.run_dir, device="cpu", progress=_progress)
+    path = export_onnx(embedder, args.out)
+    pre = embedder.preprocessing
+    shape = f"(N, {', '.join(map(str, pre.shape))})" if pre is not None else "(N, ...)"
+    try:
+        threshold = f"threshold {embedder.threshold.value:.4f}"
+    except ValueError as why:
+        threshold = f"no threshold, so the file embeds but cannot verify ({why})"
+    print(
+        f"wrote {path}: input {shape} float32 -> embedding (N, {embedder.dim}), "
+        f"{embedder.metric} distance, {threshold}"
+    )
     return 0
 
 
@@ -133,6 +252,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _import_option(evaluate)
 
+    device_help = "where a run's network runs: auto (CUDA when available, else CPU), cpu, cuda"
+    model_help = "a run folder, or an .onnx file written by `deepmetric export`"
+    embed = commands.add_parser(
+        "embed",
+        help="embed image files with a trained model",
+        description="Writes the embeddings (N, D) float32 to --out (.npy, no pickle) and, next "
+        "to it, a .json of the same name listing the inputs in row order and the model "
+        "identity. Folders give their image files, recursively, sorted by path.",
+    )
+    embed.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
+    embed.add_argument("inputs", metavar="FILE_OR_DIR", nargs="+")
+    embed.add_argument("--out", required=True, help="the .npy file to write")
+    embed.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    embed.add_argument("--device", default="auto", help=device_help)
+    _import_option(embed)
+
+    verify = commands.add_parser(
+        "verify",
+        help="are two images of the same kind?",
+        description="Same when the distance of their embeddings is <= the run's threshold "
+        "(RUN_DIR/threshold.json; when missing, chosen on the run's validation split and "
+        "saved). Exit code 0 either way.",
+    )
+    verify.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
+    verify.add_argument("a", metavar="A", help="an image file")
+    verify.add_argument("b", metavar="B", help="an image file")
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+    verify.add_argument("--device", default="auto", help=device_help)
+    _import_option(verify)
+
+    export = commands.add_parser(
+        "export",
+        help="export a trained model to ONNX",
+        description="A self-contained ONNX file: input (N, C, H, W) float32 as preprocessed, "
+        "output the embeddings (N, D); the preprocessing, metric, threshold and weights hash "
+        "in its metadata. `deepmetric embed` and `verify` take it in place of RUN_DIR.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+    _import_option(export)
+
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
     demo.add_argument("--seed", type=int, default=0)
@@ -148,10 +309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _import_modules(args.imports)
-        return _evaluate(args) if args.command == "evaluate" else _train(args)
+        handlers = {
+            "train": _train,
+            "evaluate": _evaluate,
+            "embed": _embed,
+            "verify": _verify,
+            "export": _export,
+        }
+        return handlers[args.command](args)
     except KeyboardInterrupt as stop:  # Ctrl-C: 130; SIGTERM (a checkpoint was saved): 143
         return 128 + getattr(stop, "signum", 2)
-    except (ValueError, CheckpointError, DatasetError, FloatingPointError) as error:
+    except (ValueError, CheckpointError, DatasetError, FloatingPointError, OSError) as error:
         print(f"deepmetric: error: {error}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,7 @@ from deepmetric.data.datasets import (
     load_npz,
     train_val_split,
 )
+from deepmetric.data.preprocess import Preprocessing
 from deepmetric.data.samplers import PairSampler, PKSampler, balanced_pairs, random_triplets
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "DatasetError",
     "PKSampler",
     "PairSampler",
+    "Preprocessing",
     "augment",
     "balanced_pairs",
     "class_split",

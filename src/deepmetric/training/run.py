@@ -2,7 +2,8 @@
 loading a trained run back (``load_trained``) for evaluation and inference.
 
 A run folder (``config.run_dir``) holds ``config.yaml`` (the resolved config), ``log.jsonl``
-(one record per logged step, per epoch, and the summary), ``checkpoints/`` (after every epoch
+(one record per logged step, per epoch, and the summary), ``preprocess.json`` (for image data:
+how images became inputs, read by :mod:`deepmetric.inference`), ``checkpoints/`` (after every epoch
 and on Ctrl-C / SIGTERM; see :mod:`deepmetric.checkpoints`) and TensorBoard events when
 tensorboard is installed. Resuming restores weights, optimiser, the position in the schedule
 and the RNG, so a CPU run interrupted at any batch ends with the same weights as an
@@ -11,6 +12,8 @@ uninterrupted one (in ``offline`` mode, at any epoch boundary).
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +25,7 @@ from torch import nn
 
 from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
 from deepmetric.config import Config, ConfigError, config_from_dict
-from deepmetric.data import load_dataset
+from deepmetric.data import Preprocessing, load_dataset
 from deepmetric.models import build_registered, embed
 from deepmetric.neighbors import nearest_other
 from deepmetric.training.builders import (
@@ -43,6 +46,7 @@ def train(
     the test split's precision@1 when the data set has one."""
     config = replace(config, out=str(config.run_dir))
     train_set, val_set = load_data(config)
+    _record_preprocessing(config, train_set.x, resume)
     classes = torch.unique(train_set.y)
     torch.manual_seed(config.seed)  # the same initial weights for the same seed
     model = build_model(config, train_set.x[:1], len(classes))
@@ -66,6 +70,23 @@ def train(
     log.write(summary)
     log.close()
     return summary
+
+
+#: How the run's images became inputs (:class:`~deepmetric.data.Preprocessing`), for inference.
+PREPROCESS_FILE = "preprocess.json"
+
+
+def _record_preprocessing(config: Config, x: torch.Tensor, resume: bool) -> None:
+    """Write ``RUN_DIR/preprocess.json`` atomically when the data are images (N, C, H, W) in
+    [0, 1]; not into the folder of another run (``train`` refuses that one next)."""
+    pre = Preprocessing.from_images(x)
+    run_dir = config.run_dir
+    if pre is None or (not resume and (run_dir / "checkpoints").exists()):
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    partial = run_dir / f"{PREPROCESS_FILE}.partial"
+    partial.write_text(json.dumps(pre.to_dict(), indent=2))
+    os.replace(partial, run_dir / PREPROCESS_FILE)
 
 
 def test_report(config: Config, net: nn.Module, device: torch.device) -> dict[str, Any]:
@@ -146,4 +167,4 @@ def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch
     return torch.zeros(1, first.shape[1], 28, 28)
 
 
-__all__ = ["load_trained", "resume_config", "test_report", "train"]
+__all__ = ["PREPROCESS_FILE", "load_trained", "resume_config", "test_report", "train"]
