@@ -1,0 +1,746 @@
+"""The gallery store: enrolled identities and their example embeddings in one SQLite file,
+the source of truth from which every search index is derived.
+
+Standard library ``sqlite3`` only, parameterised queries only (a name is data, never SQL), no
+pickle: embeddings are raw little-endian float32 bytes, everything else is JSON text.
+
+Schema (version :data:`SCHEMA_VERSION`)::
+
+    meta        key TEXT PRIMARY KEY, value TEXT (JSON)
+                  format          "deepmetric-gallery" (what marks the file as a gallery)
+                  schema_version  int; a file with a newer version is refused
+                  dim, metric     the embedding dimension and distance (fixed at create)
+                  model           the model identity dict (what made the embeddings)
+                  threshold       the open-set threshold record (any JSON, or null)
+                  created         creation time, Unix seconds
+                  generation      int, +1 by every add / remove (see below)
+                  ...             any other JSON keys given to create / set_meta
+    identities  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                metadata TEXT NOT NULL (a JSON object), created REAL (Unix seconds)
+    examples    id INTEGER PRIMARY KEY AUTOINCREMENT (never reused, so an id held by a
+                  stale index can never point at a different example),
+                identity INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,
+                embedding BLOB NOT NULL (dim x float32, little-endian: exactly 4 dim bytes),
+                thumbnail BLOB (PNG bytes, or NULL), created REAL (Unix seconds)
+                + index examples_by_identity (identity, id)
+
+Identity names are stored and returned exactly as given (no Unicode normalisation, no case
+folding, no stripping): any characters, quotes, slashes, ``'; DROP TABLE``, emoji. They are
+validated, not altered: a ``str`` of 1 to :data:`MAX_NAME_LENGTH` characters, no control
+characters (Unicode category Cc: tabs, newlines, NUL, ...), no leading or trailing whitespace
+(refused rather than stripped, so ``"alice"`` and ``"alice "`` can never be two identities that
+look the same), encodable as UTF-8 (no lone surrogates).
+
+``generation`` counts changes to the example set, the one thing an index is derived from: every
+:meth:`GalleryStore.add` and :meth:`GalleryStore.remove` adds 1 in the same transaction as the
+change. An index built at generation g is current while the store's generation is still g.
+Metadata and meta writes (:meth:`~GalleryStore.set_metadata`, :meth:`~GalleryStore.set_meta`)
+leave it alone, so setting a threshold does not force a rebuild of a large index.
+
+Transactions and durability: each write is one ``BEGIN IMMEDIATE ... COMMIT`` transaction, so
+it happens whole or not at all; a process killed in the middle leaves the previous state (the
+uncommitted WAL frames are ignored on the next open). Journal mode WAL: readers in other
+processes never block on a writer and see the state before or after each write, never a part.
+``synchronous=FULL``: a committed write also survives a power cut or an OS crash (NORMAL only
+guarantees that against a process crash). It costs one fsync per transaction, and since an
+``add`` of any number of examples is one transaction, enrolling in batches makes it negligible
+(see ``benchmarks/gallery_index.py``). Concurrent writers wait for each other up to
+``timeout`` seconds. A store object belongs to the thread that opened it (sqlite3's default
+check); several processes may open the same file. WAL needs a local file system (not NFS).
+
+Example::
+
+    with GalleryStore.create("people.db", meta={"dim": 128, "metric": "cosine"}) as store:
+        ids = store.add("Ada Lovelace", emb)          # emb: (n, 128) float32
+        examples = store.all_embeddings()              # ids, identities, (N, 128) float32
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from deepmetric.distances import METRICS
+
+__all__ = [
+    "FORMAT",
+    "MAX_NAME_LENGTH",
+    "MAX_THUMBNAIL_BYTES",
+    "SCHEMA_VERSION",
+    "Examples",
+    "GalleryError",
+    "GalleryExistsError",
+    "GalleryNotFoundError",
+    "GalleryStore",
+    "IdentityInfo",
+    "NotAGalleryError",
+    "UnknownExampleError",
+    "UnknownIdentityError",
+    "check_name",
+]
+
+#: the value of meta "format" in every gallery file
+FORMAT = "deepmetric-gallery"
+#: the schema this code writes; it opens files of this version or older
+SCHEMA_VERSION = 1
+#: the longest identity name, in characters (code points)
+MAX_NAME_LENGTH = 256
+#: the largest thumbnail accepted, in bytes
+MAX_THUMBNAIL_BYTES = 1 << 20
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_SQLITE_HEADER = b"SQLite format 3\x00"
+#: meta keys only the store writes
+_RESERVED = frozenset({"format", "schema_version", "dim", "metric", "created", "generation"})
+#: bound parameters per statement (SQLite's default limit is 32766; stay far below)
+_CHUNK = 500
+
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE identities ("
+    " id INTEGER PRIMARY KEY,"
+    " name TEXT NOT NULL UNIQUE,"
+    " metadata TEXT NOT NULL DEFAULT '{}',"
+    " created REAL NOT NULL)",
+    "CREATE TABLE examples ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " identity INTEGER NOT NULL REFERENCES identities(id) ON DELETE CASCADE,"
+    " embedding BLOB NOT NULL,"
+    " thumbnail BLOB,"
+    " created REAL NOT NULL)",
+    "CREATE INDEX examples_by_identity ON examples (identity, id)",
+)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class GalleryError(Exception):
+    """A gallery file cannot be created, opened or used as asked."""
+
+
+class GalleryExistsError(GalleryError, FileExistsError):
+    """:meth:`GalleryStore.create` was given a path that already exists."""
+
+
+class GalleryNotFoundError(GalleryError, FileNotFoundError):
+    """:meth:`GalleryStore.open` was given a path where there is no file."""
+
+
+class NotAGalleryError(GalleryError, ValueError):
+    """The file is not SQLite, not a deepmetric gallery, or of a newer schema version."""
+
+
+class UnknownIdentityError(GalleryError, KeyError):
+    """No identity of that name is enrolled."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no identity named {self.name!r} in the gallery"
+
+
+class UnknownExampleError(GalleryError, KeyError):
+    """No example with (some of) those ids."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        super().__init__(list(ids))
+        self.ids = list(ids)
+
+    def __str__(self) -> str:
+        shown = ", ".join(map(str, self.ids[:10])) + (", ..." if len(self.ids) > 10 else "")
+        return f"no example with id {shown} in the gallery ({len(self.ids)} unknown)"
+
+
+# --------------------------------------------------------------------------- values
+
+
+class IdentityInfo(NamedTuple):
+    """One enrolled identity: its name, number of examples, metadata and creation time."""
+
+    name: str
+    examples: int
+    metadata: dict[str, Any]
+    created: float  # Unix seconds
+
+
+class Examples(NamedTuple):
+    """Example embeddings, row i of each field describing example ``ids[i]``.
+
+    ``ids`` (N,) int64, ``identities`` N names, ``embeddings`` (N, D) float32.
+    """
+
+    ids: np.ndarray
+    identities: list[str]
+    embeddings: np.ndarray
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` unchanged if it is a valid identity name, else raise ``ValueError``
+    (``TypeError`` for a non-string). The rules are in the module docstring."""
+    if not isinstance(name, str):
+        raise TypeError(f"an identity name must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError("an identity name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"an identity name must be at most {MAX_NAME_LENGTH} characters, got {len(name)}"
+        )
+    if name != name.strip():
+        raise ValueError(f"identity name {name!r} has leading or trailing whitespace")
+    bad = [c for c in name if unicodedata.category(c) == "Cc"]
+    if bad:
+        raise ValueError(f"identity name {name!r} contains the control character {bad[0]!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"identity name {name!r} is not valid Unicode ({error.reason})") from None
+    return name
+
+
+def _to_json(value: object, what: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what} must be JSON-serialisable (no NaN / inf): {error}") from None
+
+
+def _check_metadata(metadata: object) -> dict[str, Any]:
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    if not all(isinstance(k, str) for k in metadata):
+        raise TypeError("metadata keys must be str")
+    out = dict(metadata)
+    _to_json(out, "metadata")
+    return out
+
+
+def _check_embeddings(embeddings: object, dim: int) -> np.ndarray:
+    """(n, dim) finite float -> C-contiguous little-endian float32 (n, dim), n >= 1."""
+    array = np.asarray(embeddings)
+    if array.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (n, {dim}), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"embeddings must be floating point, got dtype {array.dtype}")
+    if array.shape[0] == 0:
+        raise ValueError("embeddings must hold at least one row, got 0")
+    if array.shape[1] != dim:
+        raise ValueError(
+            f"embeddings must have dimension {dim} (the gallery's), got {array.shape[1]}"
+        )
+    with np.errstate(over="ignore"):  # too large for float32: inf, refused just below
+        out = np.ascontiguousarray(array, dtype="<f4")
+    if not np.isfinite(out).all():
+        bad = np.nonzero(~np.isfinite(out).all(axis=1))[0]
+        raise ValueError(
+            f"embeddings contain NaN or inf (after conversion to float32) in row(s) "
+            f"{bad[:10].tolist()}; nothing was written"
+        )
+    return out
+
+
+def _check_thumbnails(thumbnails: object, n: int) -> list[bytes | None]:
+    if thumbnails is None:
+        return [None] * n
+    if isinstance(thumbnails, (bytes, bytearray, memoryview, str)):
+        raise TypeError("thumbnails must be a list with one entry (bytes or None) per embedding")
+    out = list(thumbnails)  # type: ignore[call-overload]
+    if len(out) != n:
+        raise ValueError(f"got {len(out)} thumbnails for {n} embeddings")
+    for i, t in enumerate(out):
+        if t is None:
+            continue
+        if not isinstance(t, (bytes, bytearray, memoryview)):
+            raise TypeError(f"thumbnail {i} must be PNG bytes or None, got {type(t).__name__}")
+        t = out[i] = bytes(t)
+        if not t.startswith(_PNG_SIGNATURE):
+            raise ValueError(f"thumbnail {i} is not a PNG file (no PNG signature)")
+        if len(t) > MAX_THUMBNAIL_BYTES:
+            raise ValueError(
+                f"thumbnail {i} is {len(t)} bytes, more than the {MAX_THUMBNAIL_BYTES} allowed"
+            )
+    return out
+
+
+def _check_ids(ids: object) -> list[int]:
+    array = np.asarray(ids)
+    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"example ids must be a 1-D sequence of integers, got {array.dtype}")
+    return [int(i) for i in array]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class GalleryStore:
+    """A gallery file: identities, their example embeddings, thumbnails and metadata.
+
+    Make one with :meth:`create` or :meth:`open`, not the constructor. Use it as a context
+    manager or call :meth:`close`.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+        meta = self.meta
+        self.dim: int = int(meta["dim"])
+        self.metric: str = str(meta["metric"])
+
+    # ------------------------------------------------------------------ open / create
+
+    @staticmethod
+    def _connect(path: Path, timeout: float) -> sqlite3.Connection:
+        uri = path.resolve().as_uri() + "?mode=rw"
+        db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA foreign_keys = ON")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise GalleryError(f"{path}: could not switch to WAL journal mode (got {mode})")
+            db.execute("PRAGMA synchronous = FULL")  # durable commits: see the module docstring
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @classmethod
+    def create(
+        cls, path: str | Path, *, meta: Mapping[str, Any], timeout: float = 30.0
+    ) -> GalleryStore:
+        """Create a new, empty gallery file at ``path`` (never overwrites one).
+
+        Args:
+            path: the file to create; it must not exist.
+            meta: ``{"dim": int >= 1, "metric": "euclidean" | "squared_euclidean" |
+                "cosine", ...}`` plus optionally ``"model"`` (the model identity dict),
+                ``"threshold"`` and any other JSON values. ``format``, ``schema_version``,
+                ``created`` and ``generation`` are the store's own.
+            timeout: seconds a write waits for another process's write to finish.
+
+        Raises:
+            GalleryExistsError: ``path`` exists. ValueError: bad ``meta``.
+        """
+        path = Path(path)
+        values = dict(meta)
+        dim, metric = values.get("dim"), values.get("metric")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f'meta["dim"] must be an integer >= 1, got {dim!r}')
+        if metric not in METRICS:
+            raise ValueError(f'meta["metric"] must be one of {", ".join(METRICS)}, got {metric!r}')
+        reserved = sorted((_RESERVED - {"dim", "metric"}) & values.keys())
+        if reserved:
+            raise ValueError(f"meta keys {reserved} are set by the store, not by the caller")
+        if not all(isinstance(k, str) for k in values):
+            raise TypeError("meta keys must be str")
+        values.setdefault("model", None)
+        values.setdefault("threshold", None)
+        values.update(
+            format=FORMAT, schema_version=SCHEMA_VERSION, created=time.time(), generation=0
+        )
+        rows = [(k, _to_json(v, f"meta[{k!r}]")) for k, v in sorted(values.items())]
+        try:
+            with open(path, "xb"):  # claims the name atomically: never overwrites
+                pass
+        except FileExistsError:
+            raise GalleryExistsError(f"{path} already exists; not overwriting it") from None
+        try:
+            db = cls._connect(path, timeout)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.close()
+                raise
+        except BaseException:
+            for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                leftover.unlink(missing_ok=True)
+            raise
+        return cls(db, path)
+
+    @classmethod
+    def open(cls, path: str | Path, *, timeout: float = 30.0) -> GalleryStore:
+        """Open an existing gallery file.
+
+        Raises:
+            GalleryNotFoundError: no file at ``path``.
+            NotAGalleryError: not an SQLite file, an SQLite file that is not a deepmetric
+                gallery, or a gallery of a newer schema version than this code reads.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise GalleryNotFoundError(f"no gallery file at {path}")
+        with open(path, "rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+        if header != _SQLITE_HEADER:
+            raise NotAGalleryError(f"{path} is not a deepmetric gallery: not an SQLite file")
+        db = cls._connect(path, timeout)
+        try:
+            cls._check_format(db, path)
+            return cls(db, path)
+        except BaseException:
+            db.close()
+            raise
+
+    @staticmethod
+    def _check_format(db: sqlite3.Connection, path: Path) -> None:
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not {"meta", "identities", "examples"} <= tables:
+                raise NotAGalleryError(
+                    f"{path} is an SQLite file but not a deepmetric gallery (no gallery tables)"
+                )
+            rows = dict(
+                db.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('format', 'schema_version')"
+                ).fetchall()
+            )
+        except sqlite3.DatabaseError as error:
+            raise NotAGalleryError(f"{path} is not a readable gallery: {error}") from None
+        if json.loads(rows.get("format", "null")) != FORMAT:
+            raise NotAGalleryError(
+                f"{path} is an SQLite file but not a deepmetric gallery (meta format is "
+                f"{rows.get('format')})"
+            )
+        version = json.loads(rows.get("schema_version", "null"))
+        if not isinstance(version, int):
+            raise NotAGalleryError(f"{path}: schema_version is missing or not an integer")
+        if version > SCHEMA_VERSION:
+            raise NotAGalleryError(
+                f"{path} has gallery schema version {version}, newer than the {SCHEMA_VERSION} "
+                "this deepmetric reads: upgrade deepmetric to open it"
+            )
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._db.close()
+
+    def __enter__(self) -> GalleryStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GalleryStore({str(self.path)!r}, dim={self.dim}, metric={self.metric!r})"
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed whole, or rolled back on any exception."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query inside sees the same snapshot."""
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        finally:
+            self._db.execute("COMMIT")
+
+    def _bump_generation(self, db: sqlite3.Connection) -> None:
+        (value,) = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'generation'", (json.dumps(int(value) + 1),)
+        )
+
+    def _identity_row(self, db: sqlite3.Connection, name: str) -> tuple[int, str]:
+        row = db.execute("SELECT id, metadata FROM identities WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise UnknownIdentityError(name)
+        return int(row[0]), str(row[1])
+
+    # ------------------------------------------------------------------ meta
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """All meta values (a fresh dict; change them with :meth:`set_meta`)."""
+        return {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Set meta ``key`` to the JSON value ``value`` (e.g. ``"threshold"``, ``"model"``).
+
+        The store's own keys (format, schema_version, dim, metric, created, generation) are
+        refused with ``ValueError``. Does not change :attr:`generation`.
+        """
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"a meta key must be a non-empty str, got {key!r}")
+        if key in _RESERVED:
+            raise ValueError(f"meta {key!r} is set by the store and cannot be changed")
+        text = _to_json(value, f"meta[{key!r}]")
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, text),
+            )
+
+    @property
+    def generation(self) -> int:
+        """The example-set version: +1 by every committed add or remove (read afresh, so it
+        sees other processes' writes)."""
+        (value,) = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(json.loads(value))
+
+    # ------------------------------------------------------------------ writes
+
+    def add(
+        self,
+        identity: str,
+        embeddings: np.ndarray,
+        *,
+        thumbnails: Sequence[bytes | None] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Enroll ``embeddings`` as examples of ``identity``, in one transaction.
+
+        Args:
+            identity: the name (see :func:`check_name`); a new name creates the identity, an
+                enrolled one gets the examples added to its own.
+            embeddings: (n, D) finite floats, n >= 1, D = the gallery's ``dim``; stored as
+                float32 (converted first, then checked: a float64 too large for float32 is
+                refused as inf).
+            thumbnails: n entries, PNG bytes or ``None``, or ``None`` for none at all.
+            metadata: a JSON object. For a new identity, its metadata; for an enrolled one it
+                is merged into the existing metadata (``dict.update``: given keys replace,
+                others stay). Use :meth:`set_metadata` to replace it whole.
+
+        Returns:
+            The n new example ids, ascending, in the order of the rows of ``embeddings``.
+
+        Raises:
+            ValueError / TypeError: bad input (NaN / inf, shape, name, thumbnail); nothing is
+            written.
+        """
+        check_name(identity)
+        rows = _check_embeddings(embeddings, self.dim)
+        thumbs = _check_thumbnails(thumbnails, rows.shape[0])
+        extra = _check_metadata({} if metadata is None else metadata)
+        now = time.time()
+        blobs = [r.tobytes() for r in rows]
+        with self._write() as db:
+            found = db.execute(
+                "SELECT id, metadata FROM identities WHERE name = ?", (identity,)
+            ).fetchone()
+            if found is None:
+                cur = db.execute(
+                    "INSERT INTO identities (name, metadata, created) VALUES (?, ?, ?)",
+                    (identity, _to_json(extra, "metadata"), now),
+                )
+                row_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            else:
+                row_id = int(found[0])
+                if extra:
+                    merged = {**json.loads(found[1]), **extra}
+                    db.execute(
+                        "UPDATE identities SET metadata = ? WHERE id = ?",
+                        (_to_json(merged, "metadata"), row_id),
+                    )
+            (before,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM examples").fetchone()
+            db.executemany(
+                "INSERT INTO examples (identity, embedding, thumbnail, created) "
+                "VALUES (?, ?, ?, ?)",
+                ((row_id, b, t, now) for b, t in zip(blobs, thumbs)),
+            )
+            ids = [
+                int(r[0])
+                for r in db.execute(
+                    "SELECT id FROM examples WHERE identity = ? AND id > ? ORDER BY id",
+                    (row_id, before),
+                )
+            ]
+            if len(ids) != len(blobs):  # pragma: no cover - a broken invariant, not input
+                raise GalleryError(f"inserted {len(blobs)} examples but found {len(ids)}")
+            self._bump_generation(db)
+        return ids
+
+    def remove(self, identity: str) -> list[int]:
+        """Remove ``identity`` and all its examples, in one transaction.
+
+        Returns:
+            The ids of the removed examples, ascending (remove them from any index).
+
+        Raises:
+            UnknownIdentityError (a ``KeyError``): no identity of that name.
+        """
+        with self._write() as db:
+            row_id, _ = self._identity_row(db, identity)
+            ids = [
+                int(r[0])
+                for r in db.execute(
+                    "SELECT id FROM examples WHERE identity = ? ORDER BY id", (row_id,)
+                )
+            ]
+            db.execute("DELETE FROM identities WHERE id = ?", (row_id,))  # cascades
+            self._bump_generation(db)
+        return ids
+
+    def set_metadata(self, identity: str, metadata: Mapping[str, Any]) -> None:
+        """Replace the metadata of ``identity`` with the JSON object ``metadata``."""
+        text = _to_json(_check_metadata(metadata), "metadata")
+        with self._write() as db:
+            row_id, _ = self._identity_row(db, identity)
+            db.execute("UPDATE identities SET metadata = ? WHERE id = ?", (text, row_id))
+
+    # ------------------------------------------------------------------ reads
+
+    def __contains__(self, identity: object) -> bool:
+        if not isinstance(identity, str):
+            return False
+        row = self._db.execute("SELECT 1 FROM identities WHERE name = ?", (identity,)).fetchone()
+        return row is not None
+
+    @property
+    def num_identities(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM identities").fetchone()[0])
+
+    @property
+    def num_examples(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM examples").fetchone()[0])
+
+    def identities(self) -> list[IdentityInfo]:
+        """Every enrolled identity, ordered by name (code point order)."""
+        rows = self._db.execute(
+            "SELECT i.name, COUNT(e.id), i.metadata, i.created FROM identities AS i "
+            "LEFT JOIN examples AS e ON e.identity = i.id GROUP BY i.id ORDER BY i.name"
+        ).fetchall()
+        return [IdentityInfo(str(n), int(c), json.loads(m), float(t)) for n, c, m, t in rows]
+
+    def identity(self, name: str) -> IdentityInfo:
+        """One identity's :class:`IdentityInfo`; ``UnknownIdentityError`` if not enrolled."""
+        row = self._db.execute(
+            "SELECT i.name, COUNT(e.id), i.metadata, i.created FROM identities AS i "
+            "LEFT JOIN examples AS e ON e.identity = i.id WHERE i.name = ? GROUP BY i.id",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise UnknownIdentityError(name)
+        return IdentityInfo(str(row[0]), int(row[1]), json.loads(row[2]), float(row[3]))
+
+    def example_ids(self, identity: str) -> list[int]:
+        """The example ids of ``identity``, ascending."""
+        with self._read() as db:
+            row_id, _ = self._identity_row(db, identity)
+            return [
+                int(r[0])
+                for r in db.execute(
+                    "SELECT id FROM examples WHERE identity = ? ORDER BY id", (row_id,)
+                )
+            ]
+
+    def _decode(self, blob: bytes, example_id: int) -> bytes:
+        if len(blob) != 4 * self.dim:
+            raise GalleryError(
+                f"{self.path}: example {example_id} has a {len(blob)}-byte embedding, expected "
+                f"{4 * self.dim} (dim {self.dim} x float32): the file is corrupt"
+            )
+        return blob
+
+    def examples(self, ids: Sequence[int] | np.ndarray | None = None) -> Examples:
+        """Example embeddings: all of them ordered by id (``ids=None``), or the given ids in
+        the given order (``UnknownExampleError`` if any is not in the gallery).
+
+        Returns :class:`Examples`: ids (N,) int64, N identity names, embeddings (N, D)
+        float32, bit for bit as stored. One read transaction: a consistent snapshot even while
+        another process writes.
+        """
+        with self._read() as db:
+            names = dict(db.execute("SELECT id, name FROM identities").fetchall())
+            if ids is None:
+                rows = db.execute(
+                    "SELECT id, identity, embedding FROM examples ORDER BY id"
+                ).fetchall()
+            else:
+                wanted = _check_ids(ids)
+                found: dict[int, tuple[int, int, bytes]] = {}
+                unique = list(dict.fromkeys(wanted))
+                for start in range(0, len(unique), _CHUNK):
+                    part = unique[start : start + _CHUNK]
+                    marks = ",".join("?" * len(part))  # placeholders only; the ids are bound
+                    for r in db.execute(
+                        f"SELECT id, identity, embedding FROM examples WHERE id IN ({marks})",
+                        part,
+                    ):
+                        found[int(r[0])] = r
+                missing = [i for i in unique if i not in found]
+                if missing:
+                    raise UnknownExampleError(missing)
+                rows = [found[i] for i in wanted]
+        n = len(rows)
+        out_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n)
+        data = b"".join(self._decode(r[2], r[0]) for r in rows)
+        emb = np.frombuffer(data, dtype="<f4").reshape(n, self.dim).astype(np.float32)
+        return Examples(out_ids, [names[r[1]] for r in rows], emb)
+
+    def all_embeddings(self) -> Examples:
+        """Every example, ordered by id: what an index is built from (see :meth:`examples`)."""
+        return self.examples(None)
+
+    def identity_of(self, example_ids: Sequence[int] | np.ndarray) -> list[str]:
+        """The identity name of each example id, in order (``UnknownExampleError`` if any id
+        is not in the gallery; -1 is never an example id)."""
+        wanted = _check_ids(example_ids)
+        unique = list(dict.fromkeys(wanted))
+        found: dict[int, str] = {}
+        with self._read() as db:
+            for start in range(0, len(unique), _CHUNK):
+                part = unique[start : start + _CHUNK]
+                marks = ",".join("?" * len(part))
+                for example_id, name in db.execute(
+                    "SELECT e.id, i.name FROM examples AS e JOIN identities AS i "
+                    f"ON i.id = e.identity WHERE e.id IN ({marks})",
+                    part,
+                ):
+                    found[int(example_id)] = str(name)
+        missing = [i for i in unique if i not in found]
+        if missing:
+            raise UnknownExampleError(missing)
+        return [found[i] for i in wanted]
+
+    def thumbnail(self, identity: str) -> bytes | None:
+        """The thumbnail of ``identity``'s first example (lowest id) that has one, or
+        ``None`` when none of its examples has a thumbnail."""
+        with self._read() as db:
+            row_id, _ = self._identity_row(db, identity)
+            row = db.execute(
+                "SELECT thumbnail FROM examples WHERE identity = ? AND thumbnail IS NOT NULL "
+                "ORDER BY id LIMIT 1",
+                (row_id,),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def example_thumbnail(self, example_id: int) -> bytes | None:
+        """The thumbnail of one example (``None`` if it has none)."""
+        row = self._db.execute(
+            "SELECT thumbnail FROM examples WHERE id = ?", (int(example_id),)
+        ).fetchone()
+        if row is None:
+            raise UnknownExampleError([int(example_id)])
+        return None if row[0] is None else bytes(row[0])
