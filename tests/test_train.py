@@ -40,6 +40,7 @@ def _config(idx_dir: Path, out: Path, *overrides: str):
         "train.batch_size=12",
         "train.log_every=5",
         "train.val_fraction=0.2",
+        "train.augment=false",  # the synthetic patterns are not mirror-symmetric
     ]
     return load_config(None, base + list(overrides))
 

@@ -30,7 +30,7 @@ class ModelConfig:
     dim: int = 128
     normalize: bool = True
     batch_norm: bool = False  # small_cnn: BatchNorm after each convolution (resnet_small has it)
-    padding: int = 0  # small_cnn: 1 keeps the border (28 -> 14 -> 7), 0 the classic net (-> 5)
+    padding: int = 1  # small_cnn: 1 keeps the border (28 -> 14 -> 7), 0 the classic net (-> 5)
     #: a model registered with ``deepmetric.models.register_model`` (``fit(..., builder=)``);
     #: when set, ``backbone`` is ignored and the run's model is ``builder(**builder_args)``
     builder: str | None = None
@@ -78,7 +78,9 @@ class TrainConfig:
     offline_every: int = 100  # offline mode: re-mine triplets every N steps
     offline_p: int = 32
     offline_k: int = 16
-    augment: bool = False  # images: random horizontal flips and shifts of up to 2 pixels
+    #: images: random horizontal flips and shifts of up to 2 pixels (false for data whose
+    #: mirror image is another thing: digits, text)
+    augment: bool = True
     log_every: int = 10
 
 

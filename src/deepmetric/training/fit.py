@@ -245,6 +245,7 @@ def fit(
     builder: str | None = None,
     builder_args: dict[str, Any] | None = None,
     softmax_weight: float = 1.0,
+    augment: bool = False,
     stream: TextIO | None = sys.stderr,
     **options: Any,
 ) -> nn.Module:
@@ -262,26 +263,29 @@ def fit(
             ``functools.partial(triplet_margin_loss, margin=0.2)``.
         epochs, p, k, seed: as in the config (``train.p``, ...); P adapts to the classes present.
         val_data: a validation ``Dataset``: per-epoch validation loss and precision@1.
+        augment: random horizontal flips and 2-pixel shifts of (B, C, H, W) inputs. Off by
+            default here (unlike the config's default, made for Fashion-MNIST): a mirror image
+            is not the same thing for every kind of data (digits, text, signatures).
         out: a run folder like the CLI's (``config.yaml``, ``log.jsonl``, checkpoints, exact
             ``resume=True``). ``deepmetric evaluate`` can rebuild the model when ``builder``
             names a function registered with :func:`deepmetric.models.register_model`
             (called as ``builder(**builder_args)``; pass ``--import MODULE`` to the CLI).
         **options: any ``train.*`` option of the config: ``lr``, ``optimizer``,
-            ``weight_decay``, ``schedule``, ``warmup_epochs``, ``augment``, ``device``,
+            ``weight_decay``, ``schedule``, ``warmup_epochs``, ``device``,
             ``amp``, ``grad_clip``, ``batch_size``, ``log_every``, ...
 
     Example::
 
         net = fit(MyNet(), my_dataset, loss=TripletLoss(margin=0.2), epochs=5, p=8, k=4)
     """
-    valid = {f.name for f in dataclasses.fields(TrainConfig)} - {"p", "k", "classes"}
+    valid = {f.name for f in dataclasses.fields(TrainConfig)} - {"p", "k", "classes", "augment"}
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; valid: {', '.join(sorted(valid))}")
     config = Config(name=Path(out).name if out else "fit", data="(python objects)", seed=seed)
     config.mode, config.epochs = mode, epochs  # type: ignore[assignment]
     config.out = str(out) if out is not None else None
-    config.train = dataclasses.replace(TrainConfig(), p=p, k=k, **options)
+    config.train = dataclasses.replace(TrainConfig(), p=p, k=k, augment=augment, **options)
     config.loss = _loss_config(loss)
     config.loss.softmax_weight = softmax_weight
     config.model.builder, config.model.builder_args = builder, dict(builder_args or {})
