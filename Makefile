@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install data test lint demo demo-synthetic bench clean
+.PHONY: install data test lint demo demo-synthetic demo-oneshot bench clean
 
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -44,6 +44,13 @@ demo: install data
 # One minute, no data needed: every loss on synthetic open-set data.
 demo-synthetic: install
 	$(BIN)/deepmetric demo $(ARGS)
+
+# One-shot identification of classes never trained on: train on Fashion-MNIST classes 0-5
+# (or reuse ONESHOT_RUN), enroll one test image of each of classes 6-9, identify the rest and
+# strangers; ARGS are training overrides (e.g. data=idx:DIR epochs=1).
+ONESHOT_RUN := runs/oneshot_0to5
+demo-oneshot: install data
+	$(BIN)/deepmetric demo-oneshot --run $(ONESHOT_RUN) $(ARGS)
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

@@ -23,7 +23,7 @@ LAYERS = [
     ["inference"],
     ["gallery"],
     ["service"],
-    ["demo", "cli", "__main__"],
+    ["demo", "demo_oneshot", "cli", "__main__"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

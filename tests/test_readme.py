@@ -48,6 +48,7 @@ SKIP = {
 PLACEHOLDERS: dict[str, Callable[[Path], Path]] = {
     "/my/mnist": tiny_data.make_idx_dir,  # data=idx:DIR: the four IDX files
     "/photos": tiny_data.make_image_folder,  # --data folder:DIR: train/ and test/ class folders
+    "/photos/enroll": tiny_data.make_identity_folders,  # gallery enroll --from-dir: NAME/*.png
 }
 
 # `make TARGET` -> the extra make arguments that keep its run small (and its runs in the temp
@@ -55,6 +56,7 @@ PLACEHOLDERS: dict[str, Callable[[Path], Path]] = {
 MAKE_ARGS: dict[str, list[str]] = {
     "demo": ["DEMO_RUN=WORK/runs/fashion_mnist_demo", "ARGS=epochs=1"],
     "demo-synthetic": ["ARGS=--steps 5"],
+    "demo-oneshot": ["ONESHOT_RUN=WORK/runs/oneshot_0to5", "ARGS=epochs=1"],
 }
 
 # A path or an all-capitals word (DIR, FILE) in a command: a placeholder to substitute.

@@ -79,6 +79,20 @@ def make_npz(
     return file
 
 
+def make_identity_folders(directory: Path, *, per_identity: int = 2, seed: int = 0) -> Path:
+    """``directory/NAME/I.png`` for the gallery's ``enroll --from-dir``: one subfolder per
+    identity (``alice``, ``bob``, ``carol``: the patterns of classes 1, 2, 3), grayscale."""
+    from PIL import Image
+
+    for c, name in ((1, "alice"), (2, "bob"), (3, "carol")):
+        folder = directory / name
+        folder.mkdir(parents=True, exist_ok=True)
+        labels = np.full(per_identity, c, dtype=np.uint8)
+        for i, image in enumerate(patterns(labels, seed + c)):
+            Image.fromarray(image).save(folder / f"{i}.png")
+    return directory
+
+
 def make_photos(directory: Path, seed: int = 0) -> list[Path]:
     """``photo1.png`` (RGB, 56x56) and ``photo2.png`` (grayscale, 28x28): two images of class 0
     for the ``verify`` / ``embed`` examples, of another size and mode than the training data."""

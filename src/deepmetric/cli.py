@@ -1,5 +1,6 @@
 """The ``deepmetric`` command line: ``train``, ``evaluate``, ``embed``, ``verify``, ``export``,
-``demo``. Thin: parse, call the API, print; an error is one line and exit code 2."""
+``gallery`` (create / enroll / identify / list / remove / reindex), ``demo``,
+``demo-oneshot``. Thin: parse, call the API, print; an error is one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -185,6 +186,183 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ gallery
+
+
+def _finite(value: float) -> float | None:
+    """A distance for JSON: ``None`` for inf (an empty gallery)."""
+    return value if value != float("inf") else None
+
+
+def _open_gallery(args: argparse.Namespace) -> Any:
+    from deepmetric.gallery import Gallery
+
+    embedder = _embedder(args.run, args.device, calibrate=False) if args.run else None
+    return Gallery.open(args.gallery, embedder, device=args.device, progress=_progress)
+
+
+def _gallery_create(args: argparse.Namespace) -> int:
+    from deepmetric.gallery import Gallery
+
+    if Path(args.gallery).exists():
+        raise ValueError(f"{args.gallery} already exists; not overwriting it")
+    embedder = _embedder(args.run, args.device, calibrate=args.far is None)
+    with Gallery.create(
+        args.gallery, embedder, far=args.far, source=args.run, progress=_progress
+    ) as gallery:
+        t = gallery.threshold
+        rule = "best accuracy" if t.far is None else f"false accept rate <= {t.far:g}"
+        print(
+            f"created {gallery.path} (and {gallery.index_path}/): model {gallery.source} "
+            f"({embedder.dim}-d, {embedder.metric}), threshold {t.value:.4f} ({rule}, "
+            f"chosen on {t.validation_items or '?'} validation items, not on gallery data)"
+        )
+    return 0
+
+
+def _identity_folders(folder: Path) -> list[tuple[str, list[Path]]]:
+    """``(name, image files)`` per subfolder of ``folder`` (sorted, hidden ones left out)."""
+    from deepmetric.gallery.store import check_name
+
+    if not folder.is_dir():
+        raise ValueError(f"--from-dir {folder}: no such folder")
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subfolders:
+        raise ValueError(f"--from-dir {folder}: no subfolders (one subfolder per identity)")
+    out = []
+    for sub in subfolders:
+        try:
+            check_name(sub.name)
+        except ValueError as error:
+            raise ValueError(f"{sub}: not a valid identity name: {error}") from None
+        out.append((sub.name, _image_files([str(sub)])))
+    return out
+
+
+def _gallery_enroll(args: argparse.Namespace) -> int:
+    if args.from_dir is not None:
+        if args.identity is not None:
+            raise ValueError("give either IDENTITY FILE... or --from-dir DIR, not both")
+        todo = _identity_folders(Path(args.from_dir))  # checked before any work
+    else:
+        if args.identity is None or not args.files:
+            raise ValueError("give IDENTITY FILE... (one or more images) or --from-dir DIR")
+        todo = [(args.identity, _image_files(args.files))]
+    with _open_gallery(args) as gallery:
+        for i, (name, files) in enumerate(todo, 1):
+            ids = gallery.enroll(name, files)
+            if args.json:
+                record = {"identity": name, "examples": ids, "files": [str(f) for f in files]}
+                print(json.dumps(record), flush=True)
+            elif args.from_dir is None:
+                print(f"enrolled {name!r}: {len(ids)} example{'s' * (len(ids) != 1)}")
+            if args.from_dir is not None:
+                _progress(f"[{i}/{len(todo)}] enrolled {name!r}: {len(ids)} examples")
+        if not args.json:
+            print(f"{gallery.path}: {len(gallery)} identities, {gallery.num_examples} examples")
+    return 0
+
+
+def _gallery_identify(args: argparse.Namespace) -> int:
+    files = _image_files(args.files)
+    with _open_gallery(args) as gallery:
+        results = gallery.identify(files, k=args.k)
+    for file, result in zip(files, results):
+        candidates = [{"identity": c.identity, "distance": c.distance} for c in result.candidates]
+        if args.json:
+            record = {
+                "input": str(file),
+                "identity": result.identity,
+                "distance": _finite(result.distance),
+                "threshold": result.threshold,
+                "candidates": candidates,
+            }
+            print(json.dumps(record))
+            continue
+        others = ", ".join(f"{c.identity} {c.distance:.4f}" for c in result.candidates[1:])
+        rest = f"; next: {others}" if others else ""
+        if result.identity is not None:
+            print(
+                f"{file}: {result.identity} (distance {result.distance:.4f} <= threshold "
+                f"{result.threshold:.4f}){rest}"
+            )
+        elif not result.candidates:
+            print(f"{file}: unknown (the gallery is empty)")
+        else:
+            nearest = result.candidates[0].identity
+            print(
+                f"{file}: unknown (nearest {nearest} at {result.distance:.4f} > threshold "
+                f"{result.threshold:.4f}){rest}"
+            )
+    return 0
+
+
+def _gallery_list(args: argparse.Namespace) -> int:
+    from deepmetric.gallery.store import GalleryStore
+
+    with GalleryStore.open(args.gallery) as store:  # no model needed to list
+        infos = store.identities()
+        meta = store.meta
+    if args.json:
+        for info in infos:
+            record = {
+                "identity": info.name,
+                "examples": info.examples,
+                "metadata": info.metadata,
+                "created": info.created,
+            }
+            print(json.dumps(record))
+        return 0
+    for info in infos:
+        print(f"{info.name}\t{info.examples} example{'s' * (info.examples != 1)}")
+    threshold = (meta.get("threshold") or {}).get("threshold")
+    print(
+        f"{args.gallery}: {len(infos)} identities, {sum(i.examples for i in infos)} examples; "
+        f"model {meta.get('source')}; {meta.get('dim')}-d {meta.get('metric')}, threshold "
+        f"{threshold}"
+    )
+    return 0
+
+
+def _gallery_remove(args: argparse.Namespace) -> int:
+    with _open_gallery(args) as gallery:
+        ids = gallery.remove(args.identity)
+        print(
+            f"removed {args.identity!r} ({len(ids)} example{'s' * (len(ids) != 1)}); "
+            f"{len(gallery)} identities left"
+        )
+    return 0
+
+
+def _gallery_reindex(args: argparse.Namespace) -> int:
+    with _open_gallery(args) as gallery:
+        n = gallery.reindex()
+        print(
+            f"reindexed {gallery.path}: {n} examples of {len(gallery)} identities "
+            f"({gallery.index.kind} index) -> {gallery.index_path}"
+        )
+    return 0
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    handlers = {
+        "create": _gallery_create,
+        "enroll": _gallery_enroll,
+        "identify": _gallery_identify,
+        "list": _gallery_list,
+        "remove": _gallery_remove,
+        "reindex": _gallery_reindex,
+    }
+    return handlers[args.gallery_command](args)
+
+
+def _demo_oneshot(args: argparse.Namespace) -> int:
+    from deepmetric.demo_oneshot import main as oneshot
+
+    oneshot(args.overrides, run=args.run, strangers=args.strangers)
+    return 0
+
+
 def _import_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--import",
@@ -294,6 +472,88 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
     _import_option(export)
 
+    gallery_help = "the gallery file (SQLite; its index is the folder GALLERY.index)"
+    gallery = commands.add_parser(
+        "gallery",
+        help="enroll identities and identify images (one-shot, open set)",
+        description="A gallery file holds enrolled identities (their example embeddings and "
+        "thumbnails), the model identity and the open-set threshold; identify answers the "
+        "nearest identity when its distance <= the threshold, else unknown.",
+    )
+    actions = gallery.add_subparsers(dest="gallery_command", required=True)
+    run_help = (
+        "use this model (a run folder or .onnx file) instead of the one the gallery records; "
+        "it must be the same model (same weights hash, preprocessing, dim, metric)"
+    )
+
+    def gallery_parser(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=description)
+        sub.add_argument("gallery", metavar="GALLERY", help=gallery_help)
+        sub.add_argument("--device", default="auto", help=device_help)
+        _import_option(sub)
+        return sub
+
+    g_create = gallery_parser(
+        "create",
+        "a new gallery for a trained model",
+        "The threshold is the run's (RUN_DIR/threshold.json, chosen on its validation "
+        "split), or with --far the largest threshold whose false accept rate on the run's "
+        "validation pairs is <= FAR. Never overwrites an existing file.",
+    )
+    g_create.add_argument("--run", required=True, metavar="RUN_DIR_OR_ONNX", help=model_help)
+    g_create.add_argument("--far", type=float, help="false accept rate target, e.g. 1e-3")
+
+    g_enroll = gallery_parser(
+        "enroll",
+        "enroll images of an identity (or a folder of identities)",
+        "Enroll FILE... (files or folders of images) as examples of IDENTITY, or with "
+        "--from-dir one identity per subfolder of DIR (named after it).",
+    )
+    g_enroll.add_argument("identity", metavar="IDENTITY", nargs="?")
+    g_enroll.add_argument("files", metavar="FILE", nargs="*")
+    g_enroll.add_argument("--from-dir", metavar="DIR", help="one subfolder per identity")
+    g_enroll.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
+    g_enroll.add_argument("--json", action="store_true", help="one JSON object per identity")
+
+    g_identify = gallery_parser(
+        "identify",
+        "who is in each image? (or unknown)",
+        "For each FILE: the nearest enrolled identity when its distance <= the gallery's "
+        "threshold, else unknown; and the K nearest identities.",
+    )
+    g_identify.add_argument("files", metavar="FILE", nargs="+")
+    g_identify.add_argument("--k", type=int, default=5, help="candidate identities per file")
+    g_identify.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
+    g_identify.add_argument("--json", action="store_true", help="one JSON object per file")
+
+    g_list = gallery_parser("list", "the enrolled identities", "Names and example counts.")
+    g_list.add_argument("--json", action="store_true", help="one JSON object per identity")
+
+    g_remove = gallery_parser("remove", "remove an identity", "Removes it and its examples.")
+    g_remove.add_argument("identity", metavar="IDENTITY")
+    g_remove.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
+
+    g_reindex = gallery_parser(
+        "reindex", "rebuild the index", "Rebuilds GALLERY.index from the database."
+    )
+    g_reindex.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
+
+    oneshot = commands.add_parser(
+        "demo-oneshot",
+        help="one-shot identification of classes never trained on",
+        description="Train on Fashion-MNIST classes 0-5 (or reuse --run), enroll one test "
+        "image of each unseen class, identify the other test images of those classes and "
+        "strangers of the seen classes; print the accuracy and acceptance rates and write a "
+        "figure into the run folder. key=value overrides go to the training config (e.g. "
+        "data=idx:DIR epochs=1).",
+    )
+    oneshot.add_argument("overrides", nargs="*", help="key=value, e.g. epochs=4")
+    oneshot.add_argument("--run", default="runs/oneshot_0to5", help="the run folder")
+    oneshot.add_argument(
+        "--strangers", type=int, default=1000, help="test images of the seen classes to query"
+    )
+    _import_option(oneshot)
+
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
     demo.add_argument("--seed", type=int, default=0)
@@ -306,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from deepmetric.checkpoints import CheckpointError
     from deepmetric.data import DatasetError
+    from deepmetric.gallery.store import GalleryError
 
     try:
         _import_modules(args.imports)
@@ -315,11 +576,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "embed": _embed,
             "verify": _verify,
             "export": _export,
+            "gallery": _gallery,
+            "demo-oneshot": _demo_oneshot,
         }
         return handlers[args.command](args)
     except KeyboardInterrupt as stop:  # Ctrl-C: 130; SIGTERM (a checkpoint was saved): 143
         return 128 + getattr(stop, "signum", 2)
-    except (ValueError, CheckpointError, DatasetError, FloatingPointError, OSError) as error:
+    except (
+        ValueError,
+        CheckpointError,
+        DatasetError,
+        FloatingPointError,
+        OSError,
+        GalleryError,
+    ) as error:
         print(f"deepmetric: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,214 @@
+"""One-shot identification of classes the network never saw, with an open-set "unknown".
+
+The protocol (``make demo-oneshot``): train on Fashion-MNIST classes 0-5 (the default config
+plus ``train.classes=[0,1,2,3,4,5]``, into ``runs/oneshot_0to5``; an existing run there is
+reused), create a gallery with the run's threshold (chosen on its validation split: classes
+0-5, never on the gallery's data), enroll ONE test image of each unseen class 6-9, then
+identify
+
+- every other test image of classes 6-9 (genuine queries: their class is enrolled), and
+- ``strangers`` test images of classes 0-5 (never enrolled: the right answer is "unknown").
+
+Printed: the one-shot accuracy (the nearest of the enrolled identities is the right one,
+threshold ignored; chance is 1 / the number enrolled), the accuracy of accepted answers
+(genuine queries whose distance is within the threshold), the acceptance rate of genuine
+queries and the rejection rate of strangers. A figure goes to ``RUN/oneshot/oneshot.png``:
+the enrolled examples, and a grid of queries with their answers (green: right, red: a wrong
+name, gray: unknown for an enrolled class).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepmetric.config import load_config
+from deepmetric.data import load_dataset
+from deepmetric.gallery.gallery import Gallery, Identification, index_path
+from deepmetric.inference import Embedder
+from deepmetric.training import train
+from deepmetric.training.builders import load_options
+
+SEEN = [0, 1, 2, 3, 4, 5]
+RIGHT, WRONG, UNKNOWN = "#2ca02c", "#d62728", "#7f7f7f"
+
+
+def _rate(hits: np.ndarray) -> float:
+    return float(hits.mean()) if hits.size else math.nan
+
+
+def _names(classes: list[str] | None, ids: Sequence[int]) -> dict[int, str]:
+    return {c: (classes[c] if classes is not None else f"class {c}") for c in ids}
+
+
+def _figure(
+    path: Path,
+    enrolled: list[tuple[str, torch.Tensor]],
+    shown: list[tuple[torch.Tensor, str, Identification]],
+    columns: int = 8,
+) -> Path:
+    """Row 0: the enrolled examples; below: queries, titled with the truth and the answer,
+    framed by the outcome."""
+    from matplotlib.figure import Figure
+
+    rows = 1 + math.ceil(len(shown) / columns)
+    fig = Figure(figsize=(1.5 * columns, 1.75 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_axis_off()
+
+    def show(ax: object, x: torch.Tensor) -> None:
+        img = x.detach().float().clamp(0, 1).numpy()
+        img = img[0] if img.shape[0] == 1 else np.transpose(img[:3], (1, 2, 0))
+        ax.set_axis_on()  # type: ignore[attr-defined]
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)  # type: ignore[attr-defined]
+
+    for col, (name, x) in enumerate(enrolled[:columns]):
+        show(axes[0, col], x)
+        axes[0, col].set_title(f"enrolled: {name}", fontsize=7, fontweight="bold")
+    for i, (x, truth, answer) in enumerate(shown):
+        ax = axes[1 + i // columns, i % columns]
+        show(ax, x)
+        stranger = truth.startswith("stranger")
+        if answer.identity is None:
+            colour = RIGHT if stranger else UNKNOWN
+        else:
+            colour = RIGHT if answer.identity == truth else WRONG
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(3)
+        said = answer.identity if answer.identity is not None else "unknown"
+        ax.set_title(f"{truth}\n-> {said} ({answer.distance:.2f})", fontsize=6, color=colour)
+    fig.suptitle(
+        "One-shot identification: top, the one enrolled example per class; below, queries "
+        "(truth -> answer, distance). Green: right (strangers: unknown), red: a wrong name, "
+        "gray: unknown for an enrolled class",
+        fontsize=8,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def main(
+    overrides: Sequence[str] = (),
+    *,
+    run: str | Path = "runs/oneshot_0to5",
+    strangers: int = 1000,
+) -> dict[str, float]:
+    """Run the protocol of the module docstring; print and return the figures.
+
+    Args:
+        overrides: ``key=value`` overrides of the training config (after the defaults and
+            ``train.classes=[0,1,2,3,4,5]``), e.g. ``data=idx:DIR epochs=1``.
+        run: the run folder (trained when it has no checkpoints, else reused).
+        strangers: test images of the trained classes to query (all when fewer).
+
+    Returns:
+        ``one_shot_accuracy``, ``accepted_accuracy``, ``genuine_acceptance``,
+        ``stranger_rejection``, ``accepted_precision`` (strangers' accepted answers counted
+        wrong), ``threshold``, and the counts ``genuine`` / ``strangers`` / ``enrolled``.
+    """
+    if strangers < 0:
+        raise ValueError(f"strangers must be >= 0, got {strangers}")
+    run = Path(run)
+    config = load_config(None, [f"train.classes={SEEN}".replace(" ", ""), f"out={run}", *overrides])
+    if (run / "checkpoints").is_dir():
+        print(f"reusing the trained run {run} (delete it to train again)")
+    else:
+        print(f"training on classes {config.train.classes} of {config.data} into {run}")
+        train(config)
+    embedder = Embedder.from_run(run, progress=print)
+    threshold = embedder.threshold
+
+    test = load_dataset(config.data, "test", **load_options(config))  # type: ignore[arg-type]
+    seen = sorted(set(config.train.classes or []))
+    labels = test.y.numpy()
+    unseen = sorted(set(np.unique(labels).tolist()) - set(seen))
+    if not unseen:
+        raise ValueError(f"{config.data}: no test class outside train.classes {seen}")
+    names = _names(test.classes, sorted(set(seen) | set(unseen)))
+    rng = np.random.default_rng(config.seed)
+
+    enrolled = {c: int(rng.choice(np.flatnonzero(labels == c))) for c in unseen}
+    genuine = np.array(
+        [i for i in range(len(labels)) if labels[i] in enrolled and i != enrolled[labels[i]]],
+        dtype=np.int64,
+    )
+    pool = np.flatnonzero(np.isin(labels, seen))
+    stranger_ids = np.sort(rng.choice(pool, size=min(strangers, len(pool)), replace=False))
+
+    folder = run / "oneshot"
+    gallery_file = folder / "gallery.db"
+    for leftover in (Path(f"{gallery_file}-wal"), Path(f"{gallery_file}-shm"), gallery_file):
+        leftover.unlink(missing_ok=True)  # the demo's own gallery of a previous run
+    shutil.rmtree(index_path(gallery_file), ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    with Gallery.create(gallery_file, embedder, source=run) as gallery:
+        for c, i in enrolled.items():
+            gallery.enroll(names[c], test.x[i : i + 1], metadata={"test_index": i})
+        queries = np.concatenate([genuine, stranger_ids])
+        answers = gallery.identify(test.x[queries], k=len(unseen))
+
+    truth = [names[int(labels[i])] for i in genuine]
+    got = answers[: len(genuine)]
+    top1 = np.array([a.candidates[0].identity == t for a, t in zip(got, truth)])
+    accepted = np.array([a.identity is not None for a in got])
+    right = np.array([a.identity == t for a, t in zip(got, truth)])
+    rejected = np.array([a.identity is None for a in answers[len(genuine) :]])
+    accepted_all = int(accepted.sum()) + int((~rejected).sum())
+    result = {
+        "one_shot_accuracy": _rate(top1),
+        "accepted_accuracy": _rate(right[accepted]),
+        "genuine_acceptance": _rate(accepted),
+        "stranger_rejection": _rate(rejected),
+        "accepted_precision": int(right.sum()) / accepted_all if accepted_all else math.nan,
+        "threshold": threshold.value,
+        "genuine": len(genuine),
+        "strangers": len(stranger_ids),
+        "enrolled": len(enrolled),
+    }
+
+    shown: list[tuple[torch.Tensor, str, Identification]] = []
+    per_class = 6
+    for c in unseen:  # the first few genuine queries of each class, then some strangers
+        for j in np.flatnonzero(labels[genuine] == c)[:per_class]:
+            shown.append((test.x[genuine[j]], names[c], got[j]))
+    spread = np.unique(np.linspace(0, len(stranger_ids) - 1, 2 * per_class).round().astype(int))
+    for j in spread if len(stranger_ids) else []:  # strangers from across the trained classes
+        i = stranger_ids[j]
+        shown.append((test.x[i], f"stranger ({names[int(labels[i])]})", answers[len(genuine) + j]))
+    figure = _figure(
+        folder / "oneshot.png",
+        [(names[c], test.x[i]) for c, i in enrolled.items()],
+        shown,
+        columns=max(per_class, len(enrolled)),
+    )
+
+    listed = ", ".join(names[c] for c in unseen)
+    print(
+        f"one-shot identification of {len(unseen)} classes never trained on ({listed}), "
+        f"one enrolled test image each; {len(genuine)} genuine queries, {len(stranger_ids)} "
+        f"strangers (test images of the trained classes {seen}, never enrolled)"
+    )
+    print(f"threshold {threshold.value:.4f} ({threshold.metric}): {threshold.protocol}")
+    print(
+        f"one-shot accuracy (top-1 among the {len(unseen)} enrolled, threshold ignored): "
+        f"{result['one_shot_accuracy']:.4f} (chance {1 / len(unseen):.4f})"
+    )
+    print(
+        f"accepted answers (genuine queries within the threshold): accuracy "
+        f"{result['accepted_accuracy']:.4f}; of all accepted answers, strangers included: "
+        f"{result['accepted_precision']:.4f} right"
+    )
+    print(f"genuine queries accepted: {result['genuine_acceptance']:.4f}")
+    print(f"strangers rejected (answered unknown): {result['stranger_rejection']:.4f}")
+    print(f"figure: {figure}; gallery: {gallery_file}")
+    return result

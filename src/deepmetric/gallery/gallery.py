@@ -1,0 +1,718 @@
+"""The gallery people use: enroll identities from images, identify new images, with an open-set
+"unknown" answer.
+
+A :class:`Gallery` ties together one model (:class:`~deepmetric.inference.Embedder`), one
+store (:class:`~deepmetric.gallery.store.GalleryStore`, the source of truth) and one search
+index derived from it (:func:`~deepmetric.gallery.index.make_index`).
+
+**Files.** A gallery ``G`` (e.g. ``people.db``) is:
+
+- ``G``: the SQLite database (identities, example embeddings, PNG thumbnails, and the meta
+  record: the model identity, metric, dim, the threshold record and the model ``source``);
+  ``G-wal`` and ``G-shm`` are SQLite's write-ahead log beside it while it is open. Copy or
+  back up ``G`` with the gallery closed (or with ``sqlite3 G ".backup copy.db"``).
+- ``G.index/``: the search index, derived from the database (``header.json`` with the store
+  generation it reflects, ``ids.npy``, ``alive.npy``, ``vectors.npy`` or ``index.faiss``).
+  Deleting it loses nothing: the next open rebuilds it.
+
+**The decision.** For a query embedding ``q`` the index gives the k nearest distinct
+identities, each with the distance to its nearest example:
+``d(q, I) = min over examples e of I of d(q, e)`` (the gallery's metric). The answer is the
+nearest identity ``I*`` when ``d(q, I*) <= t``, else ``None`` ("unknown"); ``t`` is the
+threshold recorded at :meth:`Gallery.create`: the run's verification threshold, chosen on its
+validation split (accuracy-maximising, or at a false accept rate with ``far=``), never on the
+gallery's own data. An empty gallery answers unknown. The embedder's metric, the index's
+metric and the threshold's metric are one and the same (checked at open).
+
+**Model identity.** Embeddings of different models are not comparable, so the gallery keeps
+the :meth:`~deepmetric.inference.Embedder.identity` of the model that made them (weights
+sha256, preprocessing, dim, metric) and refuses to open with any other model
+(:class:`ModelMismatchError`); an ONNX export of the same run has the same identity and is
+accepted.
+
+**The index stays in step with the database.** The store's ``generation`` counts changes to
+its examples. On open, the saved index is used when it was saved at the store's current
+generation (and holds as many examples); otherwise it is rebuilt from the database and saved.
+:meth:`Gallery.enroll` and :meth:`Gallery.remove` update the in-memory index incrementally
+(never a rebuild per call); :meth:`Gallery.identify` first compares the generation with the
+index's (one small query) and rebuilds when another process changed the database meanwhile.
+:meth:`Gallery.close` saves the index when it changed; :meth:`Gallery.reindex` rebuilds it.
+
+Example::
+
+    embedder = Embedder.from_run("runs/fashion_mnist")
+    with Gallery.create("people.db", embedder) as gallery:
+        gallery.enroll("ada", ["ada1.png", "ada2.png"])
+        [answer] = gallery.identify("someone.png")
+        answer.identity  # "ada", or None for unknown
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from deepmetric.data.preprocess import Inputs
+from deepmetric.gallery.index import (
+    GalleryIndex,
+    IndexFileError,
+    load_index,
+    make_index,
+    top_identities,
+)
+from deepmetric.gallery.store import (
+    GalleryError,
+    GalleryExistsError,
+    GalleryStore,
+    IdentityInfo,
+    UnknownExampleError,
+    check_name,
+)
+from deepmetric.inference import Embedder, Threshold, calibrate_threshold
+from deepmetric.inference.threshold import THRESHOLD_FILE, read_threshold, write_threshold
+
+__all__ = [
+    "INDEX_SUFFIX",
+    "THUMBNAIL_SIZE",
+    "Candidate",
+    "Gallery",
+    "Identification",
+    "ModelMismatchError",
+    "index_path",
+    "load_embedder",
+]
+
+#: the index folder of gallery ``G`` is ``G`` + this suffix
+INDEX_SUFFIX = ".index"
+#: thumbnails fit in this many pixels, longest side
+THUMBNAIL_SIZE = 64
+
+Progress = Callable[[str], None]
+
+
+class ModelMismatchError(GalleryError, ValueError):
+    """The gallery's embeddings were made by another model than the one given."""
+
+
+class Candidate(NamedTuple):
+    """An enrolled identity and the distance from the query to its nearest example."""
+
+    identity: str
+    distance: float
+
+
+class Identification(NamedTuple):
+    """The answer for one query.
+
+    ``identity``: the nearest identity when ``distance <= threshold``, else ``None``
+    (unknown); ``distance``: to the nearest example of the nearest identity (``inf`` for an
+    empty gallery); ``candidates``: the k nearest identities, each once, nearest first.
+    """
+
+    identity: str | None
+    distance: float
+    threshold: float
+    candidates: list[Candidate]
+
+
+def index_path(path: str | Path) -> Path:
+    """The index folder of the gallery file ``path``: ``path`` + :data:`INDEX_SUFFIX`."""
+    path = Path(path)
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def _describe(identity: Mapping[str, Any]) -> str:
+    weights = str(identity.get("weights_sha256", "?"))[:12]
+    pre = identity.get("preprocessing")
+    shape = "no preprocessing"
+    if isinstance(pre, Mapping):
+        shape = f"{pre.get('channels')}x{pre.get('height')}x{pre.get('width')} input"
+    return f"weights {weights}..., {shape}, {identity.get('dim')}-d, {identity.get('metric')}"
+
+
+def _source_of(embedder: Embedder, source: str | Path | None) -> str | None:
+    """The absolute path the model can be reloaded from (a run folder or an .onnx file)."""
+    chosen = source if source is not None else (embedder.source or None)
+    return None if chosen is None else str(Path(chosen).resolve())
+
+
+def load_embedder(source: str | Path, *, device: str = "auto") -> Embedder:
+    """The Embedder of a run folder or an ``.onnx`` file (no threshold calibration: a
+    gallery carries its own threshold)."""
+    path = Path(source)
+    if path.is_dir():
+        return Embedder.from_run(path, device=device, calibrate=False)
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        return Embedder.from_onnx(path)
+    if not path.exists():
+        raise ValueError(f"the model {path} does not exist (moved or deleted?)")
+    raise ValueError(f"{path}: neither a run folder nor an .onnx file")
+
+
+def _far_threshold(
+    embedder: Embedder, source: str | None, far: float, progress: Progress
+) -> Threshold:
+    """The threshold at false accept rate ``far`` on the run's validation split, chosen by
+    :func:`calibrate_threshold`. The run's own ``threshold.json`` (what ``verify`` uses) is
+    left as it was: the gallery keeps its threshold in its own meta record."""
+    if source is None or not Path(source).is_dir():
+        raise ValueError(
+            f"far={far:g} chooses the threshold on the run's validation split, so it needs "
+            f"the run folder, not {source or 'a model without a source'} (an ONNX file "
+            "carries only the threshold it was exported with)"
+        )
+    run = Path(source)
+    saved = run / THRESHOLD_FILE
+    before = read_threshold(saved)
+    try:
+        threshold = calibrate_threshold(run, far=far, progress=lambda _: None)
+    finally:  # calibrate_threshold saves into threshold.json: put the run's own one back
+        if before is not None:
+            write_threshold(saved, before)
+        else:
+            saved.unlink(missing_ok=True)
+    if threshold.weights_sha256 != embedder.identity()["weights_sha256"]:
+        raise ModelMismatchError(
+            f"the threshold chosen on {run} is for the run's latest weights, not the ones "
+            "given: create the gallery with the embedder of the run's latest checkpoint"
+        )
+    progress(
+        f"threshold {threshold.value:.4f} ({threshold.metric}) chosen at a false accept rate "
+        f"<= {far:g} on {threshold.validation_items} validation items of {run}; kept in the "
+        "gallery (the run's threshold.json is unchanged)"
+    )
+    return threshold
+
+
+# --------------------------------------------------------------------------- thumbnails
+
+
+def _png(image: Any) -> bytes:
+    """A PIL image as a PNG thumbnail of at most :data:`THUMBNAIL_SIZE` px, longest side."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image) or image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        wide = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(wide.max()), 1.0)
+        image = Image.fromarray(np.clip(wide / top * 255, 0, 255).astype(np.uint8), "L")
+    elif image.mode not in ("L", "RGB", "RGBA", "LA"):
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    image = image.copy()
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _thumbnail_of_item(item: Any) -> bytes | None:
+    """From the original image: a file path or a PIL image (``None`` if it cannot be read:
+    the embedding of that item has already succeeded, so this is not fatal)."""
+    from PIL import Image
+
+    try:
+        if isinstance(item, Image.Image):
+            return _png(item)
+        with Image.open(item) as image:
+            image.load()
+            return _png(image)
+    except (OSError, ValueError):
+        return None
+
+
+def _thumbnail_of_input(x: torch.Tensor, scale: float) -> bytes:
+    """From one preprocessed input (C, H, W): pixel = value / scale, clipped to 0..255."""
+    from PIL import Image
+
+    pixels = (x.detach().float() / scale).round().clamp(0, 255).to(torch.uint8).numpy()
+    image = (
+        Image.fromarray(pixels[0])
+        if pixels.shape[0] == 1
+        else Image.fromarray(np.ascontiguousarray(pixels[:3].transpose(1, 2, 0)))
+    )
+    return _png(image)
+
+
+def _items(inputs: Inputs) -> list[Any] | None:
+    """The inputs as a list of single images (paths / PIL images), or ``None`` for an array
+    or tensor batch (then embedded whole)."""
+    from PIL import Image
+
+    if isinstance(inputs, str | os.PathLike | Image.Image):
+        return [inputs]
+    if isinstance(inputs, np.ndarray | torch.Tensor):
+        return None
+    if isinstance(inputs, Sequence):
+        return list(inputs)
+    raise ValueError(
+        f"cannot enroll a {type(inputs).__name__}: give image paths, PIL images, a numpy "
+        "array or a tensor (or a list of paths / images)"
+    )
+
+
+# --------------------------------------------------------------------------- the gallery
+
+
+class Gallery:
+    """Enroll identities, identify queries (open set), over one model and one gallery file.
+
+    Make one with :meth:`create` or :meth:`open`. Use it as a context manager, or call
+    :meth:`close` (which saves the index when it changed). A Gallery belongs to the thread
+    that opened it; several processes may open the same file.
+
+    Attributes:
+        path: the gallery file. embedder: the model. threshold: the open-set
+        :class:`~deepmetric.inference.Threshold`. source: where the model is reloaded from.
+        index_builds: how often this object built its index from the database (0 when the
+        saved index was current at open and nothing else changed the database since).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: GalleryStore,
+        embedder: Embedder,
+        threshold: Threshold,
+        source: str | None,
+        progress: Progress | None = None,
+    ) -> None:
+        self._store = store
+        self.path = store.path
+        self.embedder = embedder
+        self.threshold = threshold
+        self.source = source
+        self._progress = progress
+        self.index_builds = 0
+        self._saved_generation: int | None = None
+        metrics = {store.metric, embedder.metric, threshold.metric}
+        if len(metrics) != 1:
+            raise ModelMismatchError(
+                f"{self.path}: one metric is needed end to end, got the gallery's "
+                f"{store.metric}, the model's {embedder.metric} and the threshold's "
+                f"{threshold.metric}"
+            )
+        if store.dim != embedder.dim:
+            raise ModelMismatchError(
+                f"{self.path} holds {store.dim}-d embeddings, the model makes {embedder.dim}-d"
+            )
+        self._index = self._load_or_build()
+
+    # ------------------------------------------------------------------ create / open
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        embedder: Embedder,
+        *,
+        far: float | None = None,
+        source: str | Path | None = None,
+        progress: Progress | None = None,
+    ) -> Gallery:
+        """A new, empty gallery file at ``path`` for ``embedder`` (never overwrites one).
+
+        Args:
+            path: the gallery file to create (must not exist); its index goes to
+                ``path`` + ``.index``.
+            embedder: the model; its :meth:`~deepmetric.inference.Embedder.identity` is
+                recorded and checked at every open.
+            far: ``None``: the threshold is ``embedder.threshold`` (the run's, chosen on its
+                validation split); a rate in [0, 1]: the largest threshold with a false accept
+                rate ``<= far`` on the run's validation pairs (:func:`calibrate_threshold`;
+                needs the run folder as ``source``). Never chosen on gallery data.
+            source: how to reload the model (a run folder or ``.onnx`` file), stored as an
+                absolute path; default ``embedder.source``.
+            progress: gets one line per step worth saying (threshold calibration).
+
+        Raises:
+            GalleryExistsError: ``path`` exists. ValueError: no threshold (the message says
+            how to get one), or ``far`` without a run folder.
+        """
+        path = Path(path)
+        where = _source_of(embedder, source)
+        if path.exists():  # before any work (calibration); the store refuses it again
+            raise GalleryExistsError(f"{path} already exists; not overwriting it")
+        if far is not None:
+            if not 0.0 <= far <= 1.0:
+                raise ValueError(f"far must be in [0, 1], got {far}")
+            threshold = _far_threshold(embedder, where, far, progress or (lambda _: None))
+        else:
+            threshold = embedder.threshold
+        folder = index_path(path)
+        if folder.exists():  # an orphan of a deleted gallery: never reuse it for this one
+            if not (folder / "header.json").is_file():
+                raise GalleryError(f"{folder} exists and is not a gallery index; move it away")
+            shutil.rmtree(folder)
+        store = GalleryStore.create(
+            path,
+            meta={
+                "dim": embedder.dim,
+                "metric": embedder.metric,
+                "model": embedder.identity(),
+                "threshold": threshold.to_json(),
+                "source": where,
+            },
+        )
+        try:
+            return cls(
+                store=store,
+                embedder=embedder,
+                threshold=threshold,
+                source=where,
+                progress=progress,
+            )
+        except BaseException:
+            store.close()
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        embedder: Embedder | None = None,
+        *,
+        device: str = "auto",
+        progress: Progress | None = None,
+    ) -> Gallery:
+        """Open an existing gallery.
+
+        Args:
+            path: the gallery file.
+            embedder: the model; ``None``: reloaded from the stored source
+                (``Embedder.from_run`` / ``from_onnx``, on ``device``).
+            progress: gets one line when the index is rebuilt.
+
+        Raises:
+            GalleryNotFoundError / NotAGalleryError: no gallery at ``path``.
+            ModelMismatchError: ``embedder`` is not the model the gallery was made with
+            (weights, preprocessing, dim or metric differ); the message names both.
+            ValueError: the stored source cannot be loaded.
+        """
+        store = GalleryStore.open(path)
+        try:
+            meta = store.meta
+            stored = meta.get("model")
+            source = meta.get("source")
+            if not isinstance(stored, dict) or "threshold" not in meta or meta["threshold"] is None:
+                raise GalleryError(
+                    f"{store.path} is a gallery store without a model or threshold record "
+                    "(not made by Gallery.create)"
+                )
+            threshold = Threshold.from_json(meta["threshold"], f"{store.path} threshold")
+            if embedder is None:
+                if not source:
+                    raise ValueError(f"{store.path} records no model source: pass an embedder")
+                try:
+                    embedder = load_embedder(source, device=device)
+                except ValueError as error:
+                    raise ValueError(
+                        f"{store.path}: cannot load its model: {error}; pass the model "
+                        "explicitly (--run)"
+                    ) from None
+            given = embedder.identity()
+            if given != stored:
+                differ = [
+                    k
+                    for k in ("weights_sha256", "preprocessing", "dim", "metric")
+                    if given.get(k) != stored.get(k)
+                ]
+                raise ModelMismatchError(
+                    f"{store.path} was made with another model ({', '.join(differ)} differ): "
+                    f"the gallery's is {source or '(no source)'} ({_describe(stored)}), the "
+                    f"one given is {embedder.source or '(no source)'} ({_describe(given)}); "
+                    "embeddings of different models cannot be compared: open it with its own "
+                    "model, or create a new gallery and enroll again"
+                )
+            return cls(
+                store=store,
+                embedder=embedder,
+                threshold=threshold,
+                source=source,
+                progress=progress,
+            )
+        except BaseException:
+            store.close()
+            raise
+
+    def close(self) -> None:
+        """Save the index if it changed and is current, then close the database."""
+        try:
+            if self._index.generation == self._store.generation:
+                self._save_index()
+        finally:
+            self._store.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Gallery({str(self.path)!r}, identities={self._store.num_identities}, "
+            f"examples={self._store.num_examples}, {self.embedder.dim}-d "
+            f"{self.embedder.metric}, threshold={self.threshold.value:.4g})"
+        )
+
+    # ------------------------------------------------------------------ index
+
+    @property
+    def index_path(self) -> Path:
+        """The folder the index is saved in: the gallery file + ``.index``."""
+        return index_path(self.path)
+
+    @property
+    def index(self) -> GalleryIndex:
+        """The in-memory search index (derived; do not change it directly)."""
+        return self._index
+
+    def _say(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress(text)
+
+    def _build(self) -> GalleryIndex:
+        """A new index of every example in the database, at the store's generation."""
+        store = self._store
+        while True:  # a consistent (generation, examples) pair even while others write
+            generation = store.generation
+            examples = store.all_embeddings()
+            if store.generation == generation:
+                break
+        index = make_index(dim=store.dim, metric=store.metric, size_hint=len(examples.ids))  # type: ignore[arg-type]
+        index.add(examples.embeddings, examples.ids)
+        index.generation = generation
+        self.index_builds += 1
+        return index
+
+    def _load_or_build(self) -> GalleryIndex:
+        """The saved index when it reflects the database now, else a rebuilt (and saved) one."""
+        store = self._store
+        try:
+            saved = load_index(self.index_path)
+        except (IndexFileError, OSError):
+            saved = None
+        if (
+            saved is not None
+            and saved.generation == store.generation
+            and saved.dim == store.dim
+            and saved.metric == store.metric
+            and len(saved) == store.num_examples
+        ):
+            self._saved_generation = saved.generation
+            return saved
+        if saved is not None:
+            self._say(f"{self.index_path} is out of date: rebuilding it from {self.path}")
+        self._index = self._build()
+        self._save_index()
+        return self._index
+
+    def _save_index(self) -> None:
+        """Save the index when the saved one differs. Best effort: the index is derived, so a
+        failed save (another process saving at the same moment, a read-only folder) only
+        means the next open rebuilds it."""
+        if self._index.generation == self._saved_generation:
+            return
+        try:
+            self._index.save(self.index_path)
+        except FileExistsError:
+            raise GalleryError(
+                f"{self.index_path} exists and is not a gallery index; move it away"
+            ) from None
+        except OSError:
+            return
+        self._saved_generation = self._index.generation
+
+    def _refresh(self) -> None:
+        """Rebuild the index when the database changed behind it (another process wrote)."""
+        if self._index.generation != self._store.generation:
+            self._say(f"{self.path} changed in another process: rebuilding the index")
+            self._index = self._build()
+
+    def reindex(self) -> int:
+        """Rebuild the index from the database (index type chosen for its size) and save it;
+        returns the number of examples indexed."""
+        self._index = self._build()
+        self._saved_generation = None
+        self._save_index()
+        return len(self._index)
+
+    def _after_write(self, before: int, apply: Callable[[GalleryIndex], None]) -> None:
+        """Apply our own write to the index when it was the only change since ``before``
+        (the store generation before it); otherwise another process wrote too: rebuild."""
+        after = self._store.generation
+        if self._index.generation == before and after == before + 1:
+            apply(self._index)
+            self._index.generation = after
+        else:
+            self._index = self._build()
+
+    # ------------------------------------------------------------------ enroll / remove
+
+    def enroll(
+        self,
+        identity: str,
+        inputs: Inputs,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> list[int]:
+        """Enroll one or more examples of ``identity`` (a new name, or more examples of an
+        enrolled one).
+
+        Args:
+            identity: the name (any text; see :func:`~deepmetric.gallery.store.check_name`).
+            inputs: whatever :meth:`Embedder.preprocess` takes: a path, a PIL image, a list
+                of them, a numpy array (H, W) / (N, H, W[, C]), or model inputs (N, C, H, W).
+            metadata: a JSON object kept with the identity (merged into an enrolled one's).
+            batch_size: images embedded at a time.
+            progress: gets a line per batch ("NAME: 256 / 1000 examples embedded").
+
+        Every example is embedded and gets a PNG thumbnail (at most 64 px, longest side: from
+        the original image for a file or PIL image, else from the preprocessed input), then all
+        are written in one store transaction (all or nothing), then added to the index.
+
+        Returns:
+            The new example ids, in input order.
+        """
+        check_name(identity)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        items = _items(inputs)
+        pre = self.embedder.preprocessing
+        chunks: list[torch.Tensor] = []
+        thumbs: list[bytes | None] = []
+        if items is None:  # one array / tensor batch
+            x = self.embedder.preprocess(inputs)
+            total = len(x)
+            for start in range(0, total, batch_size):
+                part = x[start : start + batch_size]
+                chunks.append(self.embedder.embed(part, batch_size=batch_size))
+                if pre is not None and part.dim() == 4:
+                    thumbs += [_thumbnail_of_input(row, pre.scale) for row in part]
+                else:
+                    thumbs += [None] * len(part)
+                if progress is not None:
+                    progress(f"{identity}: {start + len(part)} / {total} examples embedded")
+        else:
+            total = len(items)
+            for start in range(0, total, batch_size):
+                part = items[start : start + batch_size]
+                chunks.append(self.embedder.embed(part, batch_size=batch_size))
+                thumbs += [_thumbnail_of_item(item) for item in part]
+                if progress is not None:
+                    progress(f"{identity}: {start + len(part)} / {total} examples embedded")
+        if not chunks or sum(len(c) for c in chunks) == 0:
+            raise ValueError(f"nothing to enroll for {identity!r}: no images given")
+        embeddings = torch.cat(chunks).numpy()
+        before = self._store.generation
+        self._refresh_before_write(before)
+        ids = self._store.add(identity, embeddings, thumbnails=thumbs, metadata=metadata)
+        self._after_write(before, lambda index: index.add(embeddings, ids))
+        return ids
+
+    def _refresh_before_write(self, generation: int) -> None:
+        """Bring a stale index up to date first, so our write can be applied to it alone."""
+        if self._index.generation != generation:
+            self._index = self._build()
+
+    def remove(self, identity: str) -> list[int]:
+        """Remove ``identity`` and all its examples; returns their ids.
+
+        Raises:
+            UnknownIdentityError (a ``KeyError``): no identity of that name.
+        """
+        before = self._store.generation
+        self._refresh_before_write(before)
+        ids = self._store.remove(identity)
+        self._after_write(before, lambda index: index.remove(ids))
+        return ids
+
+    def identities(self) -> list[IdentityInfo]:
+        """Every enrolled identity (name, examples, metadata, created), ordered by name."""
+        return self._store.identities()
+
+    def identity(self, name: str) -> IdentityInfo:
+        """One identity's :class:`~deepmetric.gallery.store.IdentityInfo`
+        (``UnknownIdentityError`` if not enrolled)."""
+        return self._store.identity(name)
+
+    def thumbnail(self, identity: str) -> bytes | None:
+        """The PNG thumbnail of ``identity``'s first example (``None`` if it has none)."""
+        return self._store.thumbnail(identity)
+
+    def __len__(self) -> int:
+        """The number of enrolled identities."""
+        return self._store.num_identities
+
+    def __contains__(self, identity: object) -> bool:
+        return identity in self._store
+
+    @property
+    def num_examples(self) -> int:
+        return self._store.num_examples
+
+    # ------------------------------------------------------------------ identify
+
+    def identify(
+        self, inputs: Inputs, k: int = 5, *, batch_size: int = 256
+    ) -> list[Identification]:
+        """Identify each input: the nearest enrolled identity within the threshold, or
+        unknown.
+
+        Args:
+            inputs: as :meth:`enroll` (one path gives a list of one answer).
+            k: the number of candidate identities to return per input (>= 1).
+
+        Returns:
+            One :class:`Identification` per input: ``candidates`` the k nearest identities
+            (each once, with the distance to its nearest example, ascending; fewer when fewer
+            are enrolled); ``identity`` the first candidate when its ``distance <=
+            threshold``, else ``None``; unknown with distance ``inf`` for an empty gallery.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        queries = self.embedder.embed(inputs, batch_size=batch_size).numpy()
+        return self.identify_embeddings(queries, k=k)
+
+    def identify_embeddings(self, queries: np.ndarray, *, k: int = 5) -> list[Identification]:
+        """:meth:`identify` for embeddings (q, D) already made by this gallery's model."""
+        t = float(self.threshold.value)
+        self._refresh()
+        for _ in range(3):  # another process may remove an identity between search and lookup
+            try:
+                matches = top_identities(self._index, queries, k, self._store.identity_of)
+                break
+            except UnknownExampleError:
+                self._index = self._build()
+        else:  # pragma: no cover - three concurrent removals in a row
+            raise GalleryError(f"{self.path} keeps changing under the search: try again")
+        out = []
+        for row, names in enumerate(matches.identities):
+            candidates = [
+                Candidate(str(name), float(matches.distances[row, j]))
+                for j, name in enumerate(names)
+            ]
+            if not candidates:
+                out.append(Identification(None, float("inf"), t, []))
+                continue
+            best = candidates[0]
+            accepted = best.distance <= t
+            out.append(
+                Identification(best.identity if accepted else None, best.distance, t, candidates)
+            )
+        return out
