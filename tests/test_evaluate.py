@@ -11,6 +11,7 @@ import torch
 import yaml
 from synthetic import write_learnable_idx
 
+from deepmetric.checkpoints import weights_sha256
 from deepmetric.cli import main as cli_main
 from deepmetric.config import load_config
 from deepmetric.data import load_dataset
@@ -70,6 +71,8 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert cats["easy"] + cats["semi_hard"] + cats["hard"] == pytest.approx(1.0)
     threshold = json.loads((run_dir / "threshold.json").read_text())
     assert threshold["threshold"] == v["threshold"] == metrics["verification"]["threshold"]
+    _, net = load_trained(run_dir)  # the threshold names the weights it was chosen for
+    assert threshold["weights_sha256"] == weights_sha256(net.state_dict())
     for name in [*FIGURES, "embedding_map.png"]:
         assert (run_dir / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     page = (run_dir / "eval" / "report.html").read_text()

@@ -39,11 +39,13 @@ concurrent writers to the same ``checkpoints/`` are not supported.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -374,3 +376,15 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"checkpoint {path} is corrupt: tensor {error} missing") from None
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt: {STATE_TREE}: {error}") from None
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state dict: for each key in sorted order, the key, the dtype, the shape and
+    the tensor's bytes (C order, native byte order). The model identity of a run, of its ONNX
+    export, and of the weights a saved threshold was chosen for."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

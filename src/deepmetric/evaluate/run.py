@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepmetric.checkpoints import weights_sha256
 from deepmetric.config import Config, ConfigError
 from deepmetric.data import ArrayDataset, class_split, load_dataset
 from deepmetric.data.datasets import Split
@@ -208,6 +209,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     torch_device = _device(device)
     config, net = load_trained(run_dir)
+    weights = weights_sha256(net.state_dict())  # the threshold is for these weights only
     net.to(torch_device)
     own = data is None
     spec = data or config.data
@@ -307,6 +309,8 @@ def evaluate_run(
                 "metric": metric,
                 "protocol": VALIDATION_PROTOCOL,
                 "validation_items": len(val_set),
+                "far": None,
+                "weights_sha256": weights,
             },
         )
         written.append(run_dir / "threshold.json")

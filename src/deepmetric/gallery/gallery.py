@@ -77,7 +77,6 @@ from deepmetric.gallery.store import (
     check_name,
 )
 from deepmetric.inference import Embedder, Threshold, calibrate_threshold
-from deepmetric.inference.threshold import THRESHOLD_FILE, read_threshold, write_threshold
 
 __all__ = [
     "INDEX_SUFFIX",
@@ -170,15 +169,7 @@ def _far_threshold(
             "carries only the threshold it was exported with)"
         )
     run = Path(source)
-    saved = run / THRESHOLD_FILE
-    before = read_threshold(saved)
-    try:
-        threshold = calibrate_threshold(run, far=far, progress=lambda _: None)
-    finally:  # calibrate_threshold saves into threshold.json: put the run's own one back
-        if before is not None:
-            write_threshold(saved, before)
-        else:
-            saved.unlink(missing_ok=True)
+    threshold = calibrate_threshold(run, far=far, save=False, progress=lambda _: None)
     if threshold.weights_sha256 != embedder.identity()["weights_sha256"]:
         raise ModelMismatchError(
             f"the threshold chosen on {run} is for the run's latest weights, not the ones "

@@ -21,11 +21,10 @@ raise ``ValueError`` saying how to get one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
+from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, weights_sha256
 from deepmetric.config import Config
 from deepmetric.data import Preprocessing
 from deepmetric.data.preprocess import Inputs
@@ -65,18 +64,6 @@ class Verification(NamedTuple):
     distance: float
     threshold: float
     same: bool
-
-
-def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of a state dict: for each key in sorted order, the key, the dtype, the shape and
-    the tensor's bytes (C order, native byte order); the model identity of a run and of its
-    ONNX export alike."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class Embedder:
@@ -472,9 +459,11 @@ def calibrate_threshold(
     checkpoint: str = "latest",
     device: str = "auto",
     data: tuple[Inputs, Any] | None = None,
+    save: bool = True,
     progress: Progress = print_stderr,
 ) -> Threshold:
-    """Choose the verification threshold of a run and save it in ``RUN_DIR/threshold.json``.
+    """Choose the verification threshold of a run and save it in ``RUN_DIR/threshold.json``
+    (``save=False``: only return it, e.g. for a gallery that keeps its own).
 
     On the run's validation split only (:func:`deepmetric.training.load_data`), never on data
     it will judge: ``far=None``: the accuracy-maximising threshold (as ``deepmetric evaluate``);
@@ -488,7 +477,7 @@ def calibrate_threshold(
     run = _load_run(run_dir, checkpoint, device)
     embedder = _build(run, None)
     threshold = _calibrate(embedder, run, far=far, data=data)
-    where = _save(run, threshold)
+    where = _save(run, threshold) if save else "not saved"
     rule = "best accuracy" if far is None else f"FAR <= {far:g}"
     progress(
         f"threshold {threshold.value:.4f} ({threshold.metric}, {rule}) chosen on "
