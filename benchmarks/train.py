@@ -45,7 +45,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     config = load_config(None, [])  # the default model: SmallCNN -> 128-d, L2-normalised
-    net = EmbeddingNet(SmallCNN(), dim=config.model.dim, normalize=config.model.normalize)
+    backbone = SmallCNN(batch_norm=config.model.batch_norm, padding=config.model.padding)
+    net = EmbeddingNet(backbone, dim=config.model.dim, normalize=config.model.normalize)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     b, k = args.batch, args.k
     x = torch.rand(b, 1, 28, 28)
@@ -59,7 +60,8 @@ def main() -> None:
     }
     print(
         f"torch {torch.__version__}, {args.threads} threads; B = {b} (K = {k}), 1x28x28, "
-        f"SmallCNN -> {config.model.dim}-d; median of {args.steps} steps\n"
+        f"SmallCNN (padding {config.model.padding}) -> {config.model.dim}-d; "
+        f"median of {args.steps} steps\n"
     )
     print("| loss | step ms | samples/s | mining + loss ms | share of step |")
     print("|---|---|---|---|---|")
