@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from synthetic import write_learnable_idx
 
@@ -16,7 +17,7 @@ from deepmetric.cli import main as cli_main
 from deepmetric.config import load_config
 from deepmetric.data import load_dataset
 from deepmetric.distances import paired
-from deepmetric.evaluate import evaluate_run, out_of_fold, verification_pairs
+from deepmetric.evaluate import evaluate_run, out_of_fold, retrieval_metrics, verification_pairs
 from deepmetric.evaluate import run as evaluate_module
 from deepmetric.models import embed
 from deepmetric.training import load_data, load_trained, train
@@ -43,7 +44,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
-    run_dir, _ = trained
+    run_dir, idx_dir = trained
     metrics = evaluate_run(run_dir, embedding_map=True, progress=lambda _: None)
     saved = json.loads((run_dir / "eval" / "metrics.json").read_text())
     for key in (
@@ -66,6 +67,12 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert set(saved["recall_at_k"]) == {"1", "2", "4", "8"}
     assert saved["recall_at_k"]["1"] == pytest.approx(saved["precision_at_1"])
     unseen = saved["unseen_classes"]
+    test_set = load_dataset(f"idx:{idx_dir}", "test")  # the honest baseline: raw pixels
+    raw = saved["raw_input_baseline"]
+    expected = retrieval_metrics(F.normalize(test_set.x.flatten(1), dim=1), test_set.y)
+    assert raw["precision_at_1"] == pytest.approx(expected["precision_at_1"])
+    assert raw["map_at_r"] == pytest.approx(expected["map_at_r"])
+    assert "raw_input_baseline" in unseen and 0 <= unseen["raw_input_baseline"]["map_at_r"] <= 1
     assert "never seen" in unseen["note"] and len(unseen["per_class"]) == 2
     cats = saved["triplet_categories"]
     assert cats["easy"] + cats["semi_hard"] + cats["hard"] == pytest.approx(1.0)
@@ -79,6 +86,7 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert page.count('src="data:image/png;base64,') == len(FIGURES) + 1
     assert not re.search(r'(src|href)="(?!data:)', page)  # self-contained: opens offline
     assert "Per class" in page and "Classes never seen in training" in page
+    assert page.count("The network against the raw inputs") == 2  # all classes, unseen ones
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:

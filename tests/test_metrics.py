@@ -373,3 +373,27 @@ _L = torch.tensor([0, 0, 1, 1, 2, 2])
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_raw_input_baseline_is_cosine_retrieval_on_the_pixels():
+    """Brute force: each image's nearest other image by cosine similarity of its pixels."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(30, 1, 5, 4, generator=gen)
+    y = torch.randint(0, 3, (30,), generator=gen)
+    got = M.raw_input_baseline(x, y)
+    flat = x.reshape(30, -1).double()
+    hits = []
+    for i in range(30):
+        sims = [
+            (float(flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm())), -j)
+            for j in range(30)
+            if j != i
+        ]
+        nearest = -max(sims)[1]
+        hits.append(int(y[nearest] == y[i]))
+    assert got["precision_at_1"] == pytest.approx(sum(hits) / 30)
+    # invariant to the scale of each image (L2-normalised first)
+    scaled = M.raw_input_baseline(x * torch.rand(30, 1, 1, 1, generator=gen).add(0.5), y)
+    assert scaled["map_at_r"] == pytest.approx(got["map_at_r"])
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        M.raw_input_baseline(torch.rand(30), y)

@@ -1,5 +1,5 @@
 """The ``deepmetric`` command line: ``train``, ``evaluate``, ``embed``, ``verify``, ``export``,
-``gallery`` (create / enroll / identify / list / remove / reindex), ``demo``,
+``gallery`` (create / enroll / identify / list / remove / reindex), ``serve``, ``demo``,
 ``demo-oneshot``. Thin: parse, call the API, print; an error is one line and exit code 2."""
 
 from __future__ import annotations
@@ -64,9 +64,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"{v['accuracy']:.4f} (threshold {v['threshold']:.4f}, {v['threshold_source']})  "
         f"ROC AUC {v['roc_auc']:.4f}  EER {v['eer']:.4f}  [{m['seconds']} s]"
     )
+    raw = m["raw_input_baseline"]
+    print(
+        f"raw inputs (no network): precision@1 {raw['precision_at_1']:.4f}  "
+        f"MAP@R {raw['map_at_r']:.4f}"
+    )
     if "unseen_classes" in m:
-        u = m["unseen_classes"]
-        print(f"unseen classes: precision@1 {u['precision_at_1']:.4f}  MAP@R {u['map_at_r']:.4f}")
+        u, ur = m["unseen_classes"], m["unseen_classes"]["raw_input_baseline"]
+        print(
+            f"unseen classes: precision@1 {u['precision_at_1']:.4f}  MAP@R {u['map_at_r']:.4f}"
+            f"  (raw inputs: precision@1 {ur['precision_at_1']:.4f}  MAP@R {ur['map_at_r']:.4f})"
+        )
     return 0
 
 
@@ -356,6 +364,29 @@ def _gallery(args: argparse.Namespace) -> int:
     return handlers[args.gallery_command](args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deepmetric.service.server import serve
+
+    try:
+        serve(
+            args.run_dir,
+            args.gallery,
+            host=args.host,
+            port=args.port,
+            api_key_env=args.api_key_env,
+            protect_reads=args.protect_reads,
+            max_upload_mb=args.max_upload_mb,
+            device=args.device,
+        )
+    except ModuleNotFoundError as error:
+        if error.name not in ("fastapi", "uvicorn", "starlette", "multipart", "python_multipart"):
+            raise
+        raise ValueError(
+            f"serve needs the serve extra ({error}): pip install 'deepmetric[serve]'"
+        ) from None
+    return 0
+
+
 def _demo_oneshot(args: argparse.Namespace) -> int:
     from deepmetric.demo_oneshot import main as oneshot
 
@@ -538,6 +569,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     g_reindex.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
 
+    serve = commands.add_parser(
+        "serve",
+        help="the gallery over HTTP: an API and a web page",
+        description="Serve GALLERY (created for RUN_DIR when it does not exist) with one model "
+        "in the process: the page at /, the API (JSON, as the CLI's --json) and its docs at "
+        "/docs. Binds to loopback unless --host says otherwise. Writes (enroll, remove) need "
+        "the X-API-Key header when --api-key-env names a variable holding the key; reads too "
+        "with --protect-reads. Ctrl-C stops it (the gallery is closed and its index saved).",
+    )
+    serve.add_argument("run_dir", metavar="RUN_DIR", help=model_help)
+    serve.add_argument("--gallery", required=True, metavar="GALLERY", help=gallery_help)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="the environment variable holding the API key (the key itself never goes on "
+        "the command line)",
+    )
+    serve.add_argument("--protect-reads", action="store_true", help="reads need the API key too")
+    serve.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=10.0,
+        metavar="MB",
+        help="the largest request body, in MiB (default 10); larger uploads get 413",
+    )
+    serve.add_argument("--device", default="auto", help=device_help)
+    _import_option(serve)
+
     oneshot = commands.add_parser(
         "demo-oneshot",
         help="one-shot identification of classes never trained on",
@@ -577,6 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": _verify,
             "export": _export,
             "gallery": _gallery,
+            "serve": _serve,
             "demo-oneshot": _demo_oneshot,
         }
         return handlers[args.command](args)

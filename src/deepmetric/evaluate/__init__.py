@@ -16,6 +16,7 @@ from deepmetric.evaluate.metrics import (
     nearest_neighbors,
     nearest_other,
     nmi,
+    raw_input_baseline,
     retrieval_metrics,
 )
 from deepmetric.evaluate.pairs import verification_pairs
@@ -57,6 +58,7 @@ __all__ = [
     "nmi",
     "out_of_fold",
     "per_class_table",
+    "raw_input_baseline",
     "retrieval_metrics",
     "roc_auc",
     "roc_curve",

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from deepmetric.distances import Metric, check_metric
 from deepmetric.neighbors import (
@@ -269,6 +270,20 @@ def nmi(labels_true: Any, labels_pred: Any) -> float:
     if mi <= 0.0:
         return 0.0
     return mi / ((_entropy(a) + _entropy(b)) / 2.0)
+
+
+def raw_input_baseline(inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """:func:`retrieval_metrics` of the raw inputs, no network: each item (N, ...) flattened to
+    (N, prod(...)), L2-normalised, compared in euclidean distance (the same ranking as cosine).
+
+    The honest baseline of a learned metric: a network that does not beat it on a set of
+    classes has learned nothing useful for them.
+    """
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError("inputs must be a tensor (N, ...) of at least 2 dimensions")
+    flat = F.normalize(inputs.flatten(1).float(), dim=1)
+    check_items(flat, "inputs")
+    return retrieval_metrics(flat, labels, metric="euclidean")
 
 
 def clustering_nmi(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> float:

@@ -58,6 +58,28 @@ def _headline(metrics: dict[str, Any]) -> str:
     return _table(rows, ["metric", "value"])
 
 
+def _versus_raw(metrics: dict[str, Any]) -> str:
+    """The network's retrieval metrics beside the same metrics on the raw inputs."""
+    raw = metrics.get("raw_input_baseline")
+    if raw is None:
+        return ""
+    keys = [
+        ("precision@1", "precision_at_1"),
+        ("R-precision", "r_precision"),
+        ("MAP@R", "map_at_r"),
+    ]
+    rows = [(name, metrics[key], raw[key], metrics[key] - raw[key]) for name, key in keys]
+    rows += [
+        (f"recall@{k}", r, raw["recall_at_k"][k], r - raw["recall_at_k"][k])
+        for k, r in metrics["recall_at_k"].items()
+    ]
+    return (
+        "<h3>The network against the raw inputs</h3>"
+        + _table(rows, ["metric", "network", "raw inputs", "difference"])
+        + f"<p class='note'>{html.escape(raw['note'])}</p>"
+    )
+
+
 def write_report(
     path: str | Path,
     *,
@@ -79,11 +101,13 @@ def write_report(
         f"{metrics['verification']['accuracy']:.4f}</p>"
     )
     parts.append(_table(facts, ["", ""]))
-    parts.append("<h2>Metrics</h2>" + _headline(metrics))
+    parts.append("<h2>Metrics</h2>" + _headline(metrics) + _versus_raw(metrics))
     parts.append(f"<p class='note'>{html.escape(metrics['verification']['protocol'])}</p>")
     if "unseen_classes" in metrics:
         parts.append(
-            "<h2>Classes never seen in training</h2>" + _headline(metrics["unseen_classes"])
+            "<h2>Classes never seen in training</h2>"
+            + _headline(metrics["unseen_classes"])
+            + _versus_raw(metrics["unseen_classes"])
         )
     cats = metrics["triplet_categories"]
     parts.append(

@@ -52,7 +52,12 @@ from deepmetric.data.datasets import Split
 from deepmetric.distances import paired
 from deepmetric.evaluate import figures
 from deepmetric.evaluate.diagnostics import JudgedPairs, per_class_table, test_triplet_categories
-from deepmetric.evaluate.metrics import clustering_nmi, nearest_neighbors, retrieval_metrics
+from deepmetric.evaluate.metrics import (
+    clustering_nmi,
+    nearest_neighbors,
+    raw_input_baseline,
+    retrieval_metrics,
+)
 from deepmetric.evaluate.pairs import verification_pairs
 from deepmetric.evaluate.report import write_report
 from deepmetric.evaluate.roc import (
@@ -66,6 +71,8 @@ from deepmetric.models import embed
 from deepmetric.training import load_data, load_trained, resolve_device
 
 Progress = Callable[[str], None]
+
+RAW_NOTE = "the same retrieval metrics on the raw inputs (flattened, L2-normalised), no network"
 
 #: Folds of the cross-validation used when there is no validation threshold (the LFW protocol).
 FOLDS = 10
@@ -240,6 +247,11 @@ def evaluate_run(
         emb, test_set.y, metric=metric, margin=margin, threshold=threshold, seed=config.seed
     )
     dist, same = metrics.pop("_pairs")
+    progress("raw-input baseline")
+    metrics["raw_input_baseline"] = {
+        **raw_input_baseline(test_set.x, test_set.y),
+        "note": RAW_NOTE,
+    }
     if config.train.classes is not None:
         seen = torch.as_tensor(_class_ids(config.train.classes, test_set), dtype=test_set.y.dtype)
         unseen = ~torch.isin(test_set.y, seen)
@@ -254,6 +266,10 @@ def evaluate_run(
             )
             unseen_metrics.pop("_pairs")
             unseen_metrics["note"] = "classes not in train.classes: never seen in training"
+            unseen_metrics["raw_input_baseline"] = {
+                **raw_input_baseline(test_set.x[unseen], test_set.y[unseen]),
+                "note": RAW_NOTE,
+            }
             metrics["unseen_classes"] = unseen_metrics
 
     progress("figures")
