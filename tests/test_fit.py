@@ -296,3 +296,36 @@ def test_cli_import_registers_the_builder_of_a_fit_run(idx_dir, tmp_path, monkey
     assert done.returncode == 0, done.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["data"]["items"] == len(load_dataset(f"idx:{idx_dir}", "test"))
+
+
+def test_joint_training_with_class_disjoint_validation(idx_dir, tmp_path):
+    """The classifier head knows only the training classes: the validation batch (other
+    classes) gets the metric term alone, finite, never an index error."""
+    overrides = [
+        f"data=idx:{idx_dir}",
+        f"out={tmp_path / 'run'}",
+        "mode=joint",
+        "epochs=1",
+        "model.dim=8",
+        "train.k=4",
+        "train.val_classes=[2,3]",
+        "train.augment=false",
+    ]
+    summary = train(load_config(None, overrides), stream=None)
+    epoch = next(
+        r
+        for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
+        if r["kind"] == "epoch"
+    )
+    assert math.isfinite(epoch["val_loss"]) and 0 <= summary["val_precision_at_1"] <= 1
+    mode = JointMode(
+        torch.tensor([0, 0, 1, 1]), TripletLoss(), p=2, k=2, seed=0, classes=torch.tensor([0, 1])
+    )
+    model = JointNet(EmbeddingNet(SmallCNN(), dim=4), num_classes=2)
+    x = torch.rand(4, 1, 28, 28)
+    unknown = mode.loss(model, x, torch.tensor([2, 2, 3, 3]))
+    metric_only = TripletLoss()(unknown.embeddings, torch.tensor([2, 2, 3, 3]))
+    assert float(unknown.loss.detach()) == pytest.approx(float(metric_only.detach()))
+    known = mode.loss(model, x, torch.tensor([0, 0, 1, 1]))
+    metric = TripletLoss()(known.embeddings, torch.tensor([0, 0, 1, 1]))
+    assert float(known.loss.detach()) > float(metric.detach())

@@ -78,7 +78,9 @@ def _epoch_record(
     config: Config, model: nn.Module, mode: Mode, val: Source | None, pos: Position, device
 ) -> dict[str, Any]:
     """Train loss (mean over the epoch's batches); on the validation data, the same loss on a
-    fixed stratified batch and the leave-one-out precision@1 of every item."""
+    fixed stratified batch (joint mode with class-disjoint validation: the metric term alone,
+    the classifier has no output for those classes) and the leave-one-out precision@1 of every
+    item."""
     record: dict[str, Any] = {
         "kind": "epoch",
         "epoch": pos.epoch + 1,

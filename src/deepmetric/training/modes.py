@@ -125,10 +125,20 @@ class JointMode(PKMode):
         self.label_smoothing = label_smoothing
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+        """Metric loss + weight x cross-entropy over the items of classes the head knows; items
+        of other classes (a class-disjoint validation batch) add no cross-entropy, so on such a
+        batch the loss is the metric term alone."""
         emb, logits = model(x)
         emb = check_finite(emb).float()
-        target = self.class_index.to(y.device)[y]
-        ce = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        index = self.class_index.to(y.device)
+        known = y < len(index)
+        target = torch.where(known, index[y.clamp(max=len(index) - 1)], -1)
+        known = target >= 0
+        ce = emb.new_zeros(())
+        if bool(known.any()):
+            ce = F.cross_entropy(
+                logits[known].float(), target[known], label_smoothing=self.label_smoothing
+            )
         return Step(self.loss_fn(emb, y) + self.weight * ce, emb, y)
 
 
