@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install data test lint demo demo-synthetic demo-oneshot bench clean
+.PHONY: install data browser test lint demo demo-synthetic demo-oneshot bench clean
 
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -33,6 +33,12 @@ data:
 	@( for f in $(IDX_FILES); do [ -f $(FASHION_CACHE)/$$f ] || [ -f $(FASHION_CACHE)/$$f.gz ] || exit 1; done ) \
 	|| [ -d $(FASHION) ] \
 	|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+# Debian's Chromium and its WebDriver, for the page test (tests/test_page.py): installed
+# only when missing.
+browser:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 \
+	|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
 # The main job: train the default config on Fashion-MNIST and evaluate it on the test set.
 # Run again: resumes (or just reports) the finished run instead of overwriting it.

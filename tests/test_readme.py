@@ -15,7 +15,9 @@ changes are made, to keep the runs small:
 - ``deepmetric train`` gets ``epochs=1`` appended, ``train --resume`` ``epochs=2``;
 - ``make`` runs with ``-C`` the repo, the running venv (not reinstalled) and the arguments of
   :data:`MAKE_ARGS`; an unknown target fails its test;
-- the commands of :data:`SKIP` are not run (each with its reason).
+- the commands of :data:`SKIP` are not run (each with its reason);
+- ``deepmetric serve ...`` lines are not run: a server runs until stopped, so it would only
+  time out here (``tests/test_service.py`` starts the real server and talks to it).
 """
 
 from __future__ import annotations
@@ -139,6 +141,11 @@ def _environment(data_home: Path) -> dict[str, str]:
     return env
 
 
+def _is_server(command: Command) -> bool:
+    """``deepmetric serve ...``: runs until stopped, so never run here (see the docstring)."""
+    return command.words[:2] == ["deepmetric", "serve"]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Result]:
     """Run every README command once, in README order, in one shared temp folder."""
@@ -154,7 +161,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Result]:
     paths: dict[str, Path] = {}
     out: dict[int, Result] = {}
     for i, command in enumerate(COMMANDS):
-        if command.text in SKIP:
+        if command.text in SKIP or _is_server(command):
             continue
         try:
             argv = runnable(command, work, paths, tmp / "placeholders")
@@ -199,6 +206,8 @@ def test_readme_command(index: int, results: dict[int, Result]) -> None:
     command = COMMANDS[index]
     if command.text in SKIP:
         pytest.skip(SKIP[command.text])
+    if _is_server(command):
+        pytest.skip("a server runs until stopped; tests/test_service.py runs the real one")
     result = results[index]
     if result.argv is None:
         pytest.fail(f"`{command.text}`: {result.output}", pytrace=False)

@@ -383,11 +383,19 @@ class GalleryStore:
         path = Path(path)
         if not path.is_file():
             raise GalleryNotFoundError(f"no gallery file at {path}")
-        with open(path, "rb") as f:
-            header = f.read(len(_SQLITE_HEADER))
-        if header != _SQLITE_HEADER:
+        # The file is never opened outside SQLite: closing any descriptor of it would drop
+        # every POSIX lock this process holds on it, including the shared lock of another
+        # open GalleryStore (another thread's), and another process could then delete the
+        # WAL under it and its later writes would be lost. SQLite checks the header itself;
+        # only an empty file (which SQLite would take for a new database) is refused first.
+        if path.stat().st_size < len(_SQLITE_HEADER):
             raise NotAGalleryError(f"{path} is not a deepmetric gallery: not an SQLite file")
-        db = cls._connect(path, timeout)
+        try:
+            db = cls._connect(path, timeout)
+        except sqlite3.DatabaseError as error:
+            raise NotAGalleryError(
+                f"{path} is not a deepmetric gallery: not an SQLite file ({error})"
+            ) from None
         try:
             cls._check_format(db, path)
             return cls(db, path)
