@@ -41,6 +41,10 @@ def test_the_shipped_configs_are_the_ones_the_issue_asks_for():
     assert (classic.train.batch_size, classic.epochs) == (32, 2)
     default = load_config(Path(CONFIGS[0]).with_name("fashion_mnist.yaml"))
     assert default.data == "fashion-mnist" and default.mode in ("batch", "joint")  # P x K
+    openset = load_config(Path(CONFIGS[0]).with_name("openset.yaml"))  # the open-set protocol
+    trained = set(openset.train.classes) - set(openset.train.val_classes)
+    assert set(openset.train.val_classes) < set(openset.train.classes)  # class-disjoint val
+    assert trained.isdisjoint({6, 7, 8, 9}) and set(openset.train.classes) == set(range(6))
 
 
 def test_a_typo_lists_the_valid_keys():
