@@ -58,6 +58,23 @@ def _tiny_run(root: Path) -> tuple[Path, list[Path]]:
     return root / "run", images
 
 
+def _run_images(run: Path, root: Path, n: int = 200) -> list[Path]:
+    """The first ``n`` test images of the run's own data set, as PNG files."""
+    from PIL import Image
+
+    from deepmetric.data import load_dataset
+    from deepmetric.training import resume_config
+
+    test = load_dataset(resume_config(run).data, "test")
+    images = []
+    for i in range(min(n, len(test))):
+        path = root / "pngs" / f"{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray((test.x[i, 0].numpy() * 255).round().astype(np.uint8)).save(path)
+        images.append(path)
+    return images
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -69,10 +86,16 @@ def main() -> None:
         help="WRITES / 2 enrolls mixed in, every other one removed",
     )
     parser.add_argument("--identities", type=int, default=50)
+    parser.add_argument(
+        "--run", type=Path, help="a trained run to serve (default: train a tiny one first)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="serve_bench_"))
-    run, images = _tiny_run(work)
+    if args.run is not None:
+        run, images = args.run, _run_images(args.run, work)
+    else:
+        run, images = _tiny_run(work)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "server.log", "w")  # noqa: SIM115
@@ -157,7 +180,8 @@ def main() -> None:
     print(
         f"{args.requests} identify requests, {args.concurrency} concurrent, "
         f"{args.writes // 2} enrolls ({len(removed)} removed again) mixed in; "
-        f"{args.identities} identities enrolled first; {os.cpu_count()} CPUs"
+        f"{args.identities} identities enrolled first; model {run}; {os.cpu_count()} CPUs; "
+        f"load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print()
     print("| requests/s | p50 ms | p95 ms | p99 ms | 5xx | other errors | lost writes | "
