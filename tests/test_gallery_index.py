@@ -329,6 +329,10 @@ def test_make_index_picks_by_size():
         hnsw = make_index(dim=8, metric="euclidean", size_hint=gi.FLAT_MAX + 1)
         assert (flat.kind, flat.metric) == ("flat", "cosine")
         assert (hnsw.kind, hnsw.metric) == ("hnsw", "euclidean")
+        # the search list grows with the gallery (recall falls as the graph grows)
+        sizes = [gi.FLAT_MAX + 1, 200_000, 200_001, 500_000, 500_001, 10_000_000]
+        efs = [make_index(dim=8, metric="cosine", size_hint=n).ef_search for n in sizes]
+        assert efs == [gi.HNSW_EF_SEARCH, gi.HNSW_EF_SEARCH, 128, 128, 192, 192]
     with pytest.raises(ValueError, match="size_hint"):
         make_index(dim=8, metric="cosine", size_hint=-1)
 

@@ -162,7 +162,7 @@ async function identify(file) {
   try {
     [answer] = await apiJson("POST", "/identify", form);
   } catch (e) {
-    fail($("identify-error"), "Could not look up " + file.name, e);
+    fail($("identify-error"), "Could not look up the image", e);
     return;
   }
   const preview = $("query-preview");
