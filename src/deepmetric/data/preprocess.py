@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -55,6 +55,36 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"preprocessing {name} must be a positive integer, got {value!r}")
     return value
+
+
+def decode_image(source: str | Path | IO[bytes], name: str) -> Any:
+    """Open and decode the image ``source`` (a path or a binary file object, called ``name`` in
+    messages) as a loaded PIL image, or raise ``ValueError`` naming it: not an image, declaring
+    more than :data:`MAX_PIXELS` pixels (a decompression bomb, refused before decoding), or
+    failing to decode (truncated, corrupt). The one image-opening path of files and uploads."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                img.close()
+                raise ValueError(
+                    f"{name}: {width} x {height} pixels is more than {MAX_PIXELS:,} "
+                    "(a decompression bomb?)"
+                )
+            img.load()  # reads the data; PIL closes a file it opened itself
+            return img
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"{name}: too many pixels, refused (a decompression bomb?): {error}"
+        ) from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}: not an image file (or a format PIL cannot read)") from None
+    except (OSError, SyntaxError, EOFError) as error:
+        raise ValueError(f"{name}: cannot decode image ({error})") from None
 
 
 @dataclass(frozen=True)
@@ -167,32 +197,15 @@ class Preprocessing:
         )
 
     def _file_to_array(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
         if not path.is_file():
             raise ValueError(
                 f"{path}: no such file" if not path.exists() else f"{path}: not a file"
             )
+        img = decode_image(path, str(path))
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path) as img:
-                    w, h = img.size
-                    if w * h > MAX_PIXELS:
-                        raise ValueError(
-                            f"{path}: {w} x {h} pixels is more than {MAX_PIXELS:,} "
-                            "(a decompression bomb?)"
-                        )
-                    img.load()
-                    return self._pil_to_array(img, str(path))
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-            raise ValueError(
-                f"{path}: too many pixels, refused (a decompression bomb?): {error}"
-            ) from None
-        except UnidentifiedImageError:
-            raise ValueError(f"{path}: not an image file (or a format PIL cannot read)") from None
-        except (OSError, SyntaxError, EOFError) as error:
-            raise ValueError(f"{path}: cannot decode image ({error})") from None
+            return self._pil_to_array(img, str(path))
+        finally:
+            img.close()
 
     def _pil_to_array(self, img: Any, name: str) -> np.ndarray:
         """(C, H, W) uint8: EXIF orientation, L / RGB, resize (as the folder loader)."""

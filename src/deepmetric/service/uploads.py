@@ -16,13 +16,12 @@ from __future__ import annotations
 import hmac
 import io
 import json
-import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 
 from starlette.exceptions import HTTPException
 
-from deepmetric.data.preprocess import MAX_PIXELS
+from deepmetric.data import preprocess
 
 __all__ = [
     "API_KEY_HEADER",
@@ -191,29 +190,9 @@ def decode_image(data: bytes, name: str) -> Any:
     more than :data:`~deepmetric.data.preprocess.MAX_PIXELS` pixels (a decompression bomb,
     refused before decoding), or one that fails to decode (truncated, corrupt).
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise BadUploadError(f"{name}: the file is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # bytes in memory: nothing to close
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise BadUploadError(
-                    f"{name}: {width} x {height} pixels is more than {MAX_PIXELS:,} "
-                    "(a decompression bomb?)"
-                )
-            image.load()
-            return image
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise BadUploadError(
-            f"{name}: too many pixels, refused (a decompression bomb?): {error}"
-        ) from None
-    except UnidentifiedImageError:
-        raise BadUploadError(f"{name}: not an image file (or a format PIL cannot read)") from None
-    except (OSError, SyntaxError, EOFError, ValueError) as error:
-        if isinstance(error, BadUploadError):
-            raise
-        raise BadUploadError(f"{name}: cannot decode the image ({error})") from None
+        return preprocess.decode_image(io.BytesIO(data), name)
+    except ValueError as error:
+        raise BadUploadError(str(error)) from None
