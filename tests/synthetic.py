@@ -46,3 +46,14 @@ def write_learnable_idx(
         write_idx(directory / f"{prefix}-images-idx3-ubyte", images.astype(np.uint8))
         write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
     return directory
+
+
+def train_tiny_run(data: Path, out: Path, *overrides: str) -> Path:
+    """Train a tiny run on the IDX folder ``data`` into ``out`` (16-d, P = K = 4, one epoch
+    unless ``overrides`` say otherwise, e.g. ``"epochs=2"``, ``"mode=batch"``); return ``out``."""
+    from deepmetric.config import load_config
+    from deepmetric.training import train
+
+    base = [f"data=idx:{data}", f"out={out}", "model.dim=16", "train.p=4", "train.k=4", "epochs=1"]
+    train(load_config(None, [*base, *overrides]), stream=None)
+    return out

@@ -13,12 +13,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from synthetic import write_learnable_idx
+from synthetic import train_tiny_run, write_learnable_idx
 
-from deepmetric.config import load_config
 from deepmetric.data import load_dataset
 from deepmetric.inference import Embedder, export_onnx
-from deepmetric.training import load_trained, train
+from deepmetric.training import load_trained
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +26,7 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     data = write_learnable_idx(root / "toy", n_classes=4, n_train=30, n_test=10)
     paths = {"root": root, "data": data}
     for name, val in (("val", "0.25"), ("noval", "0")):
-        overrides = [
-            f"data=idx:{data}",
-            f"out={root / name}",
-            "model.dim=16",
-            "train.p=4",
-            "train.k=4",
-            "epochs=1",
-            f"train.val_fraction={val}",
-        ]
-        train(load_config(None, overrides), stream=None)
-        paths[name] = root / name
+        paths[name] = train_tiny_run(data, root / name, f"train.val_fraction={val}")
     paths["onnx"] = export_onnx(root / "val", root / "model.onnx", progress=lambda _: None)
     return paths
 

@@ -17,36 +17,23 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic import write_learnable_idx
+from synthetic import train_tiny_run, write_learnable_idx
 from tiny_data import make_idx_dir
 
 from deepmetric.cli import main as cli_main
-from deepmetric.config import load_config
 from deepmetric.data import load_dataset
 from deepmetric.distances import pairwise
 from deepmetric.gallery import Gallery, ModelMismatchError, UnknownIdentityError
 from deepmetric.gallery.gallery import index_path
 from deepmetric.gallery.store import GalleryExistsError, GalleryStore
 from deepmetric.inference import Embedder, calibrate_threshold
-from deepmetric.training import train
 
 CLASSES = 6
 
 
 def _train(root: Path, data: Path, name: str, *extra: str) -> Path:
-    overrides = [
-        f"data=idx:{data}",
-        f"out={root / name}",
-        "model.dim=16",
-        "mode=batch",
-        "train.p=4",
-        "train.k=4",
-        "epochs=2",
-        "train.val_fraction=0.25",
-        *extra,
-    ]
-    train(load_config(None, overrides), stream=None)
-    return root / name
+    extra = ("mode=batch", "epochs=2", "train.val_fraction=0.25", *extra)
+    return train_tiny_run(data, root / name, *extra)
 
 
 @pytest.fixture(scope="module")

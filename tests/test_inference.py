@@ -16,32 +16,21 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from synthetic import write_learnable_idx
+from synthetic import train_tiny_run, write_learnable_idx
 
 from deepmetric.checkpoints import latest_checkpoint
 from deepmetric.cli import main as cli_main
-from deepmetric.config import load_config
 from deepmetric.data import Preprocessing, load_dataset
 from deepmetric.distances import paired
 from deepmetric.evaluate import choose_threshold, verification_pairs
 from deepmetric.inference import Embedder, calibrate_threshold, threshold_at_far
 from deepmetric.inference.threshold import VALIDATION_PROTOCOL
 from deepmetric.models import embed
-from deepmetric.training import load_data, load_trained, train
+from deepmetric.training import load_data, load_trained
 
 
 def _train(root: Path, data: Path, name: str, *extra: str) -> Path:
-    overrides = [
-        f"data=idx:{data}",
-        f"out={root / name}",
-        "model.dim=16",
-        "train.p=4",
-        "train.k=4",
-        "epochs=1",
-        *extra,
-    ]
-    train(load_config(None, overrides), stream=None)
-    return root / name
+    return train_tiny_run(data, root / name, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from synthetic import write_learnable_idx
+from synthetic import train_tiny_run, write_learnable_idx
 
-from deepmetric.config import load_config
 from deepmetric.data import load_dataset
 from deepmetric.gallery import Gallery, GalleryStore
 from deepmetric.inference import Embedder
 from deepmetric.service.workers import MicroBatcher
-from deepmetric.training import train
 
 CLASSES = 6
 KEY = "k3y-0123456789abcdef"
@@ -50,17 +48,7 @@ def make_run(root: Path) -> tuple[Path, dict[int, list[Path]]]:
     files: dict[int, list[Path]] = {c: [] for c in range(CLASSES)}
     if not (run / "done").is_file():
         data = write_learnable_idx(root / "toy", n_classes=CLASSES, n_train=30, n_test=8)
-        overrides = [
-            f"data=idx:{data}",
-            f"out={run}",
-            "model.dim=16",
-            "mode=batch",
-            "train.p=4",
-            "train.k=4",
-            "epochs=2",
-            "train.val_fraction=0.25",
-        ]
-        train(load_config(None, overrides), stream=None)
+        train_tiny_run(data, run, "mode=batch", "epochs=2", "train.val_fraction=0.25")
         test = load_dataset(f"idx:{data}", "test")
         for i in range(len(test)):
             folder = root / "pngs" / f"class_{int(test.y[i])}"
