@@ -243,3 +243,20 @@ def test_a_decompression_bomb_is_a_value_error_not_a_warning(tmp_path, monkeypat
             warnings.simplefilter("error")  # a warning would fail the test
             with pytest.raises(ValueError, match=f"bomb{i}.png: .*decompression bomb"):
                 GRAY.apply(path)
+
+
+def test_folder_loader_decodes_as_inference_does(tmp_path):
+    """A 16-bit PNG (scaled, not clipped) and an EXIF-rotated image: the folder data set
+    (training) and Preprocessing.apply (inference) give the same tensors."""
+    pixels = _gradient(28, 28)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "a" / "wide.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    Image.fromarray(_gradient(28, 20)).save(tmp_path / "b" / "turned.png", exif=exif.tobytes())
+    train = load_image_folder(tmp_path, size=28)
+    files = [tmp_path / "a" / "wide.png", tmp_path / "b" / "turned.png"]
+    assert torch.equal(train.x, GRAY.apply(files))
+    assert torch.equal(train.x[0], GRAY.apply(pixels)[0])  # v * 257 -> v, not 255
+    assert train.x.shape == (2, 1, 28, 28)

@@ -410,18 +410,26 @@ def _image_files(class_dir: Path) -> list[Path]:
 
 
 def _decode_image(path: Path, mode: str | None, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """``(H, W)`` or ``(H, W, 3)`` uint8 array, and whether the source was grayscale."""
+    """``(H, W)`` or ``(H, W, 3)`` uint8 array, and whether the source was grayscale. Decoded,
+    turned upright and brought to 8 bits exactly as inference does it
+    (:func:`~deepmetric.data.preprocess.decode_image`, :func:`~.preprocess.upright_8bit`)."""
     from PIL import Image
 
+    from deepmetric.data.preprocess import decode_image, upright_8bit
+
     try:
-        with Image.open(path) as img:
-            img.load()
-            gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
-            target = mode or ("L" if gray else "RGB")
-            img = img.convert(target).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8), gray
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot decode image ({e})") from e
+        img = decode_image(path, str(path))
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    try:
+        upright, gray = upright_8bit(img)
+        target = mode or ("L" if gray else "RGB")
+        out = upright.convert(target).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(out, dtype=np.uint8), gray
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot convert image ({e})") from None
+    finally:
+        img.close()
 
 
 def _to_chw(arrays: list[np.ndarray], rgb: bool) -> torch.Tensor:

@@ -87,6 +87,21 @@ def decode_image(source: str | Path | IO[bytes], name: str) -> Any:
         raise ValueError(f"{name}: cannot decode image ({error})") from None
 
 
+def upright_8bit(img: Any) -> tuple[Any, bool]:
+    """A decoded PIL image as training and inference both see it: its EXIF orientation applied,
+    16-bit grayscale scaled to 8 bits (v / 257, where PIL's ``convert`` would clip at 255);
+    and whether it is grayscale. Both the folder loader and :meth:`Preprocessing.apply` go
+    through it, so a training image and the same file at inference give the same tensor."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img) or img
+    gray = img.mode in _GRAY_MODES
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.round(wide / 257.0).astype(np.uint8), "L")
+    return img, gray
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How images become model inputs: ``channels`` (1: L, 3: RGB), ``height`` x ``width``,
@@ -209,14 +224,10 @@ class Preprocessing:
 
     def _pil_to_array(self, img: Any, name: str) -> np.ndarray:
         """(C, H, W) uint8: EXIF orientation, L / RGB, resize (as the folder loader)."""
-        from PIL import Image, ImageOps
+        from PIL import Image
 
         try:
-            img = ImageOps.exif_transpose(img) or img
-            gray = img.mode in _GRAY_MODES
-            if img.mode.startswith("I;16"):
-                wide = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray(np.round(wide / 257.0).astype(np.uint8), "L")
+            img, gray = upright_8bit(img)
             img = img.convert("L" if gray or self.channels == 1 else "RGB")
             filter_ = getattr(Image.Resampling, self.resample.upper())
             img = img.resize((self.width, self.height), filter_)
