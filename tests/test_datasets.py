@@ -366,3 +366,26 @@ def test_class_split() -> None:
     assert len(seen) + len(unseen) == len(ds)
     with pytest.raises(ValueError, match="out of range"):
         class_split(ds, [7])
+
+
+@pytest.mark.parametrize(
+    ("type_byte", "dtype"),
+    [(0x09, ">i1"), (0x0D, ">f4"), (0x0C, ">i4")],
+    ids=["int8", "float", "int32"],
+)
+def test_idx_labels_must_be_unsigned_bytes(tmp_path: Path, type_byte: int, dtype: str) -> None:
+    """-1 as int8 or 1.7 as float must not become a class: the label file is refused."""
+    make_idx_dir(tmp_path)
+    labels = np.array([-1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1.7][:12]).astype(dtype)
+    header = struct.pack(">HBB", 0, type_byte, 1) + struct.pack(">I", 12)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+    with pytest.raises(DatasetError, match="unsigned-byte labels"):
+        load_idx_dir(tmp_path, "train")
+
+
+def test_idx_dims_whose_product_overflows(tmp_path: Path) -> None:
+    """Four dims of 2**32 - 1: the product (about 2**128) is computed exactly, no wrap-around."""
+    header = struct.pack(">HBB", 0, 0x08, 4) + struct.pack(">4I", *[2**32 - 1] * 4)
+    (tmp_path / "big").write_bytes(header + b"\0" * 16)
+    with pytest.raises(DatasetError, match="truncated: dims"):
+        load_idx(tmp_path / "big")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import math
 import os
 import struct
 import tempfile
@@ -140,7 +141,7 @@ def load_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise DatasetError(f"{path}: truncated IDX header: {ndim} dims need {header_len} bytes")
     dims = struct.unpack(f">{ndim}I", raw[4:header_len])
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow, however large
     found = len(raw) - header_len
     if found != expected:
         problem = "truncated" if found < expected else "trailing bytes"
@@ -174,8 +175,11 @@ def load_idx_dir(
     labels = load_idx(label_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DatasetError(f"{image_path}: expected uint8 (N, H, W) images, got {images.shape}")
-    if labels.ndim != 1:
-        raise DatasetError(f"{label_path}: expected 1-D labels, got {labels.shape}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise DatasetError(
+            f"{label_path}: expected 1-D unsigned-byte labels (IDX type 0x08), got "
+            f"{labels.dtype} {labels.shape}"
+        )
     if len(images) != len(labels):
         raise DatasetError(
             f"{directory}: {image_path.name} has {len(images)} images but "
