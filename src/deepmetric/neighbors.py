@@ -41,6 +41,7 @@ __all__ = [
     "knn_chunks",
     "nearest_neighbors",
     "nearest_other",
+    "smallest_k",
 ]
 
 
@@ -68,7 +69,7 @@ def _order_rows(dist: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, to
     return dist, idx.gather(1, order)
 
 
-def _smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def smallest_k(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest entries of each row of ``d`` (c, R), ordered by (distance, index).
 
     ``torch.topk`` gives the right values but an arbitrary choice among entries tied with the
@@ -120,7 +121,7 @@ def knn_chunks(
         if exclude_self:
             rows = torch.arange(d.shape[0], device=d.device)
             d[rows, rows + start] = math.inf
-        dist, idx = _smallest_k(d, k)
+        dist, idx = smallest_k(d, k)
         yield start, dist, idx
 
 

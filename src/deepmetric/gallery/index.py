@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmetric.distances import METRICS, Metric, check_metric
-from deepmetric.neighbors import _smallest_k, check_positive_int
+from deepmetric.neighbors import check_positive_int, smallest_k
 
 try:  # optional: faiss flat / HNSW indexes
     import faiss as _faiss  # type: ignore[import-not-found]
@@ -544,7 +544,7 @@ class ExactIndex(GalleryIndex):
                 d = self._distances(queries[start : start + chunk])
                 if dead is not None:
                     d[:, dead] = torch.inf
-                vals, idx = _smallest_k(d, k)
+                vals, idx = smallest_k(d, k)
                 dists.append(vals)
                 rows.append(idx)
         return torch.cat(dists).numpy(), torch.cat(rows).numpy()

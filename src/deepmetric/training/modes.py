@@ -131,8 +131,9 @@ class JointMode(PKMode):
         emb, logits = model(x)
         emb = check_finite(emb).float()
         index = self.class_index.to(y.device)
-        known = y < len(index)
-        target = torch.where(known, index[y.clamp(max=len(index) - 1)], -1)
+        target = torch.full_like(y, -1)  # -1: a class the head has no output for
+        inside = y < len(index)
+        target[inside] = index[y[inside]]
         known = target >= 0
         ce = emb.new_zeros(())
         if bool(known.any()):
