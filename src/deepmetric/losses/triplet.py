@@ -1,0 +1,171 @@
+"""Triplet losses: over a labelled batch with online mining (batch-all, batch-hard, semi-hard),
+and over explicit (anchor, positive, negative) triplets."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepmetric import mining as miners
+from deepmetric.distances import Metric, check_metric, paired, pairwise
+from deepmetric.losses._common import check_batch, check_margin, with_gradient, zero
+
+Mining = Literal["batch_all", "batch_hard", "semi_hard"]
+MINING: tuple[str, ...] = get_args(Mining)
+
+
+@torch.no_grad()
+def _soft_triplet_sum(
+    dist: torch.Tensor, masks: miners.PairMasks
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum over valid (a, p, n) of softplus(d_ap - d_an)`` and its gradient w.r.t. ``dist``:
+    ``sum_n sigmoid(d_ap - d_an)`` at (a, p), ``-sum_p sigmoid(d_ap - d_an)`` at (a, n).
+    One (B, R) pass per positive slot: O(P B R) time, O(B R) memory."""
+    slots = miners.positive_slots(masks.positive)
+    grad = torch.zeros_like(dist)
+    total = dist.new_zeros(())
+    for j in range(slots.index.shape[1]):
+        positive = slots.index[:, j : j + 1]  # (B, 1)
+        x = dist.gather(1, positive) - dist  # d_ap - d_an for every n, (B, R)
+        keep = masks.negative & slots.valid[:, j : j + 1]
+        total += torch.where(keep, F.softplus(x), 0.0).sum()
+        slope = torch.where(keep, torch.sigmoid(x), 0.0)
+        grad -= slope
+        grad.scatter_add_(1, positive, slope.sum(dim=1, keepdim=True))
+    return total, grad
+
+
+class TripletLoss(nn.Module):
+    """Triplet loss over all the triplets of a labelled batch, with online mining.
+
+    For a valid triplet (a, p, n) (``label[a] == label[p]``, a != p, ``label[n] != label[a]``) the
+    loss is ``relu(d_ap - d_an + margin)``, or ``softplus(d_ap - d_an)`` with ``soft=True``
+    (the soft margin of Hermans et al. 2017; ``margin`` is then unused). ``mining`` decides which
+    triplets count and what is averaged:
+
+    - ``"batch_all"``: every valid triplet; the mean over those with a loss > 0 (with ``soft``,
+      over all valid triplets). O(B^2 log B) or O(K B^2), O(B^2) memory.
+    - ``"batch_hard"``: per anchor with a positive and a negative, its farthest positive and
+      nearest negative; the mean over those anchors (Hermans et al. 2017). O(B^2).
+    - ``"semi_hard"``: per positive pair, the nearest negative farther than the positive, or the
+      farthest negative if there is none; the mean over all those pairs (FaceNet, Schroff et al.
+      2015, with TensorFlow Addons' semantics). O(B^2 log B) or O(K B^2).
+
+    Call ``loss(embeddings (B, D), labels (B,))``, or with ``ref_embeddings (R, D)`` and
+    ``ref_labels (R,)`` to take positives and negatives from a reference set (a memory bank)
+    instead of the batch. Returns a scalar; 0 when there is no valid triplet.
+
+    Example::
+
+        loss = TripletLoss(margin=0.2, mining="semi_hard")(model(images), labels)
+        loss.backward()
+    """
+
+    def __init__(
+        self,
+        *,
+        margin: float = 0.2,
+        mining: Mining = "batch_all",
+        metric: Metric = "euclidean",
+        soft: bool = False,
+        method: miners.Method = "auto",
+    ) -> None:
+        super().__init__()
+        if mining not in MINING:
+            raise ValueError(f"unknown mining {mining!r}; expected one of {', '.join(MINING)}")
+        check_metric(metric)
+        miners.check_method(method)
+        self.margin = check_margin(margin)
+        self.mining = mining
+        self.metric = metric
+        self.soft = bool(soft)
+        self.method = method
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, mining={self.mining!r}, metric={self.metric!r}, " + (
+            f"soft={self.soft}"
+        )
+
+    def _hinge(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(x + margin)`` or ``softplus(x)`` for x = d_ap - d_an."""
+        return F.softplus(x) if self.soft else F.relu(x + self.margin)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        check_batch(embeddings, labels, ref_embeddings, ref_labels)
+        labels = labels.to(embeddings.device)
+        if ref_labels is not None:
+            ref_labels = ref_labels.to(embeddings.device)
+        dist = pairwise(embeddings, ref_embeddings, self.metric)
+        if self.mining == "batch_all":
+            return self._batch_all(embeddings, dist, labels, ref_labels)
+        if self.mining == "batch_hard":
+            triplets = miners.batch_hard(dist, labels, ref_labels)
+        else:
+            triplets = miners.semi_hard(dist, labels, ref_labels, method=self.method)
+        if len(triplets.anchor) == 0:
+            return zero(embeddings)
+        d_ap = dist[triplets.anchor, triplets.positive]
+        d_an = dist[triplets.anchor, triplets.negative]
+        return self._hinge(d_ap - d_an).mean()
+
+    def _batch_all(
+        self,
+        embeddings: torch.Tensor,
+        dist: torch.Tensor,
+        labels: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if self.soft:
+            masks = miners.pair_masks(labels, ref_labels)
+            count = int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
+            if count == 0:
+                return zero(embeddings)
+            return with_gradient(dist, *_soft_triplet_sum(dist, masks)) / count
+        # Given the active set, the hinge sum is linear in dist:
+        # sum_(a,p) c_ap (d_ap + m) - sum_(a,n) c_an d_an, with the counts c from the miner.
+        active = miners.batch_all_counts(
+            dist, labels, ref_labels, margin=self.margin, method=self.method
+        )
+        count = int(active.per_slot.sum())
+        if count == 0:
+            return zero(embeddings)
+        with torch.no_grad():
+            grad = active.per_negative.to(dist.dtype).neg_()
+            grad.scatter_add_(1, active.slots.index, active.per_slot.to(dist.dtype))
+            value = torch.vdot(grad.flatten(), dist.flatten()) + self.margin * count
+        return with_gradient(dist, value, grad) / count
+
+
+def triplet_margin_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    margin: float = 0.2,
+    metric: Metric = "euclidean",
+    soft: bool = False,
+) -> torch.Tensor:
+    """Triplet loss on explicit triplets, as a three-input triplet network produces them.
+
+    ``mean_i relu(d(a_i, p_i) - d(a_i, n_i) + margin)`` (``softplus(d_ap - d_an)`` with
+    ``soft=True``) over (N, D) tensors ``anchor``, ``positive``, ``negative``; returns a scalar.
+    """
+    margin = check_margin(margin)
+    if not (anchor.shape == positive.shape == negative.shape):
+        raise ValueError(
+            "anchor, positive and negative must have the same shape, got "
+            f"{tuple(anchor.shape)}, {tuple(positive.shape)}, {tuple(negative.shape)}"
+        )
+    if len(anchor) == 0:
+        raise ValueError("empty batch: no triplets")
+    x = paired(anchor, positive, metric) - paired(anchor, negative, metric)
+    return (F.softplus(x) if soft else F.relu(x + margin)).mean()
