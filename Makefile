@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install data browser test lint demo demo-synthetic demo-oneshot bench clean
+.PHONY: install data browser test lint demo demo-synthetic demo-oneshot bench fuzz clean
 
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -62,6 +62,18 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/losses.py
 	$(BIN)/python benchmarks/train.py
+
+# Long fuzzing (tests/test_fuzz.py runs a few examples in `make test`): FUZZ_EXAMPLES hypothesis
+# examples per property, then FUZZ_SECONDS of coverage-guided atheris per target (idx, image,
+# config); a crash leaves its input in crash-* (see tests/fuzz_atheris.py).
+FUZZ_EXAMPLES ?= 20000
+FUZZ_SECONDS  ?= 120
+fuzz: install
+	$(BIN)/python -m pip install --quiet -e ".[fuzz]"
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py
+	for target in idx image config; do \
+	  $(BIN)/python tests/fuzz_atheris.py $$target -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -368,3 +368,152 @@ def test_a_pickle_in_place_of_safetensors_is_corrupt_and_never_unpickled(tmp_pat
     shutil.copy(tmp_path / "other" / "checkpoints" / E1 / file, path / file)
     with pytest.raises(CheckpointError, match=r"corrupt: state\.json"):
         load_checkpoint(path)
+
+
+# ---- files that are not safetensors; checkpoints of another architecture ------------------
+
+
+def _legacy_pickle(obj: object, file: Path) -> None:
+    torch.save(obj, file, _use_new_zipfile_serialization=False)
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "state.safetensors"])
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        ("random bytes", "not a safetensors file"),
+        ("torch.save", "a zip archive (the format of torch.save)"),
+        ("legacy torch.save", "a Python pickle (the old format of torch.save)"),
+        ("empty", "not a safetensors file"),
+    ],
+)
+def test_a_file_that_is_not_safetensors_is_refused_by_name(tmp_path, file, content, words):
+    path = _save(tmp_path / "run", E1, 1)
+    (path / "complete").unlink()  # as a folder of an older deepmetric: no sizes to compare
+    sentinel = tmp_path / "unpickled"
+    target = path / file
+    if content == "random bytes":
+        target.write_bytes(os.urandom(4096))
+    elif content == "torch.save":
+        torch.save({"w": _Payload(str(sentinel))}, target)
+    elif content == "legacy torch.save":
+        _legacy_pickle({"w": _Payload(str(sentinel))}, target)
+    else:
+        target.write_bytes(b"")
+    assert latest_checkpoint(tmp_path / "run") == path  # complete by the old rule
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert f"{target} is {words}" in message and "never unpickled" in message, message
+    assert "\n" not in message
+    assert not sentinel.exists()  # never unpickled
+
+
+def _net(dim: int) -> torch.nn.Module:
+    torch.manual_seed(dim)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, dim))
+
+
+def test_a_checkpoint_of_another_architecture_names_the_tensors():
+    model, other = _net(8), _net(32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = other.state_dict()
+    with pytest.raises(CheckpointError) as caught:
+        checkpoints.load_model_state(model, state, source="runs/x")
+    message = str(caught.value)
+    assert message.startswith("runs/x does not fit the configured model (Sequential): ")
+    assert "2.weight is 32x16 in the checkpoint, 8x16 in the model" in message
+    assert "2.bias is 32 in the checkpoint, 8 in the model" in message
+    assert "0.weight" not in message and "\n" not in message
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
+    # torch's own message, summarised the same way (what the command line prints)
+    with pytest.raises(RuntimeError) as torch_error:
+        model.load_state_dict(state)
+    summary = checkpoints.summarize_load_error(f"runs/x: {torch_error.value}")
+    assert summary is not None and "\n" not in summary
+    assert checkpoints.state_mismatch(model.state_dict(), state) in summary
+    assert summary.startswith("runs/x: the checkpoint does not fit the configured model")
+    # missing and unexpected tensors
+    odd = {k: v for k, v in model.state_dict().items() if k != "0.bias"}
+    odd["3.weight"] = torch.zeros(2)
+    why = checkpoints.state_mismatch(model.state_dict(), odd)
+    assert why == "missing from the checkpoint: 0.bias; not in the model: 3.weight"
+    with pytest.raises(RuntimeError) as torch_error:
+        model.load_state_dict(odd)
+    assert why in checkpoints.summarize_load_error(str(torch_error.value))
+    assert checkpoints.summarize_load_error("some other error") is None
+    # a checkpoint that fits is loaded
+    twin = _net(8)
+    checkpoints.load_model_state(model, twin.state_dict(), source="runs/x")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in twin.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def mismatched_run(tmp_path_factory) -> dict[str, Path]:
+    """A tiny run (model.dim=16) copied to a run folder whose config says model.dim=32, and
+    another copy whose weights file is a torch.save pickle."""
+    from synthetic import train_tiny_run, write_learnable_idx
+
+    root = tmp_path_factory.mktemp("mismatch")
+    data = write_learnable_idx(root / "toy", n_classes=4, n_train=8, n_test=4)
+    run = train_tiny_run(data, root / "run")
+    wider = root / "wider"
+    shutil.copytree(run, wider)
+    config = (wider / "config.yaml").read_text()
+    assert "  dim: 16\n" in config
+    (wider / "config.yaml").write_text(config.replace("  dim: 16\n", "  dim: 32\n"))
+    pickled = root / "pickled"
+    shutil.copytree(run, pickled)
+    folder = latest_checkpoint(pickled)
+    (folder / "complete").unlink()
+    torch.save({"w": _Payload(str(root / "unpickled"))}, folder / "model.safetensors")
+    image = root / "x.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28), 128).save(image)
+    return {"root": root, "wider": wider, "pickled": pickled, "image": image}
+
+
+def _one_line(capsys, argv: list[object]) -> str:
+    from deepmetric.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deepmetric: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "embed", "train --resume"])
+def test_the_command_line_says_what_does_not_fit_in_one_line(mismatched_run, capsys, command):
+    wider, image = mismatched_run["wider"], mismatched_run["image"]
+    out = mismatched_run["root"] / f"{command.split()[0]}.npy"
+    argv = {
+        "evaluate": ["evaluate", wider],
+        "embed": ["embed", wider, image, "--out", out],
+        "train --resume": ["train", "--resume", wider],
+    }[command]
+    line = _one_line(capsys, argv)
+    prefix = "embedding_net." if command == "train --resume" else ""  # joint mode trains a head
+    assert f"{wider}: the checkpoint does not fit the configured model" in line, line
+    assert f"{prefix}fc.weight is 16x256 in the checkpoint, 32x256 in the model" in line, line
+    assert "another model.dim" in line and "torch.Size" not in line, line
+    line = _one_line(capsys, [mismatched_run["pickled"] if a == wider else a for a in argv])
+    assert "model.safetensors is a zip archive" in line and "never unpickled" in line, line
+    assert not (mismatched_run["root"] / "unpickled").exists()
+    assert not out.exists()
+
+
+def test_train_resume_of_another_architecture_is_one_line_on_stderr(mismatched_run):
+    done = subprocess.run(
+        [sys.executable, "-m", "deepmetric", "train", "--resume", str(mismatched_run["wider"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    assert "embedding_net.fc.weight is 16x256 in the checkpoint, 32x256 in the model" in line

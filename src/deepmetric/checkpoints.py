@@ -39,9 +39,11 @@ concurrent writers to the same ``checkpoints/`` are not supported.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import warnings
@@ -68,6 +70,30 @@ POINTER_TMP = f".{LATEST}.tmp"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or corrupt."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, a file size limit, a read-only folder):
+    one line naming the checkpoint and the cause; ``errno`` is the failed call's. The
+    checkpoints saved before it are untouched, and the partial folder is removed."""
+
+
+def _save_failure(root: Path, name: str, error: Exception) -> CheckpointSaveError:
+    """The :class:`CheckpointSaveError` for ``error``, after removing (best effort) the partial
+    ``.tmp-NAME-*`` folder, so that a full disk gets its space back at once."""
+    number = getattr(error, "errno", None)
+    if number is None:  # safetensors' writer says "... I/O error: ... (os error 28)"
+        found = re.search(r"os error (\d+)", str(error))
+        number = int(found.group(1)) if found else None
+    cause = f"{os.strerror(number)} ({errno.errorcode.get(number, number)})" if number else error
+    if root.is_dir():
+        for partial in root.glob(f"{TMP}{name}-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    failure = CheckpointSaveError(
+        f"cannot save checkpoint {root / name}: {cause}; the checkpoints saved before it are kept"
+    )
+    failure.errno = number
+    return failure
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -264,17 +290,34 @@ def save_checkpoint(
     """Write checkpoint ``name``, point ``latest`` at it, keep the newest ``keep``; its folder.
 
     Crash-safe and durable as the module docstring says: a kill at any instant leaves the old
-    or the new checkpoint loadable. Saving a name that exists replaces it. ``keep`` (at least 1)
-    counts complete checkpoints; the one just saved is always kept, even when its name sorts
-    before the others."""
+    or the new checkpoint loadable. Saving a name that exists replaces it. A write that fails
+    (full disk, file size limit, read-only folder) raises :class:`CheckpointSaveError`, with
+    the checkpoints before it intact. ``keep`` (at least 1) counts complete checkpoints; the
+    one just saved is always kept, even when its name sorts before the others."""
     _check_name(name)
     if keep < 1:
         raise ValueError(f"keep must be at least 1, not {keep}")
     model_tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(state, tensors)).encode("utf-8")  # fails before touching the disk
-
     root = Path(run_dir) / "checkpoints"
+    try:
+        final = _write_checkpoint(root, name, model_tensors, tensors, tree, config_yaml)
+    except (OSError, SafetensorError) as error:  # ENOSPC, EFBIG, EROFS, EACCES, ...
+        raise _save_failure(root, name, error) from error
+    _prune(root, name, keep)
+    return final
+
+
+def _write_checkpoint(
+    root: Path,
+    name: str,
+    model_tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
+    tree: bytes,
+    config_yaml: str,
+) -> Path:
+    """The steps of :func:`save_checkpoint` up to and including the ``latest`` pointer."""
     if not root.is_dir():
         root.mkdir(parents=True, exist_ok=True)
         _fsync_dir(root.parent)
@@ -304,7 +347,6 @@ def save_checkpoint(
     _point_latest(root, name)
     if aside is not None:
         _remove(aside)
-    _prune(root, name, keep)
     return final
 
 
@@ -352,6 +394,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     return path
 
 
+def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``folder / name``; :class:`CheckpointError` naming
+    it when it is anything else. Only the safetensors parser ever reads it: a pickle is
+    recognised by its first bytes for the message, never loaded."""
+    file = folder / name
+    try:
+        return load_file(str(file))
+    except (SafetensorError, ValueError) as error:
+        reason = str(error)
+    with open(file, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK\x03\x04"):
+        what = "a zip archive (the format of torch.save), not a safetensors file"
+    elif len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        what = "a Python pickle (the old format of torch.save), not a safetensors file"
+    else:
+        what = f"not a safetensors file ({reason})"
+    raise CheckpointError(
+        f"checkpoint {folder} is corrupt: {file} is {what}; refused: checkpoints are "
+        "safetensors and JSON only, never unpickled"
+    ) from None
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(model_state, state)`` from a checkpoint folder, with clear errors for broken files.
 
@@ -361,15 +426,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
     try:
-        model_state = load_file(str(path / MODEL))
-        tensors = load_file(str(path / STATE_TENSORS))
+        model_state = _read_tensors(path, MODEL)
+        tensors = _read_tensors(path, STATE_TENSORS)
         tree = json.loads((path / STATE_TREE).read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise CheckpointError(
             f"checkpoint {path} is incomplete: {error.filename} missing"
         ) from None
-    except (SafetensorError, ValueError, OSError) as error:  # ValueError: bad JSON or UTF-8
-        raise CheckpointError(f"checkpoint {path} is corrupt: {error}") from None
+    except CheckpointError:
+        raise
+    except (ValueError, OSError) as error:  # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"checkpoint {path} is corrupt: {STATE_TREE}: {error}") from None
     try:
         return model_state, _decode(tree, tensors)
     except KeyError as error:
@@ -388,3 +455,109 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+# ---- does a checkpoint fit the model? ------------------------------------------------------
+
+#: how many tensor names a mismatch message shows per kind
+_SHOWN = 4
+_TORCH_LOAD_ERROR = "Error(s) in loading state_dict for "
+
+
+def _shape(shape: Any) -> str:
+    return "x".join(str(int(n)) for n in shape) or "scalar"
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
+
+
+def _mismatch_text(
+    shapes: list[tuple[str, str, str]], missing: list[str], unexpected: list[str]
+) -> str:
+    parts = []
+    if shapes:
+        described = [f"{k} is {c} in the checkpoint, {m} in the model" for k, c, m in shapes]
+        parts.append("; ".join(described[:_SHOWN]))
+        if len(shapes) > _SHOWN:
+            parts[-1] += f"; ... ({len(shapes)} tensors of another shape in all)"
+    if missing:
+        parts.append(f"missing from the checkpoint: {_listed(missing)}")
+    if unexpected:
+        parts.append(f"not in the model: {_listed(unexpected)}")
+    return "; ".join(parts)
+
+
+def state_mismatch(
+    model_state: Mapping[str, torch.Tensor], checkpoint_state: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Why ``checkpoint_state`` cannot load into a model whose ``state_dict()`` is
+    ``model_state`` (strictly, as ``load_state_dict`` does), in one line naming the tensors
+    (``"fc.weight is 16x256 in the checkpoint, 32x256 in the model; missing from the
+    checkpoint: ..."``), or ``None`` when it fits."""
+    shapes = [
+        (k, _shape(v.shape), _shape(model_state[k].shape))
+        for k, v in checkpoint_state.items()
+        if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
+    ]
+    missing = [k for k in model_state if k not in checkpoint_state]
+    unexpected = [k for k in checkpoint_state if k not in model_state]
+    if not (shapes or missing or unexpected):
+        return None
+    return _mismatch_text(shapes, missing, unexpected)
+
+
+def load_model_state(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str | Path
+) -> None:
+    """``module.load_state_dict(state)`` (strict), or first a :class:`CheckpointError` of one
+    line naming ``source`` and every mismatched tensor (see :func:`state_mismatch`) instead
+    of torch's long ``RuntimeError``: a checkpoint of another architecture (another
+    ``model.dim``, backbone or mode) than the configured model."""
+    why = state_mismatch(module.state_dict(), state)
+    if why is not None:
+        raise CheckpointError(
+            f"{source} does not fit the configured model ({type(module).__name__}): {why} "
+            "(a checkpoint of another architecture, e.g. another model.dim?)"
+        )
+    module.load_state_dict(state)
+
+
+def summarize_load_error(text: str) -> str | None:
+    """The message of torch's ``load_state_dict`` ``RuntimeError`` (found anywhere in
+    ``text``, e.g. wrapped in another error's message) as one line naming the mismatched
+    tensors, with whatever ``text`` said before it; ``None`` when ``text`` holds no such
+    message. Unrecognised details are kept, joined into the line."""
+    start = text.find(_TORCH_LOAD_ERROR)
+    if start < 0:
+        return None
+    before, body = text[:start], text[start:]
+    before = re.sub(r"the checkpoint does not fit the model:\s*$", "", before)
+    head, _, rest = body.partition("\n")
+    owner = head[len(_TORCH_LOAD_ERROR) :].rstrip(":").strip()
+    size = re.compile(
+        r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+        r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)\.?"
+    )
+    shapes, missing, unexpected, other = [], [], [], []
+    for line in (x.strip() for x in rest.splitlines()):
+        if not line:
+            continue
+        found = size.fullmatch(line)
+        if found:
+            k, c, m = found.groups()
+            shapes.append(
+                (k, _shape(c.replace(",", " ").split()), _shape(m.replace(",", " ").split()))
+            )
+        elif line.startswith(("Missing key(s) in state_dict:", "Unexpected key(s) in state_dict:")):
+            keys = re.findall(r'"([^"]*)"', line)
+            (missing if line.startswith("Missing") else unexpected).extend(keys)
+        else:
+            other.append(line)
+    why = _mismatch_text(shapes, missing, unexpected)
+    details = "; ".join(x for x in (why, *other) if x)
+    return (
+        f"{before}the checkpoint does not fit the configured model ({owner}): {details} "
+        "(a checkpoint of another architecture, e.g. another model.dim?)"
+    ).replace("\n", " ")

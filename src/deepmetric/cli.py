@@ -1,5 +1,5 @@
 """The ``deepmetric`` command line: ``train``, ``evaluate``, ``embed``, ``verify``, ``export``,
-``gallery`` (create / enroll / identify / list / remove / reindex), ``serve``, ``demo``,
+``gallery`` (create / enroll / identify / list / remove / reindex / check), ``serve``, ``demo``,
 ``demo-oneshot``. Thin: parse, call the API, print; an error is one line and exit code 2."""
 
 from __future__ import annotations
@@ -352,8 +352,44 @@ def _gallery_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gallery_check(args: argparse.Namespace) -> int:
+    """Exit 0: consistent (after the repair, with --repair); 1: problems remain."""
+    from deepmetric.gallery.check import Problem, check_gallery
+
+    embedder = _embedder(args.run, args.device, calibrate=False) if args.run else None
+    report = check_gallery(args.gallery, repair=args.repair, embedder=embedder, device=args.device)
+
+    def say(problem: Problem, still: str = "") -> None:
+        fix = "" if problem.repairable else " (--repair cannot fix this)"
+        print(f"{args.gallery}: {still}{problem.kind}: {problem.message}{fix}")
+
+    for problem in report.problems:
+        say(problem)
+    for line in report.repaired:
+        print(f"{args.gallery}: repaired: {line}")
+    summary = (
+        f"{report.identities} identities, {report.examples} examples, generation "
+        f"{report.generation}"
+    )
+    if report.ok:
+        after = " after the repair" if report.repaired else ""
+        print(f"{args.gallery}: consistent{after} ({summary})")
+        return 0
+    for problem in report.remaining:
+        if problem not in report.problems:  # found by the repair (it could not proceed)
+            say(problem)
+        elif report.repaired:
+            say(problem, "still: ")
+    hint = ""
+    if not args.repair and any(p.repairable for p in report.problems):
+        hint = "; --repair rebuilds the index from the database (the source of truth)"
+    print(f"{args.gallery}: {len(report.remaining)} problem(s) ({summary}){hint}")
+    return 1
+
+
 def _gallery(args: argparse.Namespace) -> int:
     handlers = {
+        "check": _gallery_check,
         "create": _gallery_create,
         "enroll": _gallery_enroll,
         "identify": _gallery_identify,
@@ -392,6 +428,15 @@ def _demo_oneshot(args: argparse.Namespace) -> int:
 
     oneshot(args.overrides, run=args.run, strangers=args.strangers)
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message; torch's multi-line ``load_state_dict`` message (a checkpoint that
+    does not fit the model) as one line naming the mismatched tensors."""
+    from deepmetric.checkpoints import summarize_load_error
+
+    text = str(error)
+    return summarize_load_error(text) or text
 
 
 def _import_option(parser: argparse.ArgumentParser) -> None:
@@ -569,6 +614,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     g_reindex.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
 
+    g_check = gallery_parser(
+        "check",
+        "does the saved index agree with the database?",
+        "Checks the database (SQLite integrity), the model record (and the model itself: "
+        "--run, or the recorded source when it loads) and the index GALLERY.index against "
+        "the database (ids, count, vectors, tombstones, generation). One line per problem; "
+        "exit 0 when consistent, 1 when problems remain. --repair rebuilds the index from "
+        "the database, the source of truth.",
+    )
+    g_check.add_argument(
+        "--repair", action="store_true", help="rebuild the index from the database if needed"
+    )
+    g_check.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
+
     serve = commands.add_parser(
         "serve",
         help="the gallery over HTTP: an API and a web page",
@@ -625,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         demo_main(steps=args.steps, seed=args.seed)
         return 0
-    from deepmetric.checkpoints import CheckpointError
+    from deepmetric.checkpoints import CheckpointError, summarize_load_error
     from deepmetric.data import DatasetError
     from deepmetric.gallery.store import GalleryError
 
@@ -652,7 +711,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         OSError,
         GalleryError,
     ) as error:
-        print(f"deepmetric: error: {error}", file=sys.stderr)
+        print(f"deepmetric: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # torch's load_state_dict: a checkpoint of another model
+        if summarize_load_error(str(error)) is None:
+            raise
+        where = getattr(args, "resume", None) or getattr(args, "run_dir", None)
+        error_line = _one_line(error)
+        print(f"deepmetric: error: {f'{where}: ' if where else ''}{error_line}", file=sys.stderr)
         return 2
 
 

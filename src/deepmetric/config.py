@@ -9,6 +9,9 @@ wrong type raises :class:`ConfigError` listing the valid keys or the expected ty
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +126,62 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 6, 6
+_SHORT.maxstring, _SHORT.maxother = 60, 60
+
+
+def _show(value: Any) -> str:
+    """A short repr for messages: long or deeply nested values (a YAML alias bomb) are cut."""
+    return _SHORT.repr(value)
+
+
+#: builder_args and other mapping values: at most this many values, this deep
+_MAX_VALUES, _MAX_DEPTH = 10_000, 32
+
+
+def _check_plain(value: Any, key: str, budget: list[int], depth: int = 0) -> None:
+    """``value`` is a tree of YAML scalars, lists and string-keyed mappings, of bounded size
+    (an alias bomb or a self-referencing tree is refused, not walked for ever)."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > _MAX_DEPTH:
+        raise ConfigError(
+            f"{key}: too large or too deeply nested (more than {_MAX_VALUES} values or "
+            f"{_MAX_DEPTH} levels; a self-referencing YAML alias?)"
+        )
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{key}: keys must be strings, got {_show(k)}")
+            _check_plain(v, f"{key}.{k}", budget, depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{key}[{i}]", budget, depth + 1)
+    elif value is not None and not isinstance(value, bool | int | float | str):
+        raise ConfigError(f"{key}: {type(value).__name__} values are not allowed here")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what is wrong, and where."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        what = "; ".join(filter(None, (error.context, error.problem))) or "cannot parse"
+        mark = error.problem_mark or error.context_mark
+        return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
+    return " ".join(str(error).split())
+
+
+def _read_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load(text)``; a ConfigError naming ``what`` for anything it cannot read."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is not valid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as error:  # 5000-digit ints, escapes such as \UFFFFFFFF
+        raise ConfigError(f"{what} is not valid YAML: {error}") from None
+
+
 def _type_name(hint: Any) -> str:
     if get_origin(hint) is Literal:
         return " | ".join(repr(a) for a in get_args(hint))
@@ -145,45 +204,51 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {' or '.join(map(_type_name, options))}, got {value!r}")
+        expected = " or ".join(map(_type_name, options))
+        raise ConfigError(f"{key}: expected {expected}, got {_show(value)}")
     if origin is Literal:
         if value not in get_args(hint):
-            raise ConfigError(f"{key}: expected one of {_type_name(hint)}, got {value!r}")
+            raise ConfigError(f"{key}: expected one of {_type_name(hint)}, got {_show(value)}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
+        _check_plain(value, key, [_MAX_VALUES])
         return value
     if origin is list:
         (item,) = get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {_show(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {_show(value)} is too large for a float") from None
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
         try:
             return float(value)
         except ValueError:
             pass
     if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
     if hint in (float, str) and not isinstance(value, hint):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {_show(value)}")
     return value
 
 
 def _merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{where}: expected a mapping, got {_show(values)}")
     hints = _hints(type(obj))
     for name, value in values.items():
         key = prefix + str(name)
-        if name not in hints:
+        if not isinstance(name, str) or name not in hints:
             raise ConfigError(
-                f"unknown key {key!r}; valid keys: {', '.join(valid_keys(type(obj), prefix))}"
+                f"unknown key {_show(key)}; valid keys: {', '.join(valid_keys(type(obj), prefix))}"
             )
         if dataclasses.is_dataclass(hints[name]):
             _merge(getattr(obj, name), value, key + ".")
@@ -198,11 +263,8 @@ def parse_override(text: str) -> dict[str, Any]:
     """``"train.lr=0.01"`` -> ``{"train": {"lr": 0.01}}``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {text!r} is not of the form key=value")
-    try:
-        value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: cannot read the value: {error}") from None
+        raise ConfigError(f"override {_show(text)} is not of the form key=value")
+    value = _read_yaml(raw, f"the value of override {_show(text)}") if raw else None
     if key in ("data", "name", "out") and value is not None:
         value = raw  # specs such as idx:DIR or 1e3 stay the strings typed
     tree: dict[str, Any] = {}
@@ -220,11 +282,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"config {path} is not UTF-8 text: {error.reason}") from None
+        values = _read_yaml(text, f"config {path}") or {}
         try:
             _merge(config, values)
         except ConfigError as error:
@@ -237,22 +300,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+def _value(config: Config, key: str) -> Any:
+    """The value of dotted ``key`` (``train.lr``) in ``config``."""
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+#: train.device: auto, or a device type with an optional index (cpu, cuda, cuda:1, mps)
+_DEVICE = re.compile(r"auto|(cpu|cuda|mps|xpu)(:\d+)?")
+
+
 def validate(config: Config) -> None:
-    """Value checks that types cannot express."""
+    """Value checks that types cannot express; each error names the key and the problem."""
+    for key in valid_keys(Config):
+        value = _value(config, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
     positive = {
         "epochs": config.epochs,
+        "image_size": config.image_size,
         "model.dim": config.model.dim,
         "train.p": config.train.p,
         "train.k": config.train.k,
         "train.batch_size": config.train.batch_size,
+        "train.step_size": config.train.step_size,
         "train.offline_every": config.train.offline_every,
+        "train.offline_p": config.train.offline_p,
+        "train.offline_k": config.train.offline_k,
         "train.log_every": config.train.log_every,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    non_negative = {
+        "seed": config.seed,
+        "model.padding": config.model.padding,
+        "loss.softmax_weight": config.loss.softmax_weight,
+        "train.weight_decay": config.train.weight_decay,
+        "train.momentum": config.train.momentum,
+        "train.grad_clip": config.train.grad_clip,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {config.train.lr}")
+    if config.train.gamma <= 0:
+        raise ConfigError(
+            f"train.gamma must be > 0 (the learning-rate factor of schedule: step), "
+            f"got {config.train.gamma}"
+        )
     if config.train.warmup_epochs < 0:
         raise ConfigError(f"train.warmup_epochs must be >= 0, got {config.train.warmup_epochs}")
     if not 0 <= config.train.label_smoothing < 1:
@@ -263,7 +362,19 @@ def validate(config: Config) -> None:
         raise ConfigError(f"loss.margin must be >= 0, got {config.loss.margin}")
     if not 0 <= config.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")
+    if isinstance(config.train.device, str) and not _DEVICE.fullmatch(config.train.device):
+        raise ConfigError(
+            f"train.device must be auto, cpu, cuda, cuda:N or mps, got {config.train.device!r}"
+        )
     t = config.train
+    for key, ids in (("train.classes", t.classes), ("train.val_classes", t.val_classes)):
+        if ids is not None and any(i < 0 for i in ids):
+            raise ConfigError(f"{key} must hold class ids >= 0, got {_show(ids)}")
+    if t.classes is not None and len(set(t.classes)) < 2:
+        raise ConfigError(
+            f"train.classes needs at least 2 classes (metric learning compares classes), "
+            f"got {_show(t.classes)}"
+        )
     if t.val_classes is not None:
         if len(set(t.val_classes)) < 2:
             raise ConfigError("train.val_classes needs at least 2 classes (to compare them)")
@@ -275,6 +386,13 @@ def validate(config: Config) -> None:
             raise ConfigError("train.classes minus train.val_classes leaves fewer than 2 classes")
     if config.mode in ("batch", "joint", "offline") and config.train.k < 2:
         raise ConfigError("train.k must be >= 2: a P x K batch needs positive pairs")
+    if config.mode in ("batch", "joint") and config.train.p < 2:
+        raise ConfigError("train.p must be >= 2: a P x K batch needs negatives (another class)")
+    if config.mode == "offline" and min(t.offline_p, t.offline_k) < 2:
+        raise ConfigError(
+            f"train.offline_p and train.offline_k must be >= 2 (mining needs positive pairs and "
+            f"negatives), got {t.offline_p} and {t.offline_k}"
+        )
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -105,51 +105,79 @@ class ArrayDataset(Dataset):
 # --------------------------------------------------------------------------- IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when the name ends in ``.gz``."""
+#: More dimensions than numpy arrays can have (32 in numpy 1.x); real IDX files have 1 to 4.
+IDX_MAX_DIMS = 32
+
+
+def _read_exactly(fh: IO[bytes], size: int) -> bytes:
+    """Up to ``size`` bytes (fewer at the end of the file), read in chunks: a gzip stream that
+    inflates to far more than its header declares is never held in memory beyond ``size``."""
+    chunks, left = [], size
+    while left > 0 and (chunk := fh.read(min(left, 1 << 24))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _parse_idx(path: Path, fh: IO[bytes]) -> np.ndarray:
+    head = _read_exactly(fh, 4)
+    if len(head) < 4:
+        raise DatasetError(f"{path}: truncated IDX header ({len(head)} bytes)")
+    zero, type_code, ndim = struct.unpack(">HBB", head)
+    magic = int.from_bytes(head, "big")
+    if zero != 0 or ndim == 0:
+        raise DatasetError(f"{path}: bad IDX magic number 0x{magic:08x} (not an IDX file)")
+    if type_code not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: unknown IDX data type byte 0x{type_code:02x}")
+    if ndim > IDX_MAX_DIMS:
+        raise DatasetError(f"{path}: {ndim} dimensions, more than the {IDX_MAX_DIMS} supported")
+    header_len = 4 + 4 * ndim
+    raw_dims = _read_exactly(fh, 4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DatasetError(f"{path}: truncated IDX header: {ndim} dims need {header_len} bytes")
+    dims = struct.unpack(f">{ndim}I", raw_dims)
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow, however large
+    size = os.fstat(fh.fileno()).st_size - header_len if path.suffix != ".gz" else None
+    if size is not None and size != expected:  # a plain file: its size says it at once
+        problem = "truncated" if size < expected else "trailing bytes"
+        raise DatasetError(
+            f"{path}: {problem}: dims {dims} need {expected} data bytes, found {size}"
+        )
+    data = _read_exactly(fh, expected + 1)  # one byte more: are there trailing bytes?
+    if len(data) < expected:
+        raise DatasetError(
+            f"{path}: truncated: dims {dims} need {expected} data bytes, found {len(data)}"
+        )
+    if len(data) > expected:  # only the gzip stream's first extra byte was read
+        raise DatasetError(f"{path}: trailing bytes: dims {dims} need {expected} data bytes")
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
-    except FileNotFoundError as e:
-        raise DatasetError(f"{path}: file not found") from e
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DatasetError(f"{path}: corrupt or truncated gzip data ({e})") from e
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e})") from e
+        array = np.frombuffer(data, dtype=dtype).reshape(dims)
+    except ValueError as e:  # a zero dim beside huge ones: no data, but no numpy shape either
+        raise DatasetError(f"{path}: dims {dims} are not an array shape ({e})") from None
+    return array.astype(dtype.newbyteorder("="), copy=True)
 
 
 def load_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one IDX file (plain or ``.gz``) into an array of its declared shape.
 
     Magic ``0x00000803`` gives uint8 images ``(N, H, W)``, ``0x00000801`` uint8 labels
-    ``(N,)``; the other IDX element types are read too (as native-endian arrays).
+    ``(N,)``; the other IDX element types are read too (as native-endian arrays). The header is
+    checked before the data are read, and no more data are read than it declares: a corrupt
+    header, a truncated file, trailing bytes or a gzip stream that inflates beyond the declared
+    size (a gzip bomb) is a :class:`DatasetError` naming the file, and memory stays within the
+    declared size.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    zero, type_code, ndim = struct.unpack(">HBB", raw[:4])
-    magic = int.from_bytes(raw[:4], "big")
-    if zero != 0 or ndim == 0:
-        raise DatasetError(f"{path}: bad IDX magic number 0x{magic:08x} (not an IDX file)")
-    if type_code not in _IDX_DTYPES:
-        raise DatasetError(f"{path}: unknown IDX data type byte 0x{type_code:02x}")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise DatasetError(f"{path}: truncated IDX header: {ndim} dims need {header_len} bytes")
-    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
-    dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow, however large
-    found = len(raw) - header_len
-    if found != expected:
-        problem = "truncated" if found < expected else "trailing bytes"
-        raise DatasetError(
-            f"{path}: {problem}: dims {dims} need {expected} data bytes, found {found}"
-        )
-    data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=True)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+            return _parse_idx(path, fh)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: file not found") from e
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}: corrupt or truncated gzip data ({e})") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from e
 
 
 def _find_file(directory: Path, name: str) -> Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -57,6 +58,11 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+#: What PIL's format parsers raise on corrupt files besides ``OSError``: found by fuzzing
+#: (tests/test_fuzz.py), e.g. ``ValueError("Truncated IHDR chunk")`` from a damaged PNG.
+_DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError)
+
+
 def decode_image(source: str | Path | IO[bytes], name: str) -> Any:
     """Open and decode the image ``source`` (a path or a binary file object, called ``name`` in
     messages) as a loaded PIL image, or raise ``ValueError`` naming it: not an image, declaring
@@ -69,32 +75,35 @@ def decode_image(source: str | Path | IO[bytes], name: str) -> Any:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(source)
             width, height = img.size
-            if width * height > MAX_PIXELS:
-                img.close()
-                raise ValueError(
-                    f"{name}: {width} x {height} pixels is more than {MAX_PIXELS:,} "
-                    "(a decompression bomb?)"
-                )
-            img.load()  # reads the data; PIL closes a file it opened itself
-            return img
+            if width * height <= MAX_PIXELS:
+                img.load()  # reads the data; PIL closes a file it opened itself
+                return img
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise ValueError(
             f"{name}: too many pixels, refused (a decompression bomb?): {error}"
         ) from None
     except UnidentifiedImageError:
         raise ValueError(f"{name}: not an image file (or a format PIL cannot read)") from None
-    except (OSError, SyntaxError, EOFError) as error:
+    except _DECODE_ERRORS as error:
         raise ValueError(f"{name}: cannot decode image ({error})") from None
+    img.close()
+    raise ValueError(
+        f"{name}: {width} x {height} pixels is more than {MAX_PIXELS:,} (a decompression bomb?)"
+    )
 
 
 def upright_8bit(img: Any) -> tuple[Any, bool]:
     """A decoded PIL image as training and inference both see it: its EXIF orientation applied,
     16-bit grayscale scaled to 8 bits (v / 257, where PIL's ``convert`` would clip at 255);
     and whether it is grayscale. Both the folder loader and :meth:`Preprocessing.apply` go
-    through it, so a training image and the same file at inference give the same tensor."""
+    through it, so a training image and the same file at inference give the same tensor.
+    A damaged EXIF block is a ``ValueError`` (the callers name the file)."""
     from PIL import Image, ImageOps
 
-    img = ImageOps.exif_transpose(img) or img
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except _DECODE_ERRORS as error:  # e.g. SyntaxError("not a TIFF file ...") from PIL
+        raise ValueError(f"damaged EXIF block, cannot read its orientation ({error})") from None
     gray = img.mode in _GRAY_MODES
     if img.mode.startswith("I;16"):
         wide = np.asarray(img, dtype=np.float64)

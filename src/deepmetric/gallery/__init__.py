@@ -5,7 +5,9 @@ remove over one model, with the open-set threshold and the model identity check)
 (:class:`~deepmetric.gallery.store.GalleryStore`, SQLite, the source of truth), ``index``
 (:class:`~deepmetric.gallery.index.ExactIndex`, :class:`~deepmetric.gallery.index.FaissIndex`,
 :func:`~deepmetric.gallery.index.make_index`, :func:`~deepmetric.gallery.index.top_identities`):
-derived, rebuilt from the store whenever the store's ``generation`` has moved on.
+derived, rebuilt from the store whenever the store's ``generation`` has moved on; ``check``
+(:func:`~deepmetric.gallery.check.check_gallery`: does the saved index agree with the store?
+``deepmetric gallery check [--repair]``).
 
 ``from deepmetric.gallery import Gallery`` works; the names below are imported on first use,
 so importing this package alone imports nothing heavy.
@@ -17,6 +19,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "CheckReport": "check",
+    "check_gallery": "check",
     "Candidate": "gallery",
     "Gallery": "gallery",
     "Identification": "gallery",

@@ -37,6 +37,14 @@ generation (and holds as many examples); otherwise it is rebuilt from the databa
 (never a rebuild per call); :meth:`Gallery.identify` first compares the generation with the
 index's (one small query) and rebuilds when another process changed the database meanwhile.
 :meth:`Gallery.close` saves the index when it changed; :meth:`Gallery.reindex` rebuilds it.
+:meth:`Gallery.check` (``deepmetric gallery check [--repair]``) compares the saved index with
+the database (ids, vectors, tombstones, generation) and rebuilds it when asked.
+
+**After a crash** (a process killed at any instant, SIGKILL included): the database holds
+every enroll / remove that returned, each whole, plus at most the one in flight (whole or not
+at all: one transaction); the saved index may be behind the database, or missing, with a
+leftover temporary folder beside it when the kill hit a save: the next open rebuilds it, and
+``gallery check --repair`` removes the leftovers (``tests/test_reliability_gallery.py``).
 
 Example::
 
@@ -55,7 +63,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -69,6 +77,7 @@ from deepmetric.gallery.index import (
     top_identities,
 )
 from deepmetric.gallery.store import (
+    Examples,
     GalleryError,
     GalleryExistsError,
     GalleryStore,
@@ -78,6 +87,9 @@ from deepmetric.gallery.store import (
 )
 from deepmetric.inference import Embedder, Threshold, calibrate_threshold
 
+if TYPE_CHECKING:
+    from deepmetric.gallery.check import CheckReport
+
 __all__ = [
     "INDEX_SUFFIX",
     "THUMBNAIL_SIZE",
@@ -85,6 +97,7 @@ __all__ = [
     "Gallery",
     "Identification",
     "ModelMismatchError",
+    "build_index",
     "index_path",
     "load_embedder",
 ]
@@ -247,6 +260,17 @@ def _items(inputs: Inputs) -> list[Any] | None:
         f"cannot enroll a {type(inputs).__name__}: give image paths, PIL images, a numpy "
         "array or a tensor (or a list of paths / images)"
     )
+
+
+def build_index(store: GalleryStore, snapshot: tuple[int, Examples] | None = None) -> GalleryIndex:
+    """A new index (type chosen for its size by :func:`make_index`) of every example of
+    ``store``, stamped with the generation the examples were read at; ``snapshot``: a
+    ``store.snapshot()`` already read."""
+    generation, examples = store.snapshot() if snapshot is None else snapshot
+    index = make_index(dim=store.dim, metric=store.metric, size_hint=len(examples.ids))  # type: ignore[arg-type]
+    index.add(examples.embeddings, examples.ids)
+    index.generation = generation
+    return index
 
 
 # --------------------------------------------------------------------------- the gallery
@@ -477,15 +501,7 @@ class Gallery:
 
     def _build(self) -> GalleryIndex:
         """A new index of every example in the database, at the store's generation."""
-        store = self._store
-        while True:  # a consistent (generation, examples) pair even while others write
-            generation = store.generation
-            examples = store.all_embeddings()
-            if store.generation == generation:
-                break
-        index = make_index(dim=store.dim, metric=store.metric, size_hint=len(examples.ids))  # type: ignore[arg-type]
-        index.add(examples.embeddings, examples.ids)
-        index.generation = generation
+        index = build_index(self._store)
         self.index_builds += 1
         return index
 
@@ -615,6 +631,24 @@ class Gallery:
         ids = self._store.add(identity, embeddings, thumbnails=thumbs, metadata=metadata)
         self._after_write(before, lambda index: index.add(embeddings, ids))
         return ids
+
+    def check(self, *, repair: bool = False) -> CheckReport:
+        """Check that the saved index agrees with the database, and the model record with
+        this gallery's model (see :func:`deepmetric.gallery.check.check_gallery`); with
+        ``repair``, rebuild the index from the database when it does not, and use it.
+
+        The index is first saved when it changed and is current (as :meth:`close` would), so
+        only what happened to the files behind this object's back is reported.
+        """
+        from deepmetric.gallery.check import check_gallery
+
+        self._refresh()
+        self._save_index()
+        report = check_gallery(self.path, repair=repair, embedder=self.embedder, store=self._store)
+        if report.repaired:
+            self._saved_generation = None
+            self._index = self._load_or_build()
+        return report
 
     def _refresh_before_write(self, generation: int) -> None:
         """Bring a stale index up to date first, so our write can be applied to it alone."""

@@ -245,6 +245,10 @@ class GalleryIndex(ABC):
         """Keep only rows ``keep`` (ascending), renumbered 0 .. len(keep) - 1."""
 
     @abstractmethod
+    def _row_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) float32: the stored vectors of ``rows`` (normalised for cosine)."""
+
+    @abstractmethod
     def _params(self) -> dict[str, Any]:
         """Constructor arguments beyond dim / metric / rebuild_fraction (for save)."""
 
@@ -269,6 +273,15 @@ class GalleryIndex(ABC):
     def ids(self) -> np.ndarray:
         """The live ids (int64, insertion order)."""
         return self._row_ids[: self._n][self._alive[: self._n]].copy()
+
+    def live_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids (n,) int64, vectors (n, D) float32)`` of the live entries in insertion order,
+        as the index stores them: L2-normalised for ``"cosine"``, as added otherwise (what
+        ``deepmetric gallery check`` compares with the database)."""
+        rows = np.flatnonzero(self._alive[: self._n])
+        if rows.size == 0:
+            return np.empty(0, dtype=np.int64), np.empty((0, self.dim), dtype=np.float32)
+        return self._row_ids[rows].copy(), np.asarray(self._row_vectors(rows), dtype=np.float32)
 
     def __contains__(self, example_id: object) -> bool:
         if isinstance(example_id, bool) or not isinstance(example_id, (int, np.integer)):
@@ -553,6 +566,9 @@ class ExactIndex(GalleryIndex):
         rows = torch.from_numpy(keep)
         self._vectors, self._sq = self._vectors[rows].clone(), self._sq[rows].clone()
 
+    def _row_vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self._vectors[torch.from_numpy(rows)].numpy()
+
     def _params(self) -> dict[str, Any]:
         return {}
 
@@ -684,6 +700,9 @@ class FaissIndex(GalleryIndex):
         self._index = self._new_index()
         if vectors.shape[0]:
             self._index.add(vectors)
+
+    def _row_vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self._index.reconstruct_n(0, self._n)[rows]
 
     def _params(self) -> dict[str, Any]:
         return {

@@ -29,7 +29,8 @@ folding, no stripping): any characters, quotes, slashes, ``'; DROP TABLE``, emoj
 validated, not altered: a ``str`` of 1 to :data:`MAX_NAME_LENGTH` characters, no control
 characters (Unicode category Cc: tabs, newlines, NUL, ...), no leading or trailing whitespace
 (refused rather than stripped, so ``"alice"`` and ``"alice "`` can never be two identities that
-look the same), encodable as UTF-8 (no lone surrogates).
+look the same), encodable as UTF-8 (no lone surrogates), and not ``.`` or ``..`` (a browser and
+most HTTP clients resolve those as path steps, so ``/identities/..`` could never reach them).
 
 ``generation`` counts changes to the example set, the one thing an index is derived from: every
 :meth:`GalleryStore.add` and :meth:`GalleryStore.remove` adds 1 in the same transaction as the
@@ -199,6 +200,10 @@ def check_name(name: object) -> str:
         )
     if name != name.strip():
         raise ValueError(f"identity name {name!r} has leading or trailing whitespace")
+    if name in (".", ".."):
+        raise ValueError(
+            f"identity name {name!r} is a path step in a URL (browsers resolve it): choose another"
+        )
     bad = [c for c in name if unicodedata.category(c) == "Cc"]
     if bad:
         raise ValueError(f"identity name {name!r} contains the control character {bad[0]!r}")
@@ -701,6 +706,11 @@ class GalleryStore:
                 if missing:
                     raise UnknownExampleError(missing)
                 rows = [found[i] for i in wanted]
+        return self._to_examples(rows, names)
+
+    def _to_examples(
+        self, rows: Sequence[tuple[int, int, bytes]], names: Mapping[int, str]
+    ) -> Examples:
         n = len(rows)
         out_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=n)
         data = b"".join(self._decode(r[2], r[0]) for r in rows)
@@ -710,6 +720,54 @@ class GalleryStore:
     def all_embeddings(self) -> Examples:
         """Every example, ordered by id: what an index is built from (see :meth:`examples`)."""
         return self.examples(None)
+
+    def snapshot(self) -> tuple[int, Examples]:
+        """``(generation, every example ordered by id)`` read in one transaction, so the two
+        agree even while another process writes: what an index is built from and checked
+        against."""
+        with self._read() as db:
+            (generation,) = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            names = dict(db.execute("SELECT id, name FROM identities").fetchall())
+            rows = db.execute("SELECT id, identity, embedding FROM examples ORDER BY id").fetchall()
+        return int(json.loads(generation)), self._to_examples(rows, names)
+
+    def problems(self) -> list[str]:
+        """What is wrong inside the database file, one sentence each (empty: nothing):
+        SQLite's ``integrity_check`` and ``foreign_key_check``, embeddings of the wrong size,
+        a generation that is not an integer >= 0. Read only."""
+        found: list[str] = []
+        try:
+            with self._read() as db:
+                for (line,) in db.execute("PRAGMA integrity_check(20)"):
+                    if line != "ok":
+                        found.append(f"SQLite integrity check: {line}")
+                orphans = db.execute("PRAGMA foreign_key_check").fetchall()
+                if orphans:
+                    found.append(f"{len(orphans)} rows refer to missing rows ({orphans[0][0]})")
+                bad = [
+                    int(r[0])
+                    for r in db.execute(
+                        "SELECT id FROM examples WHERE typeof(embedding) != 'blob' "
+                        "OR length(embedding) != ? ORDER BY id LIMIT 11",
+                        (4 * self.dim,),
+                    )
+                ]
+                if bad:
+                    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+                    found.append(
+                        f"examples {shown} do not hold {self.dim} float32 values "
+                        f"({4 * self.dim} bytes)"
+                    )
+                row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        except sqlite3.DatabaseError as error:
+            return [*found, f"SQLite cannot read the file: {error}"]
+        try:
+            generation = json.loads(row[0]) if row is not None else None
+        except ValueError:
+            generation = None
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+            found.append(f"meta generation is {row[0] if row else 'missing'}, not an integer >= 0")
+        return found
 
     def identity_of(self, example_ids: Sequence[int] | np.ndarray) -> list[str]:
         """The identity name of each example id, in order (``UnknownExampleError`` if any id
