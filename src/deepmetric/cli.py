@@ -13,10 +13,39 @@ from pathlib import Path
 from typing import Any
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run ``deepmetric train`` (``argv`` without ``--nproc``) in ``nproc`` local processes
+    through ``torch.distributed.run`` (torchrun's engine, a free port on loopback); the exit
+    code is the first failed process's (each printed its own error line)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "deepmetric", *argv])
+    except ChildFailedError as failed:
+        return int(failed.get_first_failure()[1].exitcode) or 1
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _train(args: argparse.Namespace) -> int:
+    from deepmetric import distributed
     from deepmetric.config import load_config
     from deepmetric.training import resume_config, train
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.resume:
         if args.config:
             args.overrides.insert(0, args.config)  # `train --resume DIR epochs=5`
@@ -27,7 +56,17 @@ def _train(args: argparse.Namespace) -> int:
             args.overrides.insert(0, config_path)
             config_path = None
         config = load_config(config_path, args.overrides)
-    summary = train(config, resume=bool(args.resume))
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return _launch(args.nproc, _without_nproc(args.argv))  # the config was checked above
+    if distributed.launched_by_torchrun():
+        distributed.init_from_env(config.train.device)
+    try:
+        main = distributed.is_main()
+        summary = train(config, resume=bool(args.resume))
+    finally:
+        distributed.shutdown()
+    if not main:
+        return 0
     test = ""
     if "test_precision_at_1" in summary:
         test = f", test precision@1 {summary['test_precision_at_1']:.3f}"
@@ -432,6 +471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="a YAML file from configs/ (optional)")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=0.01")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N local processes (torch.distributed, gloo on CPU / nccl on GPUs): "
+        "each takes a slice of every global P x K batch; the result does not depend on N",
+    )
     _import_option(train)
 
     evaluate = commands.add_parser(
@@ -618,7 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
     demo.add_argument("--seed", type=int, default=0)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
 
     if args.command == "demo":
         from deepmetric.demo import main as demo_main

@@ -175,9 +175,13 @@ def build_mode(
     )
 
 
-def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(config: Config, model: nn.Module, loss: object = None) -> torch.optim.Optimizer:
+    """The optimiser of ``train.optimizer`` over the model's parameters and the loss's own
+    (the proxies of a proxy-based loss), when it has any."""
     t = config.train
     params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(loss, nn.Module):
+        params += [p for p in loss.parameters() if p.requires_grad]
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":

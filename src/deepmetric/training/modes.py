@@ -5,8 +5,12 @@ Every mode has the same four parts:
 - ``steps_per_epoch``: batches in one epoch;
 - ``batches(epoch)``: the index batches of that epoch, a pure function of (seed, epoch) (the
   offline mode also depends on the current weights);
-- ``loss(model, x, y) -> Step``: the training loss of one batch, from ONE forward pass over the
-  whole batch (Siamese and triplet inputs are concatenated, so BatchNorm sees one batch);
+- ``loss(model, x, y, gather) -> Step``: the training loss of one batch, from ONE forward pass
+  over the whole batch (Siamese and triplet inputs are concatenated, so BatchNorm sees one
+  batch); in a distributed run ``x`` is this rank's slice of the global batch and ``gather``
+  (:func:`deepmetric.distributed.gather`) joins the embeddings of all slices, so the loss and
+  its mining see the global batch (the default, :func:`~deepmetric.distributed.local`, is the
+  one-process identity);
 - ``val_indices(labels)``: a fixed validation batch on which the same loss is reported, so the
   validation loss is comparable with the training loss.
 
@@ -32,7 +36,10 @@ from torch import nn
 from deepmetric import mining
 from deepmetric.data import PairSampler, PKSampler, random_triplets
 from deepmetric.distances import Metric, pairwise
+from deepmetric.distributed import local
 from deepmetric.models import embed
+
+Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 #: validation batch size of the P x K modes (a stratified sample of the validation split)
 VAL_ITEMS = 4096
@@ -91,8 +98,11 @@ class PKMode:
     def batches(self, epoch: int) -> Iterator[torch.Tensor]:
         return _pk_batches(self.sampler, epoch)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-        emb = check_finite(model(x)).float()
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step:
+        emb, y = gather(model(x).float(), y)
+        emb = check_finite(emb)
         return Step(self.loss_fn(emb, y), emb, y)
 
     def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
@@ -124,12 +134,16 @@ class JointMode(PKMode):
         self.weight = weight
         self.label_smoothing = label_smoothing
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-        """Metric loss + weight x cross-entropy over the items of classes the head knows; items
-        of other classes (a class-disjoint validation batch) add no cross-entropy, so on such a
-        batch the loss is the metric term alone."""
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step:
+        """Metric loss (over the global batch) + weight x cross-entropy over the items of
+        classes the head knows (this rank's slice: DDP averages that term's gradient over
+        ranks); items of other classes (a class-disjoint validation batch) add no
+        cross-entropy, so on such a batch the loss is the metric term alone."""
         emb, logits = model(x)
-        emb = check_finite(emb).float()
+        all_emb, all_y = gather(emb.float(), y)
+        all_emb = check_finite(all_emb)
         index = self.class_index.to(y.device)
         target = torch.full_like(y, -1)  # -1: a class the head has no output for
         inside = y < len(index)
@@ -140,7 +154,7 @@ class JointMode(PKMode):
             ce = F.cross_entropy(
                 logits[known].float(), target[known], label_smoothing=self.label_smoothing
             )
-        return Step(self.loss_fn(emb, y) + self.weight * ce, emb, y)
+        return Step(self.loss_fn(all_emb, all_y) + self.weight * ce, all_emb, all_y)
 
 
 class SiameseMode:
@@ -167,9 +181,12 @@ class SiameseMode:
         for idx in self.sampler:
             yield torch.as_tensor(idx)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-        emb = check_finite(model(x)).float()
-        b = len(x) // 2
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step:
+        emb, y = gather(model(x).float(), y)
+        emb = check_finite(emb)
+        b = len(emb) // 2
         return Step(self.loss_fn(emb[:b], emb[b:], y[:b] == y[b:]), emb, None)
 
     def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
@@ -210,8 +227,11 @@ class TripletMode:
         a, p, n = random_triplets(self.labels, len(self.labels), seed=epoch_seed(self.seed, epoch))
         return _triplet_batches(a, p, n, self.batch_size)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-        emb = check_finite(model(x)).float()
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step:
+        emb, _ = gather(model(x).float(), y)
+        emb = check_finite(emb)
         ea, ep, en = emb.chunk(3)
         return Step(self.loss_fn(ea, ep, en), emb, None)
 
