@@ -48,6 +48,9 @@ class LossConfig:
     soft: bool = False
     #: weight of the cross-entropy term in ``mode: joint`` (loss = metric + weight * CE)
     softmax_weight: float = 1.0
+    #: cross-batch memory: also compare each batch with the last N samples (0: off; batch and
+    #: joint modes, triplet loss; see :class:`deepmetric.losses.CrossBatchMemory`)
+    memory: int = 0
 
 
 @dataclass
@@ -261,6 +264,14 @@ def validate(config: Config) -> None:
         )
     if config.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {config.loss.margin}")
+    if config.loss.memory < 0:
+        raise ConfigError(f"loss.memory must be >= 0 (0: off), got {config.loss.memory}")
+    if config.loss.memory and (
+        config.mode not in ("batch", "joint") or config.loss.name != "triplet"
+    ):
+        raise ConfigError(
+            "loss.memory (a cross-batch memory) needs mode=batch or joint and loss.name=triplet"
+        )
     if not 0 <= config.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")
     t = config.train

@@ -2,8 +2,9 @@
 lifted structured.
 
 Modules: :mod:`~deepmetric.losses.triplet` (``TripletLoss``, ``triplet_margin_loss``),
-:mod:`~deepmetric.losses.pairs` (``ContrastiveLoss``, ``LiftedStructuredLoss``); what they share
-is in ``_common``.
+:mod:`~deepmetric.losses.pairs` (``ContrastiveLoss``, ``LiftedStructuredLoss``),
+:mod:`~deepmetric.losses.memory` (``CrossBatchMemory``: the last M samples as references); what
+they share is in ``_common``.
 
 Each loss is an ``nn.Module`` that calls :mod:`deepmetric.distances` and :mod:`deepmetric.mining`;
 none owns a model. All take ``embeddings`` (B, D) and integer ``labels`` (B,), return a scalar,
@@ -15,12 +16,14 @@ For Siamese *ranking* (RankIQA-style: a shared network scores two inputs and the
 ``examples/siamese_ranking.py`` shows it with a shared scorer.
 """
 
+from deepmetric.losses.memory import CrossBatchMemory
 from deepmetric.losses.pairs import ContrastiveLoss, LiftedStructuredLoss
 from deepmetric.losses.triplet import MINING, Mining, TripletLoss, triplet_margin_loss
 
 __all__ = [
     "MINING",
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "LiftedStructuredLoss",
     "Mining",
     "TripletLoss",

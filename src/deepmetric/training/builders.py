@@ -20,6 +20,7 @@ from deepmetric.config import Config, ConfigError
 from deepmetric.data import ArrayDataset, class_split, load_dataset, train_val_split
 from deepmetric.losses import (
     ContrastiveLoss,
+    CrossBatchMemory,
     LiftedStructuredLoss,
     TripletLoss,
     triplet_margin_loss,
@@ -105,7 +106,8 @@ def build_loss(config: Config) -> Callable[..., torch.Tensor]:
             raise ConfigError(f"mode={config.mode} trains on triplets: set loss.name=triplet")
         return functools.partial(triplet_margin_loss, margin=c.margin, metric=c.metric, soft=c.soft)
     if c.name == "triplet":
-        return TripletLoss(margin=c.margin, mining=c.mining, metric=c.metric, soft=c.soft)
+        loss = TripletLoss(margin=c.margin, mining=c.mining, metric=c.metric, soft=c.soft)
+        return CrossBatchMemory(loss, size=c.memory) if c.memory else loss
     if c.name == "contrastive":
         return ContrastiveLoss(margin=c.margin, metric=c.metric)
     return LiftedStructuredLoss(margin=c.margin, metric=c.metric)

@@ -31,6 +31,7 @@ from deepmetric.config import (
 )
 from deepmetric.config import validate as validate_config
 from deepmetric.data import ArrayDataset, augment
+from deepmetric.losses import CrossBatchMemory
 from deepmetric.models import embed
 from deepmetric.neighbors import nearest_other
 from deepmetric.training.builders import (
@@ -96,11 +97,16 @@ def _epoch_record(
         _, correct = nearest_other(emb, val.labels, config.loss.metric)
         record["val_precision_at_1"] = float(correct.float().mean())
         idx = mode.val_indices(val.labels)
+        loss_fn = getattr(mode, "loss_fn", None)
         if len(idx):
             model.eval()
+            if isinstance(loss_fn, nn.Module):  # a cross-batch memory: neither read nor written
+                loss_fn.eval()
             with torch.no_grad():
                 step = mode.loss(model, x[idx].to(device), val.labels[idx].to(device))
             model.train()
+            if isinstance(loss_fn, nn.Module):
+                loss_fn.train()
             record["val_loss"] = float(step.loss)
     return record
 
@@ -251,6 +257,10 @@ def train_loop(
 
 def _loss_config(loss: Any) -> LossConfig:
     """What a loss object says of itself, for the run's config.yaml (metric, margin, ...)."""
+    if isinstance(loss, CrossBatchMemory):
+        c = _loss_config(loss.loss)
+        c.memory = loss.size
+        return c
     c = LossConfig()
     name = type(loss).__name__
     c.name = {"ContrastiveLoss": "contrastive", "LiftedStructuredLoss": "lifted"}.get(
