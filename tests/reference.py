@@ -4,6 +4,7 @@ package (no masks, no sorting, no prefix sums). Slow, O(B^3); for small inputs o
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -158,3 +159,108 @@ def triplet_margin(a, p, n, margin, metric="euclidean", soft=False):
         for i in range(len(a))
     ]
     return sum(losses) / len(losses)
+
+
+# ----------------------------------------------------------------------------- open-set losses
+# Cosine-similarity losses: one scalar similarity per pair, plain log / exp / sums (the values
+# stay far from overflow in float64 for the small inputs the tests use).
+
+
+def cos_sim(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of two 1-D vectors; 0 when one of them is 0."""
+    nu, nv = torch.sqrt((u * u).sum()), torch.sqrt((v * v).sum())
+    if nu == 0 or nv == 0:
+        return torch.zeros((), dtype=u.dtype)
+    return (u * v).sum() / (nu * nv)
+
+
+def log_one_plus(terms: list[torch.Tensor]) -> torch.Tensor | float:
+    """log(1 + sum of exp(t)) for a list of scalars; 0.0 for an empty list."""
+    if not terms:
+        return 0.0
+    total = 1.0
+    for t in terms:
+        total = total + torch.exp(t)
+    return torch.log(total)
+
+
+def multi_similarity(x, labels, alpha, beta, base, epsilon, ref_x=None, ref_labels=None):
+    """Wang et al. 2019: mine each anchor's pairs against its unmined extremes, then
+    1/alpha log(1 + sum_P exp(-alpha (S - base))) + 1/beta log(1 + sum_N exp(beta (S - base))),
+    summed over anchors and divided by the number of anchors."""
+    lab = labels.tolist()
+    ref = x if ref_x is None else ref_x
+    ref_lab = lab if ref_labels is None else ref_labels.tolist()
+    total = x.sum() * 0 + (0 if ref_x is None else ref_x.sum() * 0)
+    for i in range(len(lab)):
+        pos, neg = [], []
+        for j in range(len(ref_lab)):
+            if ref_x is None and j == i:
+                continue
+            s = cos_sim(x[i], ref[j])
+            (pos if ref_lab[j] == lab[i] else neg).append(s)
+        kept_pos = [s for s in pos if neg and s.item() - epsilon < max(t.item() for t in neg)]
+        kept_neg = [s for s in neg if pos and s.item() + epsilon > min(t.item() for t in pos)]
+        total = total + log_one_plus([-alpha * (s - base) for s in kept_pos]) / alpha
+        total = total + log_one_plus([beta * (s - base) for s in kept_neg]) / beta
+    return total / len(lab)
+
+
+def proxy_anchor(x, labels, proxies, classes, alpha, delta):
+    """Kim et al. 2020; items whose label is not in ``classes`` are left out."""
+    items = [(x[i], classes.index(y)) for i, y in enumerate(labels.tolist()) if y in classes]
+    zero = x.sum() * 0 + proxies.sum() * 0
+    if not items:
+        return zero
+    pos_total, neg_total, with_pos = zero, zero, 0
+    for c in range(len(classes)):
+        pos = [-alpha * (cos_sim(e, proxies[c]) - delta) for e, k in items if k == c]
+        neg = [alpha * (cos_sim(e, proxies[c]) + delta) for e, k in items if k != c]
+        if pos:
+            with_pos += 1
+            pos_total = pos_total + log_one_plus(pos)
+        neg_total = neg_total + log_one_plus(neg)
+    return pos_total / with_pos + neg_total / len(classes)
+
+
+def margin_softmax(x, labels, weight, classes, kind, scale, margin):
+    """ArcFace / CosFace cross-entropy, averaged over the items of a known class."""
+    losses = []
+    for i, y in enumerate(labels.tolist()):
+        if y not in classes:
+            continue
+        target = classes.index(y)
+        logits = []
+        for c in range(len(classes)):
+            cos = cos_sim(x[i], weight[c])
+            if c == target and kind == "cosface":
+                cos = cos - margin
+            elif c == target:
+                theta = torch.acos(torch.clamp(cos, -1 + 1e-7, 1 - 1e-7))
+                if theta.item() + margin <= math.pi:
+                    cos = torch.cos(theta + margin)
+                else:
+                    cos = cos - margin * math.sin(margin)
+            logits.append(scale * cos)
+        losses.append(-logits[target] + torch.log(sum(torch.exp(t) for t in logits)))
+    if not losses:
+        return x.sum() * 0 + weight.sum() * 0
+    return sum(losses) / len(losses)
+
+
+def ntxent(z1, z2, temperature, labels=None):
+    """SimCLR eq. 1 over the 2B anchors; with labels, same-class items other than the anchor's
+    other view are left out of the denominator."""
+    z = [z1[i] for i in range(len(z1))] + [z2[i] for i in range(len(z2))]
+    b, n = len(z1), 2 * len(z1)
+    lab = None if labels is None else labels.tolist() * 2
+    losses = []
+    for i in range(n):
+        partner = i + b if i < b else i - b
+        denominator = 0.0
+        for k in range(n):
+            if k == i or (lab is not None and k != partner and lab[k] == lab[i]):
+                continue
+            denominator = denominator + torch.exp(cos_sim(z[i], z[k]) / temperature)
+        losses.append(-cos_sim(z[i], z[partner]) / temperature + torch.log(denominator))
+    return sum(losses) / n
