@@ -77,6 +77,19 @@ def test_the_added_term_compares_the_batch_with_the_earlier_samples_only():
     assert not held.requires_grad  # detached: no gradient reaches earlier batches
 
 
+def test_the_memory_starts_after_start_training_calls():
+    memory = CrossBatchMemory(TripletLoss(), size=50, start=2)
+    batches = _batches(4)
+    for emb, labels in batches[:2]:
+        assert torch.equal(memory(emb, labels), TripletLoss()(emb, labels))
+        assert len(memory.memory()[0]) == 0
+    memory(*batches[2])
+    assert torch.equal(memory.memory()[0], batches[2][0])
+    restored = CrossBatchMemory(TripletLoss(), size=50, start=2)
+    restored.load_state_dict(memory.state_dict())
+    assert torch.equal(restored(*batches[3]), memory(*batches[3]))
+
+
 def test_eval_mode_neither_reads_nor_writes_the_memory():
     memory = CrossBatchMemory(TripletLoss(), size=10)
     (e1, y1), (e2, y2) = _batches(2)

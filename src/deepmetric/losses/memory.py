@@ -22,8 +22,11 @@ class CrossBatchMemory(nn.Module):
     M_y)`` are the embeddings (detached: no gradient reaches them) and labels of the last
     ``size`` samples of the *previous* calls, a ring buffer; then the batch is added to it. With
     an empty memory (the first call) this is ``loss(embeddings, labels)`` exactly. In eval mode
-    (``.eval()``) the memory is neither read nor written: the plain loss. ``loss`` must accept
-    ``ref_embeddings`` / ``ref_labels`` (``TripletLoss`` does). The memory is part of
+    (``.eval()``) the memory is neither read nor written: the plain loss. ``start``: the number
+    of training calls (steps) before the memory is first read or written; the paper waits until
+    the embeddings drift slowly (a memory filled while they move fast, or all sit near one point
+    as at initialisation, holds stale points that push the whole batch the same way). ``loss``
+    must accept ``ref_embeddings`` / ``ref_labels`` (``TripletLoss`` does). The memory is part of
     ``state_dict()``, so a resumed run continues with the same memory. In a distributed run the
     loss sees the gathered global batch, so the memory holds global batches.
 
@@ -33,7 +36,7 @@ class CrossBatchMemory(nn.Module):
         loss(model(images), labels).backward()
     """
 
-    def __init__(self, loss: nn.Module, *, size: int, weight: float = 1.0) -> None:
+    def __init__(self, loss: nn.Module, *, size: int, weight: float = 1.0, start: int = 0) -> None:
         super().__init__()
         params = inspect.signature(loss.forward).parameters
         if not {"ref_embeddings", "ref_labels"} <= set(params):
@@ -45,7 +48,11 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(f"memory size must be >= 1, got {size}")
         if not float(weight) >= 0:
             raise ValueError(f"memory weight must be >= 0, got {weight}")
+        if int(start) < 0:
+            raise ValueError(f"memory start must be >= 0 steps, got {start}")
         self.loss = loss
+        self.start = int(start)
+        self._calls = 0  # training calls so far
         self.size = int(size)
         self.weight = float(weight)
         self._embeddings = torch.zeros(0, 0)  # (size, D) once the first batch is seen
@@ -54,7 +61,7 @@ class CrossBatchMemory(nn.Module):
         self._next = 0  # the slot the next sample goes to
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, weight={self.weight}"
+        return f"size={self.size}, weight={self.weight}, start={self.start}"
 
     def memory(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embeddings (n, D), labels (n,))`` held now, oldest first (n <= size)."""
@@ -67,6 +74,9 @@ class CrossBatchMemory(nn.Module):
         check_batch(embeddings, labels)
         value = self.loss(embeddings, labels)
         if not self.training:
+            return value
+        self._calls += 1
+        if self._calls <= self.start:
             return value
         if self._count and self._embeddings.shape[1] != embeddings.shape[1]:
             raise ValueError(
@@ -103,6 +113,7 @@ class CrossBatchMemory(nn.Module):
             "labels": self._labels.cpu(),
             "count": self._count,
             "next": self._next,
+            "calls": self._calls,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -116,3 +127,4 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(f"corrupt memory state: count {count}, next {next_slot}")
         self._embeddings, self._labels = embeddings.clone(), labels.clone().long()
         self._count, self._next = count, next_slot
+        self._calls = int(state.get("calls", 0))

@@ -141,7 +141,13 @@ def _log_step(log: RunLog, config: Config, pos: Position, lr: float, step: Step)
 
 
 def _local_batch(
-    config: Config, train: Source, idx: torch.Tensor, epoch: int, b: int, device: torch.device
+    config: Config,
+    train: Source,
+    idx: torch.Tensor,
+    epoch: int,
+    b: int,
+    device: torch.device,
+    n_views: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's slice of the global batch ``idx`` (all of it in one process), augmented as
     the whole batch would be (the draws are seeded per global batch: resume stays exact)."""
@@ -149,8 +155,9 @@ def _local_batch(
     part = idx[start:stop]
     x = train.fetch(part)
     if config.train.augment and x.dim() == 4:
-        seed = epoch_seed(config.seed, epoch) * 1_000_003 + b
-        x = augment(x, torch.Generator().manual_seed(seed), batch_size=len(idx), offset=start)
+        g = torch.Generator().manual_seed(epoch_seed(config.seed, epoch) * 1_000_003 + b)
+        views = [augment(x, g, batch_size=len(idx), offset=start) for _ in range(n_views)]
+        x = torch.cat(views)  # two views (an NT-Xent term): the second from the next draws
     return x.to(device, non_blocking=True), train.labels[part].to(device)
 
 
@@ -212,7 +219,8 @@ def train_loop(
                 if b < pos.batch:  # resuming inside an epoch: these ran already
                     continue
                 stop.check(agree=distributed.largest)
-                x, y = _local_batch(config, train, idx, pos.epoch, b, device)
+                n_views = getattr(mode, "n_views", 1)
+                x, y = _local_batch(config, train, idx, pos.epoch, b, device, n_views)
                 lr = set_lr(state.optimizer, plan, pos.step)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     step = mode.loss(net, x, y, gather)
@@ -259,13 +267,17 @@ def _loss_config(loss: Any) -> LossConfig:
     """What a loss object says of itself, for the run's config.yaml (metric, margin, ...)."""
     if isinstance(loss, CrossBatchMemory):
         c = _loss_config(loss.loss)
-        c.memory = loss.size
+        c.memory, c.memory_start = loss.size, loss.start
         return c
     c = LossConfig()
-    name = type(loss).__name__
-    c.name = {"ContrastiveLoss": "contrastive", "LiftedStructuredLoss": "lifted"}.get(
-        name, "triplet"
-    )  # type: ignore[assignment]
+    names = {
+        "ContrastiveLoss": "contrastive",
+        "LiftedStructuredLoss": "lifted",
+        "MultiSimilarityLoss": "multi_similarity",
+        "ProxyAnchorLoss": "proxy_anchor",
+        "MarginSoftmaxLoss": getattr(loss, "kind", "arcface"),
+    }
+    c.name = names.get(type(loss).__name__, "triplet")  # type: ignore[assignment]
     for key in ("margin", "mining", "metric", "soft"):
         if hasattr(loss, key):
             setattr(c, key, getattr(loss, key))

@@ -89,11 +89,40 @@ class PKMode:
 
     name = "batch"
 
-    def __init__(self, labels: torch.Tensor, loss_fn: nn.Module, *, p: int, k: int, seed: int):
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        loss_fn: nn.Module,
+        *,
+        p: int,
+        k: int,
+        seed: int,
+        views: tuple[nn.Module, float] | None = None,
+    ):
         self.sampler = PKSampler(labels, p, k, seed=seed)
         self.loss_fn = loss_fn
         self.seed = seed
         self.steps_per_epoch = len(self.sampler)
+        self.views = views
+        #: 2 when the loop must pass two augmented views of the batch (``x`` of 2B items)
+        self.n_views = 2 if views is not None else 1
+
+    def _batch_loss(
+        self, emb: torch.Tensor, y: torch.Tensor, gather: Gather
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, global embeddings, global labels)``: the metric loss over the global batch;
+        when ``emb`` holds two views (2B rows, ``views`` set), the metric loss of the first view
+        plus ``weight`` x NT-Xent between the views."""
+        if self.views is not None and len(emb) == 2 * len(y):
+            first, second = emb.chunk(2)
+            first, all_y = gather(first, y)
+            second, _ = gather(second, y)
+            first, second = check_finite(first), check_finite(second)
+            ntxent, weight = self.views
+            return self.loss_fn(first, all_y) + weight * ntxent(first, second), first, all_y
+        emb, y = gather(emb, y)
+        emb = check_finite(emb)
+        return self.loss_fn(emb, y), emb, y
 
     def batches(self, epoch: int) -> Iterator[torch.Tensor]:
         return _pk_batches(self.sampler, epoch)
@@ -101,9 +130,7 @@ class PKMode:
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
     ) -> Step:
-        emb, y = gather(model(x).float(), y)
-        emb = check_finite(emb)
-        return Step(self.loss_fn(emb, y), emb, y)
+        return Step(*self._batch_loss(model(x).float(), y, gather))
 
     def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
         return stratified_indices(labels, VAL_ITEMS, self.seed)
@@ -127,8 +154,9 @@ class JointMode(PKMode):
         classes: torch.Tensor,
         weight: float = 1.0,
         label_smoothing: float = 0.0,
+        views: tuple[nn.Module, float] | None = None,
     ):
-        super().__init__(labels, loss_fn, p=p, k=k, seed=seed)
+        super().__init__(labels, loss_fn, p=p, k=k, seed=seed, views=views)
         self.class_index = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
         self.class_index[classes] = torch.arange(len(classes))
         self.weight = weight
@@ -142,8 +170,8 @@ class JointMode(PKMode):
         ranks); items of other classes (a class-disjoint validation batch) add no
         cross-entropy, so on such a batch the loss is the metric term alone."""
         emb, logits = model(x)
-        all_emb, all_y = gather(emb.float(), y)
-        all_emb = check_finite(all_emb)
+        metric, all_emb, all_y = self._batch_loss(emb.float(), y, gather)
+        logits = logits[: len(y)]  # the first view's
         index = self.class_index.to(y.device)
         target = torch.full_like(y, -1)  # -1: a class the head has no output for
         inside = y < len(index)
@@ -154,7 +182,7 @@ class JointMode(PKMode):
             ce = F.cross_entropy(
                 logits[known].float(), target[known], label_smoothing=self.label_smoothing
             )
-        return Step(self.loss_fn(all_emb, all_y) + self.weight * ce, all_emb, all_y)
+        return Step(metric + self.weight * ce, all_emb, all_y)
 
 
 class SiameseMode:

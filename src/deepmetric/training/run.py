@@ -62,7 +62,7 @@ def train(
         model,
         Source(train_set),
         Source(val_set) if len(val_set) else None,
-        build_loss(config),
+        build_loss(config, classes.tolist()),
         resume=resume,
         stream=stream,
     )
