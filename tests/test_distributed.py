@@ -12,8 +12,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +255,24 @@ def test_nproc_errors_are_one_line(idx_dir, tmp_path):
     bad = _cli("train", f"data=idx:{idx_dir}", f"out={tmp_path / 'x'}", "--nproc", "0")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "--nproc must be >= 1" in bad.stderr
+
+
+def test_sigterm_stops_every_process_at_the_same_batch_and_saves(idx_dir, tmp_path):
+    run = tmp_path / "run"
+    args = [f"data=idx:{idx_dir}", f"out={run}", "model.dim=8", "train.p=3", "train.k=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "deepmetric", "train", *args, "epochs=500", "--nproc", "2"]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and '"kind": "epoch"' in log.read_text()):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.count("interrupted: checkpoint saved") == 1  # rank 0 saved, once
+    _, state = load_checkpoint(latest_checkpoint(run))
+    assert state["position"]["epoch"] < 500
+    more = _cli("train", "--resume", str(run), f"epochs={state['position']['epoch'] + 1}")
+    assert more.returncode == 0, more.stderr

@@ -17,6 +17,7 @@ def _launch(nproc: int, argv: list[str]) -> int:
     """Run ``deepmetric train`` (``argv`` without ``--nproc``) in ``nproc`` local processes
     through ``torch.distributed.run`` (torchrun's engine, a free port on loopback); the exit
     code is the first failed process's (each printed its own error line)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -24,6 +25,8 @@ def _launch(nproc: int, argv: list[str]) -> int:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "deepmetric", *argv])
     except ChildFailedError as failed:
         return int(failed.get_first_failure()[1].exitcode) or 1
+    except SignalException as stop:  # SIGTERM to this process: passed on to the workers,
+        return 128 + int(stop.sigval)  # which stopped at the same batch and saved a checkpoint
     return 0
 
 
