@@ -669,7 +669,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
     demo.add_argument("--seed", type=int, default=0)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # key=value overrides after an option: `train C --nproc 2 a=b`
+        args.overrides += [word for word in extra if "=" in word and not word.startswith("-")]
+        extra = [word for word in extra if word not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
 
     if args.command == "demo":
