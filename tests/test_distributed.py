@@ -255,6 +255,10 @@ def test_nproc_errors_are_one_line(idx_dir, tmp_path):
     bad = _cli("train", f"data=idx:{idx_dir}", f"out={tmp_path / 'x'}", "--nproc", "0")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "--nproc must be >= 1" in bad.stderr
+    (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
+    taken = _cli("train", f"data=idx:{idx_dir}", f"out={tmp_path / 'taken'}", "--nproc", "2")
+    assert taken.returncode == 2 and taken.stderr.strip().count("\n") == 0, taken.stderr
+    assert "already holds a run" in taken.stderr
 
 
 def test_sigterm_stops_every_process_at_the_same_batch_and_saves(idx_dir, tmp_path):

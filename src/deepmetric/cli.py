@@ -60,6 +60,11 @@ def _train(args: argparse.Namespace) -> int:
             config_path = None
         config = load_config(config_path, args.overrides)
     if args.nproc > 1 and not distributed.launched_by_torchrun():
+        if not args.resume and (config.run_dir / "checkpoints").exists():
+            raise ValueError(
+                f"{config.run_dir} already holds a run: resume it (--resume {config.run_dir}) "
+                "or set out=ANOTHER_DIR"
+            )
         return _launch(args.nproc, _without_nproc(args.argv))  # the config was checked above
     if distributed.launched_by_torchrun():
         distributed.init_from_env(config.train.device)
