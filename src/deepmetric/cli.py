@@ -13,10 +13,42 @@ from pathlib import Path
 from typing import Any
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run ``deepmetric train`` (``argv`` without ``--nproc``) in ``nproc`` local processes
+    through ``torch.distributed.run`` (torchrun's engine, a free port on loopback); the exit
+    code is the first failed process's (each printed its own error line)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "deepmetric", *argv])
+    except ChildFailedError as failed:
+        return int(failed.get_first_failure()[1].exitcode) or 1
+    except SignalException as stop:  # SIGTERM to this process: passed on to the workers,
+        return 128 + int(stop.sigval)  # which stopped at the same batch and saved a checkpoint
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _train(args: argparse.Namespace) -> int:
+    from deepmetric import distributed
     from deepmetric.config import load_config
     from deepmetric.training import resume_config, train
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.resume:
         if args.config:
             args.overrides.insert(0, args.config)  # `train --resume DIR epochs=5`
@@ -27,7 +59,22 @@ def _train(args: argparse.Namespace) -> int:
             args.overrides.insert(0, config_path)
             config_path = None
         config = load_config(config_path, args.overrides)
-    summary = train(config, resume=bool(args.resume))
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        if not args.resume and (config.run_dir / "checkpoints").exists():
+            raise ValueError(
+                f"{config.run_dir} already holds a run: resume it (--resume {config.run_dir}) "
+                "or set out=ANOTHER_DIR"
+            )
+        return _launch(args.nproc, _without_nproc(args.argv))  # the config was checked above
+    if distributed.launched_by_torchrun():
+        distributed.init_from_env(config.train.device)
+    try:
+        main = distributed.is_main()
+        summary = train(config, resume=bool(args.resume))
+    finally:
+        distributed.shutdown()
+    if not main:
+        return 0
     test = ""
     if "test_precision_at_1" in summary:
         test = f", test precision@1 {summary['test_precision_at_1']:.3f}"
@@ -477,6 +524,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="a YAML file from configs/ (optional)")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. train.lr=0.01")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train in N local processes (torch.distributed, gloo on CPU / nccl on GPUs): "
+        "each takes a slice of every global P x K batch; the result does not depend on N",
+    )
     _import_option(train)
 
     evaluate = commands.add_parser(
@@ -677,7 +732,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
     demo.add_argument("--steps", type=int, default=300, help="training steps per loss")
     demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # key=value overrides after an option: `train C --nproc 2 a=b`
+        args.overrides += [word for word in extra if "=" in word and not word.startswith("-")]
+        extra = [word for word in extra if word not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = argv
 
     if args.command == "demo":
         from deepmetric.demo import main as demo_main

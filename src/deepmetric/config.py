@@ -44,13 +44,39 @@ class ModelConfig:
 class LossConfig:
     """The metric loss (see :mod:`deepmetric.losses`)."""
 
-    name: Literal["triplet", "contrastive", "lifted"] = "triplet"
+    #: triplet, contrastive, lifted (structured), multi_similarity, proxy_anchor, arcface,
+    #: cosface (see :mod:`deepmetric.losses`; loss.margin is the angular margin of arcface
+    #: and the cosine margin of cosface)
+    name: Literal[
+        "triplet",
+        "contrastive",
+        "lifted",
+        "multi_similarity",
+        "proxy_anchor",
+        "arcface",
+        "cosface",
+    ] = "triplet"
     margin: float = 0.2
     mining: Literal["batch_all", "batch_hard", "semi_hard"] = "batch_all"
     metric: Literal["euclidean", "squared_euclidean", "cosine"] = "euclidean"
     soft: bool = False
     #: weight of the cross-entropy term in ``mode: joint`` (loss = metric + weight * CE)
     softmax_weight: float = 1.0
+    #: cross-batch memory: also compare each batch with the last N samples (0: off; batch and
+    #: joint modes, triplet loss; see :class:`deepmetric.losses.CrossBatchMemory`)
+    memory: int = 0
+    #: training steps before the memory is first used (let the embeddings settle first)
+    memory_start: int = 0
+    #: learning rate of the loss's own parameters (proxy_anchor's proxies, arcface / cosface's
+    #: class vectors) as a multiple of train.lr (the proxy-anchor paper uses 100)
+    proxy_lr_factor: float = 1.0
+    #: scale s of the arcface / cosface logits s * cos(theta)
+    scale: float = 16.0
+    #: weight of a self-supervised NT-Xent term (SimCLR) between two augmented views of every
+    #: training image (0: off; batch and joint modes, needs train.augment)
+    ntxent_weight: float = 0.0
+    #: temperature of the NT-Xent term
+    temperature: float = 0.1
 
 
 @dataclass
@@ -360,6 +386,29 @@ def validate(config: Config) -> None:
         )
     if config.loss.margin < 0:
         raise ConfigError(f"loss.margin must be >= 0, got {config.loss.margin}")
+    if config.loss.memory_start < 0:
+        raise ConfigError(f"loss.memory_start must be >= 0, got {config.loss.memory_start}")
+    if config.loss.memory < 0:
+        raise ConfigError(f"loss.memory must be >= 0 (0: off), got {config.loss.memory}")
+    c = config.loss
+    batch_modes = config.mode in ("batch", "joint")
+    if c.memory and not (batch_modes and c.name in ("triplet", "multi_similarity")):
+        raise ConfigError(
+            "loss.memory (a cross-batch memory) needs mode=batch or joint and loss.name=triplet "
+            "or multi_similarity"
+        )
+    if c.name not in ("triplet", "contrastive", "lifted") and not batch_modes:
+        raise ConfigError(f"loss.name={c.name} trains on P x K batches: mode=batch or joint")
+    for key in ("proxy_lr_factor", "scale", "temperature"):
+        if not getattr(c, key) > 0:
+            raise ConfigError(f"loss.{key} must be > 0, got {getattr(c, key)}")
+    if c.ntxent_weight < 0:
+        raise ConfigError(f"loss.ntxent_weight must be >= 0 (0: off), got {c.ntxent_weight}")
+    if c.ntxent_weight and not (batch_modes and config.train.augment):
+        raise ConfigError(
+            "loss.ntxent_weight (two augmented views of each image) needs mode=batch or joint "
+            "and train.augment=true"
+        )
     if not 0 <= config.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")
     if isinstance(config.train.device, str) and not _DEVICE.fullmatch(config.train.device):

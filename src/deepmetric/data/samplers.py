@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from deepmetric.distributed import shard
+
 Labels = torch.Tensor | np.ndarray | Sequence[int]
 
 
@@ -84,9 +86,16 @@ class PKSampler(_EpochState, Sampler[list[int]]):
     classes have chunks; the batch order is then shuffled. So each sample is used once
     per epoch as far as class sizes allow. The order depends only on ``(seed, epoch)``.
     Each batch is ``p * k`` indices, grouped by class: ``k`` of the first class, then ...
+
+    Distributed: with ``world_size`` N > 1 every process builds the same global batches and
+    yields only slice ``rank`` of each (contiguous, sizes differing by at most one), so the
+    ranks' slices of a batch are disjoint, their union is the one-process batch, and an epoch
+    covers the data once across ranks.
     """
 
-    def __init__(self, labels: Labels, p: int, k: int, *, seed: int = 0) -> None:
+    def __init__(
+        self, labels: Labels, p: int, k: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         y = _as_labels(labels)
         self.classes, inverse = np.unique(y, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
@@ -100,6 +109,9 @@ class PKSampler(_EpochState, Sampler[list[int]]):
             raise ValueError(
                 f"p={p} classes per batch, but only {len(self.classes)} classes have samples"
             )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..world_size - 1, got {rank} of {world_size}")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.p, self.k = int(p), int(k)
         self.seed = _check_seed(seed)
         self.epoch = 0
@@ -137,7 +149,7 @@ class PKSampler(_EpochState, Sampler[list[int]]):
             left[chosen] -= 1
             batches.append(np.concatenate([chunks[c][left[c]] for c in chosen]))
         for i in rng.permutation(len(batches)):
-            yield batches[i].tolist()
+            yield shard(torch.from_numpy(batches[i]), self.rank, self.world_size).tolist()
 
 
 def _by_class(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -6,8 +6,9 @@ Modules: :mod:`~deepmetric.losses.triplet` (``TripletLoss``, ``triplet_margin_lo
 :mod:`~deepmetric.losses.multi_similarity` (``MultiSimilarityLoss``),
 :mod:`~deepmetric.losses.proxies` (``ProxyAnchorLoss``, ``MarginSoftmaxLoss``: learnable class
 vectors, so their parameters go to the optimiser),
-:mod:`~deepmetric.losses.self_supervised` (``NTXentLoss``: two views, no labels needed); what
-they share is in ``_common`` (and, for the cosine-based ones, in ``multi_similarity``).
+:mod:`~deepmetric.losses.self_supervised` (``NTXentLoss``: two views, no labels needed),
+:mod:`~deepmetric.losses.memory` (``CrossBatchMemory``: the last M samples as references of a
+batch loss); what they share is in ``_common``.
 
 Each loss is an ``nn.Module`` that calls :mod:`deepmetric.distances` and :mod:`deepmetric.mining`;
 none owns a model. All but ``NTXentLoss`` (two views ``z1``, ``z2`` (B, D)) take ``embeddings``
@@ -21,6 +22,7 @@ For Siamese *ranking* (RankIQA-style: a shared network scores two inputs and the
 ``examples/siamese_ranking.py`` shows it with a shared scorer.
 """
 
+from deepmetric.losses.memory import CrossBatchMemory
 from deepmetric.losses.multi_similarity import MultiSimilarityLoss
 from deepmetric.losses.pairs import ContrastiveLoss, LiftedStructuredLoss
 from deepmetric.losses.proxies import MARGIN_KINDS, MarginKind, MarginSoftmaxLoss, ProxyAnchorLoss
@@ -31,6 +33,7 @@ __all__ = [
     "MARGIN_KINDS",
     "MINING",
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "LiftedStructuredLoss",
     "MarginKind",
     "MarginSoftmaxLoss",

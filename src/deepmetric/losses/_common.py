@@ -1,12 +1,15 @@
-"""What the losses share: argument checks, a zero loss that keeps the graph, and a scalar whose
-gradient with respect to the distance matrix the caller computed in closed form."""
+"""What the losses share: argument checks, a zero loss that keeps the graph, a scalar whose
+gradient with respect to the distance matrix the caller computed in closed form, cosine
+similarities and a stable ``log(1 + sum exp)``."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from deepmetric import mining as miners
-from deepmetric.distances import check_embeddings
+from deepmetric.distances import check_embeddings, pairwise
 
 
 def check_margin(margin: float) -> float:
@@ -68,3 +71,43 @@ class _ScalarWithGradient(torch.autograd.Function):
 
 def with_gradient(dist: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return _ScalarWithGradient.apply(dist, value.detach(), grad.detach())
+
+
+def check_positive(name: str, value: float) -> float:
+    """``value`` as a float; ``ValueError`` unless it is finite and > 0."""
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """``value`` as a float; ``ValueError`` unless it is finite and >= 0."""
+    value = float(value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_finite(name: str, value: float) -> float:
+    """``value`` as a float; ``ValueError`` unless it is finite."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, M) cosine similarities ``x_i . y_j / (|x_i| |y_j|)`` (``y=None``: ``x`` itself), as
+    ``1 - pairwise(x, y, "cosine")``: float32 (float64 if an input is) whatever the autocast
+    state; a zero vector has similarity 0 to everything."""
+    return 1.0 - pairwise(x, y, "cosine")
+
+
+def log1p_sum_exp(a: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log(1 + sum over the kept entries of exp(a))`` along ``dim``, as a logsumexp with an
+    extra 0 entry, so nothing overflows; exactly 0, with a zero gradient, where nothing is kept."""
+    a = torch.where(keep, a, -torch.inf)
+    shape = list(a.shape)
+    shape[dim] = 1
+    return torch.logsumexp(torch.cat([a, a.new_zeros(shape)], dim=dim), dim=dim)

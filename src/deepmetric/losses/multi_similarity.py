@@ -1,57 +1,20 @@
 """Multi-similarity loss (Wang et al., CVPR 2019) on cosine similarities, with the paper's pair
-mining; and the small pieces the cosine-based losses share (hyper-parameter checks, cosine
-similarity, a stable ``log(1 + sum exp)``)."""
+mining."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from deepmetric import mining as miners
-from deepmetric.distances import pairwise
-from deepmetric.losses._common import check_batch
-
-
-def check_positive(name: str, value: float) -> float:
-    """``value`` as a float; ``ValueError`` unless it is finite and > 0."""
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def check_nonnegative(name: str, value: float) -> float:
-    """``value`` as a float; ``ValueError`` unless it is finite and >= 0."""
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
-
-
-def check_finite(name: str, value: float) -> float:
-    """``value`` as a float; ``ValueError`` unless it is finite."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
-
-
-def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, M) cosine similarities ``x_i . y_j / (|x_i| |y_j|)`` (``y=None``: ``x`` itself), as
-    ``1 - pairwise(x, y, "cosine")``: float32 (float64 if an input is) whatever the autocast
-    state; a zero vector has similarity 0 to everything."""
-    return 1.0 - pairwise(x, y, "cosine")
-
-
-def log1p_sum_exp(a: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
-    """``log(1 + sum over the kept entries of exp(a))`` along ``dim``, as a logsumexp with an
-    extra 0 entry, so nothing overflows; exactly 0, with a zero gradient, where nothing is kept."""
-    a = torch.where(keep, a, -torch.inf)
-    shape = list(a.shape)
-    shape[dim] = 1
-    return torch.logsumexp(torch.cat([a, a.new_zeros(shape)], dim=dim), dim=dim)
+from deepmetric.losses._common import (
+    check_batch,
+    check_finite,
+    check_nonnegative,
+    check_positive,
+    cosine_similarity,
+    log1p_sum_exp,
+)
 
 
 class MultiSimilarityLoss(nn.Module):

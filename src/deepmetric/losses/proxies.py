@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepmetric.losses._common import check_batch, check_margin, zero
-from deepmetric.losses.multi_similarity import (
+from deepmetric.losses._common import (
+    check_batch,
+    check_margin,
     check_nonnegative,
     check_positive,
     cosine_similarity,
     log1p_sum_exp,
+    zero,
 )
 
 MarginKind = Literal["arcface", "cosface"]

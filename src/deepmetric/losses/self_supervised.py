@@ -7,7 +7,7 @@ from torch import nn
 
 from deepmetric import mining as miners
 from deepmetric.distances import check_embeddings
-from deepmetric.losses.multi_similarity import check_positive, cosine_similarity
+from deepmetric.losses._common import check_positive, cosine_similarity
 
 
 class NTXentLoss(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import numpy as np
@@ -20,7 +20,12 @@ from deepmetric.config import Config, ConfigError
 from deepmetric.data import ArrayDataset, class_split, load_dataset, train_val_split
 from deepmetric.losses import (
     ContrastiveLoss,
+    CrossBatchMemory,
     LiftedStructuredLoss,
+    MarginSoftmaxLoss,
+    MultiSimilarityLoss,
+    NTXentLoss,
+    ProxyAnchorLoss,
     TripletLoss,
     triplet_margin_loss,
 )
@@ -93,10 +98,12 @@ def build_model(config: Config, sample: torch.Tensor, num_classes: int) -> nn.Mo
     return JointNet(net, num_classes) if config.mode == "joint" else net
 
 
-def build_loss(config: Config) -> Callable[..., torch.Tensor]:
+def build_loss(config: Config, classes: Sequence[int] = ()) -> Callable[..., torch.Tensor]:
     """The loss of the config's mode: a batch loss ``(embeddings, labels)`` for ``batch`` and
     ``joint``, a pair loss ``(e1, e2, same)`` for ``siamese``, a triplet loss
-    ``(ea, ep, en)`` for ``triplet`` and ``offline``."""
+    ``(ea, ep, en)`` for ``triplet`` and ``offline``. ``classes``: the training label values
+    (the proxy losses keep one learnable vector per class; items of other classes, such as a
+    class-disjoint validation batch, are left out of their loss)."""
     c = config.loss
     if config.mode == "siamese" and c.name != "contrastive":
         raise ConfigError("mode=siamese trains on pairs: set loss.name=contrastive")
@@ -104,11 +111,29 @@ def build_loss(config: Config) -> Callable[..., torch.Tensor]:
         if c.name != "triplet":
             raise ConfigError(f"mode={config.mode} trains on triplets: set loss.name=triplet")
         return functools.partial(triplet_margin_loss, margin=c.margin, metric=c.metric, soft=c.soft)
+    loss: nn.Module
     if c.name == "triplet":
-        return TripletLoss(margin=c.margin, mining=c.mining, metric=c.metric, soft=c.soft)
-    if c.name == "contrastive":
-        return ContrastiveLoss(margin=c.margin, metric=c.metric)
-    return LiftedStructuredLoss(margin=c.margin, metric=c.metric)
+        loss = TripletLoss(margin=c.margin, mining=c.mining, metric=c.metric, soft=c.soft)
+    elif c.name == "multi_similarity":
+        loss = MultiSimilarityLoss()
+    elif c.name == "proxy_anchor":
+        loss = ProxyAnchorLoss(classes=list(classes), dim=config.model.dim, ignore_unknown=True)
+    elif c.name in ("arcface", "cosface"):
+        loss = MarginSoftmaxLoss(
+            classes=list(classes),
+            dim=config.model.dim,
+            kind=c.name,  # type: ignore[arg-type]
+            scale=c.scale,
+            margin=c.margin,
+            ignore_unknown=True,
+        )
+    elif c.name == "contrastive":
+        loss = ContrastiveLoss(margin=c.margin, metric=c.metric)
+    else:
+        loss = LiftedStructuredLoss(margin=c.margin, metric=c.metric)
+    if c.memory:
+        return CrossBatchMemory(loss, size=c.memory, start=c.memory_start)
+    return loss
 
 
 def adapt_p(config: Config, labels: torch.Tensor, stream: TextIO | None = sys.stderr) -> int:
@@ -144,8 +169,12 @@ def build_mode(
     t = config.train
     if config.mode in ("batch", "joint"):
         p = adapt_p(config, labels, stream)
+        c = config.loss
+        views = (
+            (NTXentLoss(temperature=c.temperature), c.ntxent_weight) if c.ntxent_weight else None
+        )
         if config.mode == "batch":
-            return PKMode(labels, loss_fn, p=p, k=t.k, seed=config.seed)  # type: ignore[arg-type]
+            return PKMode(labels, loss_fn, p=p, k=t.k, seed=config.seed, views=views)  # type: ignore[arg-type]
         return JointMode(
             labels,
             loss_fn,  # type: ignore[arg-type]
@@ -155,6 +184,7 @@ def build_mode(
             classes=torch.unique(labels),
             weight=config.loss.softmax_weight,
             label_smoothing=t.label_smoothing,
+            views=views,
         )
     if config.mode == "siamese":
         return SiameseMode(labels, loss_fn, batch_size=t.batch_size, seed=config.seed)
@@ -175,9 +205,16 @@ def build_mode(
     )
 
 
-def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(config: Config, model: nn.Module, loss: object = None) -> torch.optim.Optimizer:
+    """The optimiser of ``train.optimizer`` over the model's parameters and the loss's own
+    (the proxies of a proxy-based loss), when it has any."""
     t = config.train
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[dict[str, object]] = [
+        {"params": [p for p in model.parameters() if p.requires_grad]}
+    ]
+    own = [p for p in loss.parameters() if p.requires_grad] if isinstance(loss, nn.Module) else []
+    if own:  # proxies / class vectors, at their own rate
+        params.append({"params": own, "lr": t.lr * config.loss.proxy_lr_factor})
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from deepmetric import distributed
 from deepmetric.config import (
     Config,
     ConfigError,
@@ -30,6 +31,7 @@ from deepmetric.config import (
 )
 from deepmetric.config import validate as validate_config
 from deepmetric.data import ArrayDataset, augment
+from deepmetric.losses import CrossBatchMemory
 from deepmetric.models import embed
 from deepmetric.neighbors import nearest_other
 from deepmetric.training.builders import (
@@ -95,11 +97,16 @@ def _epoch_record(
         _, correct = nearest_other(emb, val.labels, config.loss.metric)
         record["val_precision_at_1"] = float(correct.float().mean())
         idx = mode.val_indices(val.labels)
+        loss_fn = getattr(mode, "loss_fn", None)
         if len(idx):
             model.eval()
+            if isinstance(loss_fn, nn.Module):  # a cross-batch memory: neither read nor written
+                loss_fn.eval()
             with torch.no_grad():
                 step = mode.loss(model, x[idx].to(device), val.labels[idx].to(device))
             model.train()
+            if isinstance(loss_fn, nn.Module):
+                loss_fn.train()
             record["val_loss"] = float(step.loss)
     return record
 
@@ -133,6 +140,35 @@ def _log_step(log: RunLog, config: Config, pos: Position, lr: float, step: Step)
     return f"loss {value:.4f} active {stats.active:.2f} dist {stats.mean_dist:.3f}"
 
 
+def _local_batch(
+    config: Config,
+    train: Source,
+    idx: torch.Tensor,
+    epoch: int,
+    b: int,
+    device: torch.device,
+    n_views: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of the global batch ``idx`` (all of it in one process), augmented as
+    the whole batch would be (the draws are seeded per global batch: resume stays exact)."""
+    start, stop = distributed.shard_bounds(len(idx), distributed.rank(), distributed.world_size())
+    part = idx[start:stop]
+    x = train.fetch(part)
+    if config.train.augment and x.dim() == 4:
+        g = torch.Generator().manual_seed(epoch_seed(config.seed, epoch) * 1_000_003 + b)
+        views = [augment(x, g, batch_size=len(idx), offset=start) for _ in range(n_views)]
+        x = torch.cat(views)  # two views (an NT-Xent term): the second from the next draws
+    return x.to(device, non_blocking=True), train.labels[part].to(device)
+
+
+def _parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel inside a process group, else ``model``."""
+    if not distributed.is_distributed():
+        return model
+    ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
 def train_loop(
     config: Config,
     model: nn.Module,
@@ -146,50 +182,61 @@ def train_loop(
     stream: TextIO | None = sys.stderr,
 ) -> Position:
     """Optimise ``model`` for ``config.epochs`` epochs of ``mode``'s batches; with ``run_dir``,
-    log to ``log.jsonl`` and checkpoint after every epoch and on Ctrl-C / SIGTERM."""
+    log to ``log.jsonl`` and checkpoint after every epoch and on Ctrl-C / SIGTERM.
+
+    In a process group (:mod:`deepmetric.distributed`) every rank runs this loop on its slice of
+    each global batch; rank 0 alone validates, logs and writes checkpoints, and all ranks stop
+    at the same batch when any receives Ctrl-C / SIGTERM."""
     t = config.train
     use_amp = t.amp and device.type == "cuda"
     if t.amp and not use_amp:
         warnings.warn("train.amp=true needs CUDA; training in float32 on the CPU", stacklevel=2)
+    loss_fn = getattr(mode, "loss_fn", None)
     state = RunState(
-        model, build_optimizer(config, model), torch.amp.GradScaler("cuda", enabled=use_amp)
+        model,
+        build_optimizer(config, model, loss_fn),
+        torch.amp.GradScaler("cuda", enabled=use_amp),
+        loss=loss_fn if isinstance(loss_fn, nn.Module) else None,
     )
+    main = distributed.is_main()
     if resume and run_dir is not None:
         state.restore(run_dir)
-        truncate_log(run_dir, state.pos.step)
+        if main:
+            truncate_log(run_dir, state.pos.step)
+    net = _parallel(model, device)
+    gather = distributed.gather if distributed.is_distributed() else distributed.local
     pos, plan, config_yaml = (
         state.pos,
         build_plan(config, mode.steps_per_epoch),
         config_to_yaml(config),
     )
-    log, stop = RunLog(run_dir, stream), StopSignals()
+    save_dir = run_dir if main else None
+    log, stop = RunLog(save_dir, stream if main else None), StopSignals()
     try:
         while pos.epoch < config.epochs:
             model.train()
             for b, idx in enumerate(mode.batches(pos.epoch)):
                 if b < pos.batch:  # resuming inside an epoch: these ran already
                     continue
-                stop.check()
-                x = train.fetch(idx)
-                if t.augment and x.dim() == 4:  # stateless per batch: resume stays exact
-                    seed = epoch_seed(config.seed, pos.epoch) * 1_000_003 + b
-                    x = augment(x, torch.Generator().manual_seed(seed))
-                x, y = x.to(device, non_blocking=True), train.labels[idx].to(device)
+                stop.check(agree=distributed.largest)
+                n_views = getattr(mode, "n_views", 1)
+                x, y = _local_batch(config, train, idx, pos.epoch, b, device, n_views)
                 lr = set_lr(state.optimizer, plan, pos.step)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    step = mode.loss(model, x, y)
-                value = float(step.loss.detach())
+                    step = mode.loss(net, x, y, gather)
+                value = distributed.mean(float(step.loss.detach()))
                 _check_loss(value, pos.step + 1)
                 _optimizer_step(state, step.loss, t.grad_clip)
                 pos.batch, pos.step = b + 1, pos.step + 1
                 pos.epoch_losses.append(value)
-                if pos.step % t.log_every == 0 or b + 1 == mode.steps_per_epoch:
+                if main and (pos.step % t.log_every == 0 or b + 1 == mode.steps_per_epoch):
                     text = _log_step(log, config, pos, lr, step)
                     where = (
                         f"epoch {pos.epoch + 1}/{config.epochs} [{b + 1}/{mode.steps_per_epoch}]"
                     )
                     log.progress(f"{where} {text}")
-            record = _epoch_record(config, model, mode, val, pos, device)
+            record = _epoch_record(config, model, mode, val, pos, device) if main else None
+            record = distributed.broadcast(record)
             pos.history.append(record)
             log.write(record)
             log.progress(
@@ -198,12 +245,12 @@ def train_loop(
                 final=True,
             )
             pos.epoch, pos.batch, pos.epoch_losses = pos.epoch + 1, 0, []
-            state.save(run_dir, config_yaml)
-            stop.check()
+            state.save(save_dir, config_yaml)
+            stop.check(agree=distributed.largest)
     except StopRequested:
         if not getattr(mode, "resumable_mid_epoch", True):  # batches depend on the weights
             pos.batch, pos.epoch_losses = 0, []
-        state.save(run_dir, config_yaml)
+        state.save(save_dir, config_yaml)
         where = f"continue with --resume {run_dir}" if run_dir else "no run folder (out=None)"
         log.progress(f"interrupted: checkpoint saved; {where}", final=True)
         raise
@@ -218,11 +265,19 @@ def train_loop(
 
 def _loss_config(loss: Any) -> LossConfig:
     """What a loss object says of itself, for the run's config.yaml (metric, margin, ...)."""
+    if isinstance(loss, CrossBatchMemory):
+        c = _loss_config(loss.loss)
+        c.memory, c.memory_start = loss.size, loss.start
+        return c
     c = LossConfig()
-    name = type(loss).__name__
-    c.name = {"ContrastiveLoss": "contrastive", "LiftedStructuredLoss": "lifted"}.get(
-        name, "triplet"
-    )  # type: ignore[assignment]
+    names = {
+        "ContrastiveLoss": "contrastive",
+        "LiftedStructuredLoss": "lifted",
+        "MultiSimilarityLoss": "multi_similarity",
+        "ProxyAnchorLoss": "proxy_anchor",
+        "MarginSoftmaxLoss": getattr(loss, "kind", "arcface"),
+    }
+    c.name = names.get(type(loss).__name__, "triplet")  # type: ignore[assignment]
     for key in ("margin", "mining", "metric", "soft"):
         if hasattr(loss, key):
             setattr(c, key, getattr(loss, key))
@@ -311,10 +366,15 @@ def run_config(
     epochs, steps, seconds, last train loss and validation precision@1."""
     run_dir = config.run_dir if config.out is not None else None
     if run_dir is not None:
-        start_run_folder(config, run_dir, resume)
+        start_run_folder(config, run_dir, resume, write=distributed.is_main())
+        distributed.barrier()
+    if not distributed.is_main():
+        stream = None
     torch.manual_seed(config.seed)
     device = resolve_device(config.train.device)
     model.to(device)
+    if isinstance(loss, nn.Module):  # proxies, a cross-batch memory
+        loss.to(device)
     mode = build_mode(
         config,
         train.labels,
@@ -347,12 +407,15 @@ def run_config(
     }
 
 
-def start_run_folder(config: Config, run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a run; write the resolved config."""
+def start_run_folder(config: Config, run_dir: Path, resume: bool, *, write: bool = True) -> None:
+    """Refuse to overwrite a run; write the resolved config (unless ``write`` is false: the
+    ranks of a distributed run other than 0 only check)."""
     if not resume and (run_dir / "checkpoints").exists():
         raise ConfigError(
             f"{run_dir} already holds a run: resume it (--resume {run_dir}) or set out=ANOTHER_DIR"
         )
+    if not write:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / "config.yaml")
 

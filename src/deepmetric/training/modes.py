@@ -5,8 +5,12 @@ Every mode has the same four parts:
 - ``steps_per_epoch``: batches in one epoch;
 - ``batches(epoch)``: the index batches of that epoch, a pure function of (seed, epoch) (the
   offline mode also depends on the current weights);
-- ``loss(model, x, y) -> Step``: the training loss of one batch, from ONE forward pass over the
-  whole batch (Siamese and triplet inputs are concatenated, so BatchNorm sees one batch);
+- ``loss(model, x, y, gather) -> Step``: the training loss of one batch, from ONE forward pass
+  over the whole batch (Siamese and triplet inputs are concatenated, so BatchNorm sees one
+  batch); in a distributed run ``x`` is this rank's slice of the global batch and ``gather``
+  (:func:`deepmetric.distributed.gather`) joins the embeddings of all slices, so the loss and
+  its mining see the global batch (the default, :func:`~deepmetric.distributed.local`, is the
+  one-process identity);
 - ``val_indices(labels)``: a fixed validation batch on which the same loss is reported, so the
   validation loss is comparable with the training loss.
 
@@ -32,7 +36,10 @@ from torch import nn
 from deepmetric import mining
 from deepmetric.data import PairSampler, PKSampler, random_triplets
 from deepmetric.distances import Metric, pairwise
+from deepmetric.distributed import local
 from deepmetric.models import embed
+
+Gather = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 #: validation batch size of the P x K modes (a stratified sample of the validation split)
 VAL_ITEMS = 4096
@@ -82,18 +89,48 @@ class PKMode:
 
     name = "batch"
 
-    def __init__(self, labels: torch.Tensor, loss_fn: nn.Module, *, p: int, k: int, seed: int):
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        loss_fn: nn.Module,
+        *,
+        p: int,
+        k: int,
+        seed: int,
+        views: tuple[nn.Module, float] | None = None,
+    ):
         self.sampler = PKSampler(labels, p, k, seed=seed)
         self.loss_fn = loss_fn
         self.seed = seed
         self.steps_per_epoch = len(self.sampler)
+        self.views = views
+        #: 2 when the loop must pass two augmented views of the batch (``x`` of 2B items)
+        self.n_views = 2 if views is not None else 1
+
+    def _batch_loss(
+        self, emb: torch.Tensor, y: torch.Tensor, gather: Gather
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, global embeddings, global labels)``: the metric loss over the global batch;
+        when ``emb`` holds two views (2B rows, ``views`` set), the metric loss of the first view
+        plus ``weight`` x NT-Xent between the views."""
+        if self.views is not None and len(emb) == 2 * len(y):
+            first, second = emb.chunk(2)
+            first, all_y = gather(first, y)
+            second, _ = gather(second, y)
+            first, second = check_finite(first), check_finite(second)
+            ntxent, weight = self.views
+            return self.loss_fn(first, all_y) + weight * ntxent(first, second), first, all_y
+        emb, y = gather(emb, y)
+        emb = check_finite(emb)
+        return self.loss_fn(emb, y), emb, y
 
     def batches(self, epoch: int) -> Iterator[torch.Tensor]:
         return _pk_batches(self.sampler, epoch)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-        emb = check_finite(model(x)).float()
-        return Step(self.loss_fn(emb, y), emb, y)
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step:
+        return Step(*self._batch_loss(model(x).float(), y, gather))
 
     def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
         return stratified_indices(labels, VAL_ITEMS, self.seed)
@@ -117,19 +154,24 @@ class JointMode(PKMode):
         classes: torch.Tensor,
         weight: float = 1.0,
         label_smoothing: float = 0.0,
+        views: tuple[nn.Module, float] | None = None,
     ):
-        super().__init__(labels, loss_fn, p=p, k=k, seed=seed)
+        super().__init__(labels, loss_fn, p=p, k=k, seed=seed, views=views)
         self.class_index = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
         self.class_index[classes] = torch.arange(len(classes))
         self.weight = weight
         self.label_smoothing = label_smoothing
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-        """Metric loss + weight x cross-entropy over the items of classes the head knows; items
-        of other classes (a class-disjoint validation batch) add no cross-entropy, so on such a
-        batch the loss is the metric term alone."""
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step:
+        """Metric loss (over the global batch) + weight x cross-entropy over the items of
+        classes the head knows (this rank's slice: DDP averages that term's gradient over
+        ranks); items of other classes (a class-disjoint validation batch) add no
+        cross-entropy, so on such a batch the loss is the metric term alone."""
         emb, logits = model(x)
-        emb = check_finite(emb).float()
+        metric, all_emb, all_y = self._batch_loss(emb.float(), y, gather)
+        logits = logits[: len(y)]  # the first view's
         index = self.class_index.to(y.device)
         target = torch.full_like(y, -1)  # -1: a class the head has no output for
         inside = y < len(index)
@@ -140,7 +182,7 @@ class JointMode(PKMode):
             ce = F.cross_entropy(
                 logits[known].float(), target[known], label_smoothing=self.label_smoothing
             )
-        return Step(self.loss_fn(emb, y) + self.weight * ce, emb, y)
+        return Step(metric + self.weight * ce, all_emb, all_y)
 
 
 class SiameseMode:
@@ -167,9 +209,12 @@ class SiameseMode:
         for idx in self.sampler:
             yield torch.as_tensor(idx)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-        emb = check_finite(model(x)).float()
-        b = len(x) // 2
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step:
+        emb, y = gather(model(x).float(), y)
+        emb = check_finite(emb)
+        b = len(emb) // 2
         return Step(self.loss_fn(emb[:b], emb[b:], y[:b] == y[b:]), emb, None)
 
     def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
@@ -210,8 +255,11 @@ class TripletMode:
         a, p, n = random_triplets(self.labels, len(self.labels), seed=epoch_seed(self.seed, epoch))
         return _triplet_batches(a, p, n, self.batch_size)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
-        emb = check_finite(model(x)).float()
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step:
+        emb, _ = gather(model(x).float(), y)
+        emb = check_finite(emb)
         ea, ep, en = emb.chunk(3)
         return Step(self.loss_fn(ea, ep, en), emb, None)
 

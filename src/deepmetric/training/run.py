@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch import nn
 
+from deepmetric import distributed
 from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
 from deepmetric.config import Config, ConfigError, config_from_dict
 from deepmetric.data import Preprocessing, load_dataset
@@ -43,10 +44,16 @@ def train(
     config: Config, *, resume: bool = False, stream: TextIO | None = sys.stderr
 ) -> dict[str, Any]:
     """Train ``config`` into ``config.run_dir``; return the final summary (also logged), with
-    the test split's precision@1 when the data set has one."""
+    the test split's precision@1 when the data set has one.
+
+    Inside a process group (``deepmetric train --nproc N``, ``torchrun``) every rank trains its
+    slice of each global batch; rank 0 alone writes the run folder and tests the result (the
+    other ranks return the training summary only)."""
     config = replace(config, out=str(config.run_dir))
     train_set, val_set = load_data(config)
-    _record_preprocessing(config, train_set.x, resume)
+    main = distributed.is_main()
+    if main:
+        _record_preprocessing(config, train_set.x, resume)
     classes = torch.unique(train_set.y)
     torch.manual_seed(config.seed)  # the same initial weights for the same seed
     model = build_model(config, train_set.x[:1], len(classes))
@@ -55,10 +62,12 @@ def train(
         model,
         Source(train_set),
         Source(val_set) if len(val_set) else None,
-        build_loss(config),
+        build_loss(config, classes.tolist()),
         resume=resume,
         stream=stream,
     )
+    if not main:
+        return {"kind": "summary", "run_dir": str(config.run_dir), **summary}
     net = model.embedding_net if hasattr(model, "embedding_net") else model
     summary = {
         "kind": "summary",

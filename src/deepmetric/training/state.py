@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,15 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
-    def check(self) -> None:
-        if self.received is not None:
-            raise StopRequested(self.received)
+    def check(self, agree: Callable[[int], int] | None = None) -> None:
+        """Raise :class:`StopRequested` if a signal came. ``agree`` turns this process's signal
+        number (0: none) into the one all processes act on (in a distributed run: the largest
+        over ranks, so every rank stops at the same batch)."""
+        signum = self.received or 0
+        if agree is not None:
+            signum = agree(signum)
+        if signum:
+            raise StopRequested(signum)
 
     def restore(self) -> None:
         """Give the signals back to their previous handlers."""
@@ -83,12 +90,14 @@ class StopSignals:
 
 @dataclass
 class RunState:
-    """Everything a checkpoint holds: weights, optimiser, gradient scaler, RNG, position."""
+    """Everything a checkpoint holds: weights, optimiser, gradient scaler, RNG, position, and
+    the loss's own state when it has one (the proxies of a proxy loss, a cross-batch memory)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     pos: Position = field(default_factory=Position)
+    loss: nn.Module | None = None
 
     def save(self, run_dir: Path | None, config_yaml: str) -> None:
         """Checkpoint ``epochNNNN-batchNNNNNN`` (nothing without a run folder)."""
@@ -100,6 +109,8 @@ class RunState:
             "rng": rng_state(),
             "position": vars(self.pos),
         }
+        if self.loss is not None and self.loss.state_dict():
+            state["loss"] = self.loss.state_dict()
         name = f"epoch{self.pos.epoch:04d}-batch{self.pos.batch:06d}"
         save_checkpoint(run_dir, name, self.model.state_dict(), state, config_yaml)
 
@@ -109,5 +120,7 @@ class RunState:
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.loss is not None and "loss" in state:
+            self.loss.load_state_dict(state["loss"])
         set_rng_state(state["rng"])
         self.pos = Position(**state["position"])

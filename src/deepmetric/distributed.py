@@ -1,0 +1,198 @@
+"""Training on several processes with PyTorch's own engine, ``torch.distributed``.
+
+One global P x K batch per step, whatever the number of processes: every rank draws the same
+global batch (same seed), takes its contiguous slice (:func:`shard`), embeds it, and
+:func:`gather` puts the slices back together in rank order, so the loss and the mining see the
+whole global batch, exactly as one process would. The gradient flows back through the gather:
+its backward sums the gradient of the concatenated batch over all ranks and keeps this rank's
+slice. Every rank computes the same global loss, so that sum is ``world_size`` times the
+single-process gradient of the slice, and after DistributedDataParallel averages the parameter
+gradients over ranks they equal those of one process on the global batch.
+
+Launch N local processes with ``deepmetric train CONFIG --nproc N`` (through
+``torch.distributed.run``, the engine of ``torchrun``), or on several machines with
+``torchrun --nnodes ... -m deepmetric train CONFIG``; :func:`init_from_env` joins the group that
+``torchrun`` describes in the environment (gloo on CPUs, nccl on GPUs). Without a process group
+(or with one process) every function here is the identity / a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the process that writes checkpoints, logs, the summary, and evaluates."""
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process that ``torchrun`` / ``torch.distributed.run`` started as one of
+    several (``WORLD_SIZE`` > 1 in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str = "auto") -> None:
+    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``): nccl when training on
+    CUDA (each process on GPU ``LOCAL_RANK``), gloo otherwise. Does nothing if already joined."""
+    if dist.is_initialized():
+        return
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def shutdown() -> None:
+    """Leave the process group (if one was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of ``rank``'s contiguous slice of ``n`` items: sizes differ by at most
+    one, the first ``n % world_size`` ranks take one more (``numpy.array_split``'s rule)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def shard(batch: torch.Tensor, which: int | None = None, world: int | None = None) -> torch.Tensor:
+    """Rank ``which``'s (default: this rank's) contiguous slice of a global ``batch`` of
+    indices or items, out of ``world`` ranks (default: the process group's size)."""
+    which = rank() if which is None else which
+    start, stop = shard_bounds(len(batch), which, world_size() if world is None else world)
+    return batch[start:stop]
+
+
+def _all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The (sum n_r, ...) concatenation over ranks in rank order and the per-rank row counts.
+    Slices may differ in length: they are padded to the longest for the collective."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], dtype=torch.long, device=x.device))
+    counts = [int(s) for s in sizes]
+    longest = max(counts)
+    padded = x
+    if len(x) < longest:
+        padded = torch.cat([x, x.new_zeros((longest - len(x), *x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]), counts
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """Forward: concatenate every rank's rows. Backward: sum the incoming gradient over ranks
+    (every rank holds the gradient of its own copy of the global loss) and keep this rank's
+    rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        full, counts = _all_gather_rows(x)
+        start = sum(counts[: rank()])
+        ctx.bounds = (start, start + len(x))
+        return full
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start, stop = ctx.bounds
+        return grad[start:stop]
+
+
+def gather(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(global_embeddings (sum B_r, D), global_labels (sum B_r,))``: every rank's
+    ``embeddings (B_r, D)`` and ``labels (B_r,)`` concatenated in rank order.
+
+    Differentiable in ``embeddings``: on every rank ``embeddings.grad == world_size x`` the
+    gradient that one process computing the same loss on the concatenated batch would give
+    that rank's rows (DDP's averaging then makes the parameter gradients those of one process).
+    Every rank must call it with the same trailing shape and dtype. Without a process group of
+    more than one process it returns its arguments unchanged.
+    """
+    if not is_distributed():
+        return embeddings, labels
+    full_labels, _ = _all_gather_rows(labels)
+    return _GatherWithGradient.apply(embeddings), full_labels
+
+
+def local(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-process "gather": its arguments, unchanged (what the training modes use for
+    validation, which rank 0 runs alone)."""
+    return embeddings, labels
+
+
+def mean(value: float) -> float:
+    """The mean of ``value`` over ranks (the value itself without a process group)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t) / world_size()
+
+
+def largest(value: int) -> int:
+    """The largest ``value`` over ranks: how ranks agree to stop when any one received a
+    signal, so that all stop at the same batch."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable value made by this program, such as an epoch
+    record: never data read from a file a user handed in)."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)  # pickled by rank 0 of this very run
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if is_distributed():
+        dist.barrier()
+
+
+__all__ = [
+    "barrier",
+    "broadcast",
+    "gather",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "largest",
+    "launched_by_torchrun",
+    "local",
+    "mean",
+    "rank",
+    "shard",
+    "shard_bounds",
+    "shutdown",
+    "world_size",
+]
