@@ -165,7 +165,7 @@ INVALID = {
     "padding < 0": (["model.padding=-1"], "model.padding must be >= 0, got -1"),
     "image_size = 0": (["image_size=0"], "image_size must be >= 1, got 0"),
     "unknown mode": (["mode=hybrid"], "mode: expected one of 'batch' | 'siamese' | 'triplet'"),
-    "unknown loss": (["loss.name=arcface"], "loss.name: expected one of 'triplet' |"),
+    "unknown loss": (["loss.name=sphereface"], "loss.name: expected one of 'triplet' |"),
     "unknown mining": (["loss.mining=hardest"], "loss.mining: expected one of 'batch_all' |"),
     "unknown metric": (["loss.metric=l1"], "loss.metric: expected one of 'euclidean' |"),
     "unknown optimizer": (["train.optimizer=lbfgs"], "train.optimizer: expected one of 'adam'"),

@@ -255,7 +255,8 @@ def test_nproc_errors_are_one_line(idx_dir, tmp_path):
     bad = _cli("train", f"data=idx:{idx_dir}", f"out={tmp_path / 'x'}", "--nproc", "0")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "--nproc must be >= 1" in bad.stderr
-    (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
+    first = _cli("train", f"data=idx:{idx_dir}", f"out={tmp_path / 'taken'}", "model.dim=8")
+    assert first.returncode == 0, first.stderr
     taken = _cli("train", f"data=idx:{idx_dir}", f"out={tmp_path / 'taken'}", "--nproc", "2")
     assert taken.returncode == 2 and taken.stderr.strip().count("\n") == 0, taken.stderr
     assert "already holds a run" in taken.stderr

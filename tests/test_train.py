@@ -235,3 +235,17 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_checkpoint(idx_dir, t
     kept = latest_checkpoint(out)
     assert kept.name.startswith("epoch0001")
     assert all(torch.isfinite(w).all() for w in _weights(out).values())
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(idx_dir, tmp_path):
+    """A kill during the very first save leaves checkpoints/ with no complete checkpoint: a
+    fresh start into the folder is allowed, and --resume trains from the beginning."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-epoch0001-batch000000-deadbeef").mkdir(parents=True)
+    train(_config(idx_dir, run, "epochs=1"), stream=None)  # not "already holds a run"
+    assert latest_checkpoint(run).name.startswith("epoch0001")
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "config.yaml").write_text((run / "config.yaml").read_text())
+    summary = train(resume_config(other), resume=True, stream=None)
+    assert summary["epochs"] == 1 and latest_checkpoint(other).name.startswith("epoch0001")

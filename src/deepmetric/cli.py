@@ -46,6 +46,7 @@ def _train(args: argparse.Namespace) -> int:
     from deepmetric import distributed
     from deepmetric.config import load_config
     from deepmetric.training import resume_config, train
+    from deepmetric.training.fit import has_checkpoint
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
@@ -60,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
             config_path = None
         config = load_config(config_path, args.overrides)
     if args.nproc > 1 and not distributed.launched_by_torchrun():
-        if not args.resume and (config.run_dir / "checkpoints").exists():
+        if not args.resume and has_checkpoint(config.run_dir):
             raise ValueError(
                 f"{config.run_dir} already holds a run: resume it (--resume {config.run_dir}) "
                 "or set out=ANOTHER_DIR"

@@ -57,6 +57,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -203,7 +204,9 @@ def _png(image: Any) -> bytes:
     """A PIL image as a PNG thumbnail of at most :data:`THUMBNAIL_SIZE` px, longest side."""
     from PIL import Image, ImageOps
 
-    image = ImageOps.exif_transpose(image) or image
+    # A damaged EXIF block: the thumbnail as stored, unrotated (embedding it named the file).
+    with contextlib.suppress(SyntaxError, ValueError, OSError, KeyError, TypeError):
+        image = ImageOps.exif_transpose(image) or image
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         wide = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(wide.max()), 1.0)

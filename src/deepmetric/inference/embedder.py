@@ -32,7 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, weights_sha256
+from deepmetric.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    weights_sha256,
+)
 from deepmetric.config import Config
 from deepmetric.data import Preprocessing
 from deepmetric.data.preprocess import Inputs
@@ -299,10 +304,7 @@ def _load_run(run_dir: str | Path, checkpoint: str, device: str) -> _Run:
         prefix = "embedding_net."
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"{folder}: the checkpoint does not fit the model: {error}") from None
+        load_model_state(net, state, source=folder)
     torch_device = resolve_device(device)
     net.to(torch_device).eval()
     return _Run(run_dir, config, net, torch_device, latest)

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepmetric import distributed
+from deepmetric.checkpoints import CheckpointError, latest_checkpoint
 from deepmetric.config import (
     Config,
     ConfigError,
@@ -199,10 +200,16 @@ def train_loop(
         loss=loss_fn if isinstance(loss_fn, nn.Module) else None,
     )
     main = distributed.is_main()
-    if resume and run_dir is not None:
+    if resume and run_dir is not None and has_checkpoint(run_dir):
         state.restore(run_dir)
         if main:
             truncate_log(run_dir, state.pos.step)
+    elif resume and run_dir is not None and main:  # killed before its first save completed
+        truncate_log(run_dir, 0)
+        if stream is not None:
+            print(
+                f"note: {run_dir} has no complete checkpoint: training from the start", file=stream
+            )
     net = _parallel(model, device)
     gather = distributed.gather if distributed.is_distributed() else distributed.local
     pos, plan, config_yaml = (
@@ -407,10 +414,20 @@ def run_config(
     }
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a complete checkpoint (a run killed during its first save has
+    a ``checkpoints/`` folder and none: it starts again from the beginning)."""
+    try:
+        latest_checkpoint(run_dir)
+    except CheckpointError:
+        return False
+    return True
+
+
 def start_run_folder(config: Config, run_dir: Path, resume: bool, *, write: bool = True) -> None:
     """Refuse to overwrite a run; write the resolved config (unless ``write`` is false: the
     ranks of a distributed run other than 0 only check)."""
-    if not resume and (run_dir / "checkpoints").exists():
+    if not resume and has_checkpoint(run_dir):
         raise ConfigError(
             f"{run_dir} already holds a run: resume it (--resume {run_dir}) or set out=ANOTHER_DIR"
         )

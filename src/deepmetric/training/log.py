@@ -94,8 +94,13 @@ class RunLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as error:  # a full disk, a read-only folder: say which file
+                raise OSError(
+                    error.errno, f"cannot write {self.file.name}: {error.strerror}"
+                ) from None
         if self.tensorboard is not None:
             step = record.get("step", record.get("epoch", 0))
             for key, value in record.items():

@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from deepmetric import distributed
-from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
+from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, load_model_state
 from deepmetric.config import Config, ConfigError, config_from_dict
 from deepmetric.data import Preprocessing, load_dataset
 from deepmetric.models import build_registered, embed
@@ -36,7 +36,7 @@ from deepmetric.training.builders import (
     load_options,
     resolve_device,
 )
-from deepmetric.training.fit import Source, run_config
+from deepmetric.training.fit import Source, has_checkpoint, run_config
 from deepmetric.training.log import RunLog
 
 
@@ -90,7 +90,7 @@ def _record_preprocessing(config: Config, x: torch.Tensor, resume: bool) -> None
     [0, 1]; not into the folder of another run (``train`` refuses that one next)."""
     pre = Preprocessing.from_images(x)
     run_dir = config.run_dir
-    if pre is None or (not resume and (run_dir / "checkpoints").exists()):
+    if pre is None or (not resume and has_checkpoint(run_dir)):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / f"{PREPROCESS_FILE}.partial"
@@ -160,10 +160,7 @@ def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module]:
         )
     else:
         net = build_model(replace(config, mode="batch"), _sample_input(config, model_state), 1)
-    try:
-        net.load_state_dict(model_state)
-    except RuntimeError as error:
-        raise ConfigError(f"{run_dir}: the checkpoint does not fit the model: {error}") from None
+    load_model_state(net, model_state, source=latest_checkpoint(run_dir))
     net.eval()
     return config, net
 

@@ -13,7 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from deepmetric.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -116,8 +121,9 @@ class RunState:
 
     def restore(self, run_dir: Path) -> None:
         """Load the latest checkpoint of ``run_dir`` into this state."""
-        model_state, state = load_checkpoint(latest_checkpoint(run_dir))
-        self.model.load_state_dict(model_state)
+        folder = latest_checkpoint(run_dir)
+        model_state, state = load_checkpoint(folder)
+        load_model_state(self.model, model_state, source=folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.loss is not None and "loss" in state:
