@@ -281,3 +281,32 @@ def test_sigterm_stops_every_process_at_the_same_batch_and_saves(idx_dir, tmp_pa
     assert state["position"]["epoch"] < 500
     more = _cli("train", "--resume", str(run), f"epochs={state['position']['epoch'] + 1}")
     assert more.returncode == 0, more.stderr
+
+
+def test_a_cross_batch_memory_holds_global_batches(idx_dir, tmp_path):
+    """With loss.memory the memory of every rank holds the gathered global batches: the
+    2-process run ends with the one-process weights and the same memory."""
+    args = [
+        f"data=idx:{idx_dir}",
+        "mode=batch",
+        "model.dim=8",
+        "train.p=4",
+        "train.k=8",
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+        "loss.memory=48",
+        "loss.memory_start=2",
+        "epochs=1",
+    ]
+    one = _cli("train", *args, f"out={tmp_path / 'one'}")
+    two = _cli("train", *args, f"out={tmp_path / 'two'}", "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    (a, state_a), (b, state_b) = (
+        load_checkpoint(latest_checkpoint(tmp_path / r)) for r in ("one", "two")
+    )
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    memory_a, memory_b = (s["loss"]["_extra_state"] for s in (state_a, state_b))
+    assert memory_a["count"] == memory_b["count"] == 48
+    assert torch.equal(memory_a["labels"], memory_b["labels"])
+    torch.testing.assert_close(memory_b["embeddings"], memory_a["embeddings"], atol=1e-4, rtol=0)
