@@ -510,11 +510,13 @@ def load_image_folder(
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     all_gray = True
+    class_id = {name: i for i, name in enumerate(classes)}  # O(1) per image, not O(classes)
     for name in present:
+        label = class_id[name]
         for path in _image_files(root / name):
             array, gray = _decode_image(path, mode, hw)
             arrays.append(array)
-            labels.append(classes.index(name))
+            labels.append(label)
             all_gray &= gray
     rgb = mode == "RGB" or (mode is None and not all_gray)
     return ArrayDataset(_to_chw(arrays, rgb), torch.tensor(labels, dtype=torch.int64), classes)
