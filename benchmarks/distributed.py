@@ -69,6 +69,7 @@ def _step_times(rank: int, world: int, init: str, out: str, steps: int, p: int, 
             Path(out).write_text(f"{statistics.median(times)} {statistics.median(gathers)}")
     finally:
         dist.destroy_process_group()
+    distributed.exit_process(0)  # gloo can abort in the interpreter teardown after DDP
 
 
 def measure(world: int, steps: int, p: int, k: int) -> tuple[float, float]:

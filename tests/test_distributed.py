@@ -9,6 +9,7 @@ resumes in one process.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -16,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +62,25 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, D)).double()
 
 
+@contextlib.contextmanager
+def _ending_the_process() -> Iterator[None]:
+    """Run the body, leave the process group, and end the worker process through
+    ``distributed.exit_process`` (exit 1 with the traceback printed if the body failed):
+    torch's gloo can abort in the interpreter teardown after DDP (see ``exit_process``)."""
+    code = 0
+    try:
+        yield
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        dist.destroy_process_group()
+        distributed.exit_process(code)
+
+
 def _worker(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
-    try:
+    with _ending_the_process():
         emb, labels, x = _global_batch()
         results: dict[str, torch.Tensor] = {}
         for name, loss in _losses().items():
@@ -79,8 +98,6 @@ def _worker(rank: int, init: str, out: str) -> None:
         for i, p in enumerate(net.module.parameters()):
             results[f"param{i}.grad"] = p.grad
         torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +175,8 @@ def test_augmenting_a_slice_with_its_offset_equals_slicing_the_augmented_batch()
 
 def _fit_worker(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
-    try:
+    with _ending_the_process():
         torch.save(_fit_once().state_dict(), Path(out) / f"fit{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _fit_once() -> nn.Module:

@@ -19,6 +19,7 @@ Launch N local processes with ``deepmetric train CONFIG --nproc N`` (through
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -67,6 +68,18 @@ def shutdown() -> None:
     """Leave the process group (if one was joined)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End this process now with ``code``, stdout and stderr flushed, skipping the interpreter's
+    teardown. For the worker processes of a distributed run: with torch 2.13 on CPU, a process
+    that used DistributedDataParallel over gloo aborts in about one exit in seven ("terminate
+    called without an active exception", SIGABRT) while the interpreter tears down, even after
+    ``destroy_process_group``, which turns a finished run into a failed one (measured here: 2
+    aborts in 12 two-process runs, 0 in 24 with this exit)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -182,6 +195,7 @@ def barrier() -> None:
 __all__ = [
     "barrier",
     "broadcast",
+    "exit_process",
     "gather",
     "init_from_env",
     "is_distributed",
