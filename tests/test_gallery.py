@@ -375,3 +375,11 @@ def test_demo_oneshot_on_tiny_data(tmp_path):
         assert image.format == "PNG" and image.size[0] > 400
     again = _cli("demo-oneshot", *args)  # the run is reused, the demo gallery made afresh
     assert again.returncode == 0 and "reusing the trained run" in again.stdout
+
+
+def test_demo_oneshot_config_must_name_the_seen_classes(tmp_path):
+    config = tmp_path / "plain.yaml"
+    config.write_text("epochs: 1\n")
+    done = _cli("demo-oneshot", "--config", config, "--run", tmp_path / "run")
+    assert done.returncode == 2 and "set train.classes" in done.stderr, done.stderr
+    assert done.stderr.strip().count("\n") == 0

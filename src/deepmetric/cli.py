@@ -474,7 +474,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo_oneshot(args: argparse.Namespace) -> int:
     from deepmetric.demo_oneshot import main as oneshot
 
-    oneshot(args.overrides, run=args.run, strangers=args.strangers)
+    oneshot(args.overrides, run=args.run, strangers=args.strangers, config=args.config)
     return 0
 
 
@@ -725,6 +725,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     oneshot.add_argument("overrides", nargs="*", help="key=value, e.g. epochs=4")
     oneshot.add_argument("--run", default="runs/oneshot_0to5", help="the run folder")
+    oneshot.add_argument(
+        "--config",
+        help="a YAML config setting train.classes (make demo-oneshot: configs/openset.yaml); "
+        "default: the built-in defaults on classes 0-5",
+    )
     oneshot.add_argument(
         "--strangers", type=int, default=1000, help="test images of the seen classes to query"
     )

@@ -102,6 +102,7 @@ def main(
     *,
     run: str | Path = "runs/oneshot_0to5",
     strangers: int = 1000,
+    config: str | Path | None = None,
 ) -> dict[str, float]:
     """Run the protocol of the module docstring; print and return the figures.
 
@@ -110,6 +111,9 @@ def main(
             ``train.classes=[0,1,2,3,4,5]``), e.g. ``data=idx:DIR epochs=1``.
         run: the run folder (trained when it has no checkpoints, else reused).
         strangers: test images of the trained classes to query (all when fewer).
+        config: a YAML config to train with (``make demo-oneshot`` passes
+            ``configs/openset.yaml``); it must set ``train.classes``, the seen classes. Without
+            one: the defaults with ``train.classes=[0,1,2,3,4,5]``.
 
     Returns:
         ``one_shot_accuracy``, ``accepted_accuracy``, ``genuine_acceptance``,
@@ -119,7 +123,11 @@ def main(
     if strangers < 0:
         raise ValueError(f"strangers must be >= 0, got {strangers}")
     run = Path(run)
-    config = load_config(None, [f"train.classes={SEEN}".replace(" ", ""), f"out={run}", *overrides])
+    seen = [] if config is not None else [f"train.classes={SEEN}".replace(" ", "")]
+    config_path = config
+    config = load_config(config_path, [*seen, f"out={run}", *overrides])
+    if config.train.classes is None:
+        raise ValueError(f"{config_path}: set train.classes (the classes trained on, 'seen')")
     if (run / "checkpoints").is_dir():
         print(f"reusing the trained run {run} (delete it to train again)")
     else:
