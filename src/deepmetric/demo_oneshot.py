@@ -1,10 +1,11 @@
 """One-shot identification of classes the network never saw, with an open-set "unknown".
 
-The protocol (``make demo-oneshot``): train on Fashion-MNIST classes 0-5 (the default config
-plus ``train.classes=[0,1,2,3,4,5]``, into ``runs/oneshot_0to5``; an existing run there is
-reused), create a gallery with the run's threshold (chosen on its validation split: classes
-0-5, never on the gallery's data), enroll ONE test image of each unseen class 6-9, then
-identify
+The protocol: train on Fashion-MNIST classes 0-5 (``make demo-oneshot``: ``configs/openset.yaml``,
+which trains on 0, 1, 3, 5 and validates on 2, 4, into ``runs/oneshot_openset``; without a
+config, the defaults plus ``train.classes=[0,1,2,3,4,5]`` into ``runs/oneshot_0to5``; an
+existing run there is reused), create a gallery with the run's threshold (chosen on its
+validation split, never on the gallery's data), enroll ONE test image of each unseen class
+6-9, then identify
 
 - every other test image of classes 6-9 (genuine queries: their class is enrolled), and
 - ``strangers`` test images of classes 0-5 (never enrolled: the right answer is "unknown").
