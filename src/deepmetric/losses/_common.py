@@ -24,7 +24,9 @@ def check_batch(
     labels: torch.Tensor,
     ref_embeddings: torch.Tensor | None = None,
     ref_labels: torch.Tensor | None = None,
-) -> None:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check a batch (and its reference set); return ``(labels, ref_labels)`` on the
+    embeddings' device."""
     check_embeddings(embeddings)
     if len(embeddings) == 0:
         raise ValueError("empty batch: embeddings has 0 rows")
@@ -39,6 +41,8 @@ def check_batch(
                 f"embeddings has {embeddings.shape[1]}"
             )
         miners.check_labels(ref_labels, len(ref_embeddings), "ref_labels")
+        ref_labels = ref_labels.to(embeddings.device)
+    return labels.to(embeddings.device), ref_labels
 
 
 def zero(embeddings: torch.Tensor) -> torch.Tensor:

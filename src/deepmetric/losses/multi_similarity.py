@@ -82,10 +82,7 @@ class MultiSimilarityLoss(nn.Module):
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        check_batch(embeddings, labels, ref_embeddings, ref_labels)
-        labels = labels.to(embeddings.device)
-        if ref_labels is not None:
-            ref_labels = ref_labels.to(embeddings.device)
+        labels, ref_labels = check_batch(embeddings, labels, ref_embeddings, ref_labels)
         sim = cosine_similarity(embeddings, ref_embeddings)  # (B, R)
         if sim.shape[1] == 0:
             return sim.sum()  # an empty reference set: 0, still connected to the embeddings

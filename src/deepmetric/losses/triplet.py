@@ -100,10 +100,7 @@ class TripletLoss(nn.Module):
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        check_batch(embeddings, labels, ref_embeddings, ref_labels)
-        labels = labels.to(embeddings.device)
-        if ref_labels is not None:
-            ref_labels = ref_labels.to(embeddings.device)
+        labels, ref_labels = check_batch(embeddings, labels, ref_embeddings, ref_labels)
         dist = pairwise(embeddings, ref_embeddings, self.metric)
         if self.mining == "batch_all":
             return self._batch_all(embeddings, dist, labels, ref_labels)
