@@ -249,3 +249,11 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(idx_dir, tmp_path
     (other / "config.yaml").write_text((run / "config.yaml").read_text())
     summary = train(resume_config(other), resume=True, stream=None)
     assert summary["epochs"] == 1 and latest_checkpoint(other).name.startswith("epoch0001")
+
+
+def test_collapse_without_a_distance_margin_gives_no_margin_advice():
+    with pytest.warns(RuntimeWarning, match=r"collapsed.*try a lower train\.lr$"):
+        warn_collapse(StepStats(loss=0.9, mean_dist=0.0005), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0.01 is no collapse without a margin to compare with
+        warn_collapse(StepStats(loss=0.9, mean_dist=0.01), None)

@@ -136,7 +136,8 @@ def _log_step(log: RunLog, config: Config, pos: Position, lr: float, step: Step)
     value = pos.epoch_losses[-1]
     c = config.loss
     stats = batch_stats(value, step.embeddings, step.labels, metric=c.metric, margin=c.margin)
-    warn_collapse(stats, c.margin)
+    distance_margin = c.name in ("triplet", "contrastive", "lifted")  # others: no such margin
+    warn_collapse(stats, c.margin if distance_margin else None)
     log.write({"kind": "step", "step": pos.step, "epoch": pos.epoch, "lr": lr} | vars(stats))
     return f"loss {value:.4f} active {stats.active:.2f} dist {stats.mean_dist:.3f}"
 

@@ -42,14 +42,21 @@ def batch_stats(
     return stats
 
 
-def warn_collapse(stats: StepStats, margin: float) -> None:
+def warn_collapse(stats: StepStats, margin: float | None) -> None:
     """Warn when the embeddings have (nearly) fallen onto one point: the mean pairwise distance
-    is below a tenth of the margin (1e-3 without one), so every triplet sits at the margin."""
-    if stats.mean_dist < max(1e-3, 0.1 * margin):
+    is below a tenth of the margin (1e-3 without one), so every triplet sits at the margin.
+    ``margin=None``: a loss without a distance margin (multi-similarity, the proxy and
+    margin-softmax losses), for which only the 1e-3 floor and the learning-rate advice apply."""
+    if stats.mean_dist < max(1e-3, 0.1 * (margin or 0.0)):
+        advice = (
+            f"(margin {margin}); try loss.mining=batch_all or semi_hard, a lower train.lr or a "
+            "smaller margin"
+            if margin is not None
+            else "; try a lower train.lr"
+        )
         warnings.warn(
             f"embeddings have collapsed: mean pairwise distance {stats.mean_dist:.2e}, loss "
-            f"{stats.loss:.4f} (margin {margin}); try loss.mining=batch_all or "
-            "semi_hard, a lower train.lr or a smaller margin",
+            f"{stats.loss:.4f} {advice}",
             RuntimeWarning,
             stacklevel=2,
         )
