@@ -254,6 +254,39 @@ def test_another_process_enrolls_and_the_index_is_refreshed(env, tmp_path):
         assert len(gallery.index) == gallery.num_examples == 6
 
 
+def test_removals_between_the_search_and_the_name_lookup_are_answered_consistently(env, tmp_path):
+    """Another writer removes a hit's identity at the worst instant, every time:
+    after this gallery's index search, before it reads the names of the hits. The answer is
+    the gallery as one snapshot saw it (after the first removal), never an error (a retry
+    loop would meet the same race again)."""
+    path = tmp_path / "g.db"
+    probe = env["files"][1][4]
+    with Gallery.create(path, env["embedder"]) as gallery:
+        _enroll_classes(gallery, env, range(4))
+        [before] = gallery.identify(probe)
+        assert before.candidates[0].identity == "class 1"
+        lookup = gallery._store.identity_of
+        other = Gallery.open(path, env["embedder"])
+        removed = []
+
+        def remove_then_look_up(ids):  # the other writer strikes between search and lookup
+            hit = lookup(ids[:1])[0]  # the identity of one of the hits
+            other.remove(hit)
+            removed.append(hit)
+            return lookup(ids)
+
+        gallery._store.identity_of = remove_then_look_up
+        try:
+            [answer] = gallery.identify(probe)
+        finally:
+            gallery._store.identity_of = lookup
+            other.close()
+        assert len(removed) == 1  # one race, then the snapshot answered
+        everyone = {f"class {c}" for c in range(4)}
+        assert {c.identity for c in answer.candidates} == everyone - set(removed)
+        assert len(gallery.index) == gallery.num_examples == 6
+
+
 # ------------------------------------------------------------------------------ command line
 
 

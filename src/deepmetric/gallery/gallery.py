@@ -721,14 +721,19 @@ class Gallery:
         """:meth:`identify` for embeddings (q, D) already made by this gallery's model."""
         t = float(self.threshold.value)
         self._refresh()
-        for _ in range(3):  # another process may remove an identity between search and lookup
-            try:
-                matches = top_identities(self._index, queries, k, self._store.identity_of)
-                break
-            except UnknownExampleError:
-                self._index = self._build()
-        else:  # pragma: no cover - three concurrent removals in a row
-            raise GalleryError(f"{self.path} keeps changing under the search: try again")
+        try:
+            matches = top_identities(self._index, queries, k, self._store.identity_of)
+        except UnknownExampleError:
+            # Another writer removed examples between the search and the name lookup: search
+            # an index built from one snapshot, naming the hits from that same snapshot (no
+            # second read that could race again); the answer is the gallery as it was then.
+            snapshot = self._store.snapshot()
+            self._index = build_index(self._store, snapshot)
+            self.index_builds += 1
+            names = dict(zip(snapshot[1].ids.tolist(), snapshot[1].identities, strict=True))
+            matches = top_identities(
+                self._index, queries, k, lambda ids: [names[int(i)] for i in ids]
+            )
         out = []
         for row, names in enumerate(matches.identities):
             candidates = [
