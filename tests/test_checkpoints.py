@@ -426,22 +426,11 @@ def test_a_checkpoint_of_another_architecture_names_the_tensors():
     assert "2.bias is 32 in the checkpoint, 8 in the model" in message
     assert "0.weight" not in message and "\n" not in message
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
-    # torch's own message, summarised the same way (what the command line prints)
-    with pytest.raises(RuntimeError) as torch_error:
-        model.load_state_dict(state)
-    summary = checkpoints.summarize_load_error(f"runs/x: {torch_error.value}")
-    assert summary is not None and "\n" not in summary
-    assert checkpoints.state_mismatch(model.state_dict(), state) in summary
-    assert summary.startswith("runs/x: the checkpoint does not fit the configured model")
     # missing and unexpected tensors
     odd = {k: v for k, v in model.state_dict().items() if k != "0.bias"}
     odd["3.weight"] = torch.zeros(2)
     why = checkpoints.state_mismatch(model.state_dict(), odd)
     assert why == "missing from the checkpoint: 0.bias; not in the model: 3.weight"
-    with pytest.raises(RuntimeError) as torch_error:
-        model.load_state_dict(odd)
-    assert why in checkpoints.summarize_load_error(str(torch_error.value))
-    assert checkpoints.summarize_load_error("some other error") is None
     # a checkpoint that fits is loaded
     twin = _net(8)
     checkpoints.load_model_state(model, twin.state_dict(), source="runs/x")

@@ -83,3 +83,15 @@ def test_the_margin_softmax_takes_the_config(idx_dir, tmp_path):
 def test_bad_loss_settings_are_refused(idx_dir, tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         _config(idx_dir, tmp_path / "x", *overrides)
+
+
+def test_proxies_of_other_classes_are_refused_in_one_line(idx_dir, tmp_path):
+    from deepmetric.checkpoints import CheckpointError, load_model_state
+
+    train(_config(idx_dir, tmp_path / "run", "epochs=1", "loss.name=proxy_anchor"), stream=None)
+    folder = latest_checkpoint(tmp_path / "run")
+    _, state = load_checkpoint(folder)
+    fewer = ProxyAnchorLoss(classes=[0, 1], dim=8)
+    with pytest.raises(CheckpointError, match=r"proxies is \d+x8 in the checkpoint, 2x8") as e:
+        load_model_state(fewer, state["loss"], source=folder)
+    assert "\n" not in str(e.value)

@@ -461,7 +461,6 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
 
 #: how many tensor names a mismatch message shows per kind
 _SHOWN = 4
-_TORCH_LOAD_ERROR = "Error(s) in loading state_dict for "
 
 
 def _shape(shape: Any) -> str:
@@ -499,7 +498,9 @@ def state_mismatch(
     shapes = [
         (k, _shape(v.shape), _shape(model_state[k].shape))
         for k, v in checkpoint_state.items()
-        if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
+        if k in model_state
+        and isinstance(v, torch.Tensor)  # not a module's extra state (a dict)
+        and tuple(v.shape) != tuple(model_state[k].shape)
     ]
     missing = [k for k in model_state if k not in checkpoint_state]
     unexpected = [k for k in checkpoint_state if k not in model_state]
@@ -522,42 +523,3 @@ def load_model_state(
             "(a checkpoint of another architecture, e.g. another model.dim?)"
         )
     module.load_state_dict(state)
-
-
-def summarize_load_error(text: str) -> str | None:
-    """The message of torch's ``load_state_dict`` ``RuntimeError`` (found anywhere in
-    ``text``, e.g. wrapped in another error's message) as one line naming the mismatched
-    tensors, with whatever ``text`` said before it; ``None`` when ``text`` holds no such
-    message. Unrecognised details are kept, joined into the line."""
-    start = text.find(_TORCH_LOAD_ERROR)
-    if start < 0:
-        return None
-    before, body = text[:start], text[start:]
-    before = re.sub(r"the checkpoint does not fit the model:\s*$", "", before)
-    head, _, rest = body.partition("\n")
-    owner = head[len(_TORCH_LOAD_ERROR) :].rstrip(":").strip()
-    size = re.compile(
-        r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
-        r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)\.?"
-    )
-    shapes, missing, unexpected, other = [], [], [], []
-    for line in (x.strip() for x in rest.splitlines()):
-        if not line:
-            continue
-        found = size.fullmatch(line)
-        if found:
-            k, c, m = found.groups()
-            shapes.append(
-                (k, _shape(c.replace(",", " ").split()), _shape(m.replace(",", " ").split()))
-            )
-        elif line.startswith(("Missing key(s) in state_dict:", "Unexpected key(s) in state_dict:")):
-            keys = re.findall(r'"([^"]*)"', line)
-            (missing if line.startswith("Missing") else unexpected).extend(keys)
-        else:
-            other.append(line)
-    why = _mismatch_text(shapes, missing, unexpected)
-    details = "; ".join(x for x in (why, *other) if x)
-    return (
-        f"{before}the checkpoint does not fit the configured model ({owner}): {details} "
-        "(a checkpoint of another architecture, e.g. another model.dim?)"
-    ).replace("\n", " ")

@@ -478,15 +478,6 @@ def _demo_oneshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(error: BaseException) -> str:
-    """The error's message; torch's multi-line ``load_state_dict`` message (a checkpoint that
-    does not fit the model) as one line naming the mismatched tensors."""
-    from deepmetric.checkpoints import summarize_load_error
-
-    text = str(error)
-    return summarize_load_error(text) or text
-
-
 def _import_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--import",
@@ -752,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         demo_main(steps=args.steps, seed=args.seed)
         return 0
-    from deepmetric.checkpoints import CheckpointError, summarize_load_error
+    from deepmetric.checkpoints import CheckpointError
     from deepmetric.data import DatasetError
     from deepmetric.gallery.store import GalleryError
 
@@ -779,14 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         OSError,
         GalleryError,
     ) as error:
-        print(f"deepmetric: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:  # torch's load_state_dict: a checkpoint of another model
-        if summarize_load_error(str(error)) is None:
-            raise
-        where = getattr(args, "resume", None) or getattr(args, "run_dir", None)
-        error_line = _one_line(error)
-        print(f"deepmetric: error: {f'{where}: ' if where else ''}{error_line}", file=sys.stderr)
+        print(f"deepmetric: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -367,12 +367,23 @@ def validate(config: Config) -> None:
         "train.weight_decay": config.train.weight_decay,
         "train.momentum": config.train.momentum,
         "train.grad_clip": config.train.grad_clip,
+        "loss.margin": config.loss.margin,
+        "loss.memory": config.loss.memory,
+        "loss.memory_start": config.loss.memory_start,
+        "loss.ntxent_weight": config.loss.ntxent_weight,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    if config.train.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {config.train.lr}")
+    positive_reals = {
+        "train.lr": config.train.lr,
+        "loss.proxy_lr_factor": config.loss.proxy_lr_factor,
+        "loss.scale": config.loss.scale,
+        "loss.temperature": config.loss.temperature,
+    }
+    for key, value in positive_reals.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
     if config.train.gamma <= 0:
         raise ConfigError(
             f"train.gamma must be > 0 (the learning-rate factor of schedule: step), "
@@ -384,12 +395,6 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}"
         )
-    if config.loss.margin < 0:
-        raise ConfigError(f"loss.margin must be >= 0, got {config.loss.margin}")
-    if config.loss.memory_start < 0:
-        raise ConfigError(f"loss.memory_start must be >= 0, got {config.loss.memory_start}")
-    if config.loss.memory < 0:
-        raise ConfigError(f"loss.memory must be >= 0 (0: off), got {config.loss.memory}")
     c = config.loss
     batch_modes = config.mode in ("batch", "joint")
     if c.memory and not (batch_modes and c.name in ("triplet", "multi_similarity")):
@@ -399,11 +404,6 @@ def validate(config: Config) -> None:
         )
     if c.name not in ("triplet", "contrastive", "lifted") and not batch_modes:
         raise ConfigError(f"loss.name={c.name} trains on P x K batches: mode=batch or joint")
-    for key in ("proxy_lr_factor", "scale", "temperature"):
-        if not getattr(c, key) > 0:
-            raise ConfigError(f"loss.{key} must be > 0, got {getattr(c, key)}")
-    if c.ntxent_weight < 0:
-        raise ConfigError(f"loss.ntxent_weight must be >= 0 (0: off), got {c.ntxent_weight}")
     if c.ntxent_weight and not (batch_modes and config.train.augment):
         raise ConfigError(
             "loss.ntxent_weight (two augmented views of each image) needs mode=batch or joint "

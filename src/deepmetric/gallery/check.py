@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from deepmetric.checkpoints import summarize_load_error
 from deepmetric.gallery.gallery import build_index, index_path, load_embedder
 from deepmetric.gallery.index import GalleryIndex, IndexFileError, load_index
 from deepmetric.gallery.store import Examples, GalleryError, GalleryStore
@@ -138,8 +137,7 @@ def _model_problems(
             try:
                 embedder = load_embedder(source, device=device)
             except (ValueError, OSError, RuntimeError, ImportError, GalleryError) as error:
-                why = summarize_load_error(str(error)) or str(error)
-                problem(f"the recorded model {source} cannot be loaded: {why}")
+                problem(f"the recorded model {source} cannot be loaded: {error}")
     if embedder is not None and isinstance(record, dict):
         given = embedder.identity()
         differ = [
@@ -302,23 +300,15 @@ def check_gallery(
     try:
         folder = index_path(store.path)
         problems, snapshot = _check(store, folder, embedder, device)
-        if not (repair and any(p.repairable for p in problems)):
-            generation, examples = snapshot
-            return CheckReport(
-                store.path,
-                store.num_identities,
-                examples.ids.size,
-                generation,
-                problems,
-                [],
-                problems,
-            )
-        done, refused = _repair(folder, store, snapshot)
-        if refused:
-            remaining = problems + refused
-        else:
-            remaining, snapshot = _check(store, folder, embedder, device, model=False)
-            remaining = [p for p in problems if p.kind == "model"] + remaining
+        done: list[str] = []
+        remaining = problems
+        if repair and any(p.repairable for p in problems):
+            done, refused = _repair(folder, store, snapshot)
+            if refused:
+                remaining = problems + refused
+            else:
+                remaining, snapshot = _check(store, folder, embedder, device, model=False)
+                remaining = [p for p in problems if p.kind == "model"] + remaining
         generation, examples = snapshot
         return CheckReport(
             store.path,

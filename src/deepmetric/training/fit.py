@@ -43,7 +43,7 @@ from deepmetric.training.builders import (
     resolve_device,
 )
 from deepmetric.training.log import RunLog, batch_stats, truncate_log, warn_collapse
-from deepmetric.training.modes import Mode, Step, epoch_seed
+from deepmetric.training.modes import Mode, PKMode, Step, epoch_seed
 from deepmetric.training.schedule import set_lr
 from deepmetric.training.state import Position, RunState, StopRequested, StopSignals
 
@@ -212,7 +212,7 @@ def train_loop(
                 f"note: {run_dir} has no complete checkpoint: training from the start", file=stream
             )
     net = _parallel(model, device)
-    gather = distributed.gather if distributed.is_distributed() else distributed.local
+    n_views = mode.n_views if isinstance(mode, PKMode) else 1
     pos, plan, config_yaml = (
         state.pos,
         build_plan(config, mode.steps_per_epoch),
@@ -227,11 +227,10 @@ def train_loop(
                 if b < pos.batch:  # resuming inside an epoch: these ran already
                     continue
                 stop.check(agree=distributed.largest)
-                n_views = getattr(mode, "n_views", 1)
                 x, y = _local_batch(config, train, idx, pos.epoch, b, device, n_views)
                 lr = set_lr(state.optimizer, plan, pos.step)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    step = mode.loss(net, x, y, gather)
+                    step = mode.loss(net, x, y, distributed.gather)
                 value = distributed.mean(float(step.loss.detach()))
                 _check_loss(value, pos.step + 1)
                 _optimizer_step(state, step.loss, t.grad_clip)

@@ -104,8 +104,11 @@ class PKMode:
         self.seed = seed
         self.steps_per_epoch = len(self.sampler)
         self.views = views
-        #: 2 when the loop must pass two augmented views of the batch (``x`` of 2B items)
-        self.n_views = 2 if views is not None else 1
+
+    @property
+    def n_views(self) -> int:
+        """2 when the loop must pass two augmented views of the batch (``x`` of 2B items)."""
+        return 1 if self.views is None else 2
 
     def _batch_loss(
         self, emb: torch.Tensor, y: torch.Tensor, gather: Gather

@@ -114,8 +114,9 @@ class RunState:
             "rng": rng_state(),
             "position": vars(self.pos),
         }
-        if self.loss is not None and self.loss.state_dict():
-            state["loss"] = self.loss.state_dict()
+        loss_state = self.loss.state_dict() if self.loss is not None else {}
+        if loss_state:
+            state["loss"] = loss_state
         name = f"epoch{self.pos.epoch:04d}-batch{self.pos.batch:06d}"
         save_checkpoint(run_dir, name, self.model.state_dict(), state, config_yaml)
 
@@ -127,6 +128,6 @@ class RunState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.loss is not None and "loss" in state:
-            self.loss.load_state_dict(state["loss"])
+            load_model_state(self.loss, state["loss"], source=folder)
         set_rng_state(state["rng"])
         self.pos = Position(**state["position"])
