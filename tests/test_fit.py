@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepmetric.config import Config, ConfigError, load_config
-from deepmetric.data import load_dataset
+from deepmetric.data import ArrayDataset, load_dataset
 from deepmetric.losses import ContrastiveLoss, TripletLoss, triplet_margin_loss
 from deepmetric.models import EmbeddingNet, JointNet, SmallCNN, embed, register_model
 from deepmetric.neighbors import nearest_other
@@ -329,3 +329,18 @@ def test_joint_training_with_class_disjoint_validation(idx_dir, tmp_path):
     known = mode.loss(model, x, torch.tensor([0, 0, 1, 1]))
     metric = TripletLoss()(known.embeddings, torch.tensor([0, 0, 1, 1]))
     assert float(known.loss.detach()) > float(metric.detach())
+
+
+def test_uint8_pixels_train_exactly_as_their_float32_values(idx_dir):
+    """The loaders keep pixels as uint8 and convert each batch: the same run on the same values
+    stored as float32 gives bit for bit the same weights (augmentation on)."""
+    pixels = load_dataset(f"idx:{idx_dir}", "train")
+    floats = ArrayDataset(pixels.x.clone(), pixels.y)
+    assert pixels.data.dtype == torch.uint8 and floats.data.dtype == torch.float32
+    nets = []
+    for data in (pixels, floats):
+        torch.manual_seed(0)
+        opts = {"epochs": 1, "p": 4, "k": 8, "augment": True, "seed": 3, "stream": None}
+        nets.append(fit(TinyNet(), data, loss=TripletLoss(), **opts))
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -162,9 +162,9 @@ def main(
     folder.mkdir(parents=True, exist_ok=True)
     with Gallery.create(gallery_file, embedder, source=run) as gallery:
         for c, i in enrolled.items():
-            gallery.enroll(names[c], test.x[i : i + 1], metadata={"test_index": i})
+            gallery.enroll(names[c], test.inputs[i : i + 1], metadata={"test_index": i})
         queries = np.concatenate([genuine, stranger_ids])
-        answers = gallery.identify(test.x[queries], k=len(unseen))
+        answers = gallery.identify(test.inputs[queries], k=len(unseen))
 
     truth = [names[int(labels[i])] for i in genuine]
     got = answers[: len(genuine)]
@@ -189,14 +189,16 @@ def main(
     per_class = 6
     for c in unseen:  # the first few genuine queries of each class, then some strangers
         for j in np.flatnonzero(labels[genuine] == c)[:per_class]:
-            shown.append((test.x[genuine[j]], names[c], got[j]))
+            shown.append((test.inputs[genuine[j]], names[c], got[j]))
     spread = np.unique(np.linspace(0, len(stranger_ids) - 1, 2 * per_class).round().astype(int))
     for j in spread if len(stranger_ids) else []:  # strangers from across the trained classes
         i = stranger_ids[j]
-        shown.append((test.x[i], f"stranger ({names[int(labels[i])]})", answers[len(genuine) + j]))
+        shown.append(
+            (test.inputs[i], f"stranger ({names[int(labels[i])]})", answers[len(genuine) + j])
+        )
     figure = _figure(
         folder / "oneshot.png",
-        [(names[c], test.x[i]) for c, i in enrolled.items()],
+        [(names[c], test.inputs[i]) for c, i in enrolled.items()],
         shown,
         columns=max(per_class, len(enrolled)),
     )

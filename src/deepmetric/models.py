@@ -13,6 +13,7 @@ set of weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,14 @@ __all__ = [
     "embed",
     "register_model",
 ]
+
+
+class Batchable(Protocol):
+    """A sized sequence of inputs whose slices ``x[i:j]`` are tensors."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> torch.Tensor: ...
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -313,10 +322,16 @@ def _shared_forward(net: nn.Module, *parts: torch.Tensor) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def embed(
-    net: nn.Module, x: torch.Tensor, device: torch.device | str = "cpu", *, batch: int = 1024
+    net: nn.Module,
+    x: torch.Tensor | Batchable,
+    device: torch.device | str = "cpu",
+    *,
+    batch: int = 1024,
 ) -> torch.Tensor:
     """(N, dim) float32 embeddings of ``x`` (N, ...) in eval mode, returned on the CPU, computed
-    ``batch`` inputs at a time on ``device``; the module's train / eval mode is restored."""
+    ``batch`` inputs at a time on ``device``; the module's train / eval mode is restored.
+    ``x`` is a tensor or anything whose slices are tensors (``ArrayDataset.inputs``: uint8
+    pixels are then converted one batch at a time)."""
     was_training = net.training
     net.eval()
     try:

@@ -1,8 +1,9 @@
 """In-memory datasets and their loaders: IDX (the MNIST family), image folders, ``.npz``.
 
-Every loader returns an :class:`ArrayDataset` holding all samples as tensors:
-``x`` float32, ``(N, C, H, W)`` in ``[0, 1]`` for images or ``(N, D)`` for vectors,
-``y`` int64 ``(N,)``. Files that are missing, truncated or corrupt raise
+Every loader returns an :class:`ArrayDataset` holding all samples as tensors: inputs
+``(N, C, H, W)`` for images (kept as uint8 pixels, 1 byte per value, read as floats
+``v / 255`` in ``[0, 1]`` batch by batch) or float32 ``(N, D)`` for vectors, labels ``y``
+int64 ``(N,)``. Files that are missing, truncated or corrupt raise
 :class:`DatasetError` naming the file; nothing is ever skipped silently.
 """
 
@@ -59,35 +60,86 @@ class DatasetError(ValueError):
     """A dataset file is missing, truncated, corrupt or inconsistent."""
 
 
-class ArrayDataset(Dataset):
-    """All samples in memory: ``x`` float32 ``(N, ...)``, ``y`` int64 ``(N,)``.
+def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels ``v`` -> float32 ``v / 255`` in [0, 1], computed as every loader computes it
+    (so inputs made from stored pixels equal, bit for bit, inputs decoded straight to float)."""
+    return pixels.to(torch.float32).div_(255.0)
 
-    ``classes[c]`` is the name of class id ``c`` (``None`` when the source has no names).
-    Labels keep their original ids in :meth:`subset`, so splits stay comparable.
+
+class Inputs:
+    """Read-only float32 view of a dataset's stored inputs: indexing it (an int, a slice, an
+    index tensor or array) returns float32 model inputs of only the items asked for, so uint8
+    pixels are converted batch by batch, never all at once. ``len()`` and ``shape`` as a
+    tensor's."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self._data = data
+
+    def __len__(self) -> int:
+        return self._data.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._data.shape
+
+    def dim(self) -> int:
+        return self._data.dim()
+
+    def __getitem__(self, index: object) -> torch.Tensor:
+        part = self._data[index]  # type: ignore[index]
+        return pixels_to_float(part) if part.dtype == torch.uint8 else part
+
+
+class ArrayDataset(Dataset):
+    """All samples in memory: inputs ``data`` ``(N, ...)``, labels ``y`` int64 ``(N,)``.
+
+    ``data`` is float32, or uint8 pixels (image loaders keep those: 1 byte per value instead
+    of 4); a uint8 value ``v`` stands for the model input ``v / 255``. ``inputs[idx]`` gives
+    float32 inputs of the items asked for (training and evaluation read batches this way);
+    ``x`` is the whole set as float32 (made on first use and kept, 4 bytes per value: for
+    large image sets index ``inputs`` instead). ``classes[c]`` is the name of class id ``c``
+    (``None`` when the source has no names). Labels keep their original ids in
+    :meth:`subset`, so splits stay comparable.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: list[str] | None = None) -> None:
         x = torch.as_tensor(x)
         y = torch.as_tensor(y)
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a float tensor, got {x.dtype}")
+        if not (x.is_floating_point() or x.dtype == torch.uint8):
+            raise ValueError(f"x must be a float tensor or uint8 pixels, got {x.dtype}")
         if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"y must be a 1-D integer tensor, got {y.dtype} {tuple(y.shape)}")
         if x.ndim < 2 or x.shape[0] != y.shape[0]:
             raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} disagree on N")
-        self.x = x.to(torch.float32)
+        self.data = x if x.dtype == torch.uint8 else x.to(torch.float32)
         self.y = y.to(torch.int64)
         self.classes = list(classes) if classes is not None else None
+        self._x: torch.Tensor | None = None
+
+    @property
+    def inputs(self) -> Inputs:
+        """float32 inputs, converted only for the items indexed: ``ds.inputs[idx]``."""
+        return Inputs(self.data)
+
+    @property
+    def x(self) -> torch.Tensor:
+        """float32 ``(N, ...)``: ``data`` itself when float, else made from the pixels once."""
+        if self.data.dtype != torch.uint8:
+            return self.data
+        if self._x is None:
+            self._x = pixels_to_float(self.data)
+        return self._x
 
     def __len__(self) -> int:
         return self.y.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[index], self.y[index]
+        return self.inputs[index], self.y[index]
 
     def __repr__(self) -> str:
         n_cls = len(self.classes) if self.classes is not None else "?"
-        return f"ArrayDataset(x={tuple(self.x.shape)}, y={tuple(self.y.shape)}, classes={n_cls})"
+        shape, dtype = tuple(self.data.shape), str(self.data.dtype).removeprefix("torch.")
+        return f"ArrayDataset(x={shape} {dtype}, y={tuple(self.y.shape)}, classes={n_cls})"
 
     @property
     def num_classes(self) -> int:
@@ -97,9 +149,10 @@ class ArrayDataset(Dataset):
         return int(self.y.max()) + 1 if len(self) else 0
 
     def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> ArrayDataset:
-        """A new dataset with the samples at ``indices`` (same class list, same label ids)."""
+        """A new dataset with the samples at ``indices`` (same class list, same label ids, the
+        same storage type)."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return ArrayDataset(self.x[idx], self.y[idx], self.classes)
+        return ArrayDataset(self.data[idx], self.y[idx], self.classes)
 
 
 # --------------------------------------------------------------------------- IDX files
@@ -193,7 +246,7 @@ def load_idx_dir(
 ) -> ArrayDataset:
     """Load ``split`` from the four standard MNIST-style IDX files in ``directory``.
 
-    Returns x float32 ``(N, 1, H, W)`` scaled by 1/255 and y int64 ``(N,)``.
+    Returns inputs ``(N, 1, H, W)`` (uint8 pixels, read as ``v / 255``) and y int64 ``(N,)``.
     """
     directory = Path(directory)
     image_name, label_name = IDX_FILES[_check_split(split)]
@@ -213,7 +266,7 @@ def load_idx_dir(
             f"{directory}: {image_path.name} has {len(images)} images but "
             f"{label_path.name} has {len(labels)} labels"
         )
-    x = torch.from_numpy(images).unsqueeze(1).to(torch.float32).div_(255.0)
+    x = torch.from_numpy(images).unsqueeze(1)  # uint8 pixels: v / 255 when read
     return ArrayDataset(x, torch.from_numpy(labels.astype(np.int64)), classes)
 
 
@@ -441,9 +494,9 @@ def _image_files(class_dir: Path) -> list[Path]:
     return files
 
 
-def _decode_image(path: Path, mode: str | None, size: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """``(H, W)`` or ``(H, W, 3)`` uint8 array, and whether the source was grayscale. Decoded,
-    turned upright and brought to 8 bits exactly as inference does it
+def _decode_image(path: Path, mode: str | None, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, 3)`` uint8 array (``mode`` None: ``(H, W)`` when the source is
+    grayscale). Decoded, turned upright and brought to 8 bits exactly as inference does it
     (:func:`~deepmetric.data.preprocess.decode_image`, :func:`~.preprocess.upright_8bit`)."""
     from PIL import Image
 
@@ -457,21 +510,27 @@ def _decode_image(path: Path, mode: str | None, size: tuple[int, int]) -> tuple[
         upright, gray = upright_8bit(img)
         target = mode or ("L" if gray else "RGB")
         out = upright.convert(target).resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        return np.asarray(out, dtype=np.uint8), gray
+        return np.asarray(out, dtype=np.uint8)
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot convert image ({e})") from None
     finally:
         img.close()
 
 
-def _to_chw(arrays: list[np.ndarray], rgb: bool) -> torch.Tensor:
-    """Stack ``(H, W)``/``(H, W, 3)`` uint8 arrays into float32 ``(N, C, H, W)`` in [0, 1]."""
-    if rgb:
-        arrays = [a if a.ndim == 3 else np.repeat(a[..., None], 3, axis=2) for a in arrays]
-        batch = np.stack(arrays).transpose(0, 3, 1, 2)
-    else:
-        batch = np.stack(arrays)[:, None]
-    return torch.from_numpy(np.ascontiguousarray(batch)).to(torch.float32).div_(255.0)
+class _PixelBuffer:
+    """uint8 ``(N, C, H, W)`` filled image by image, so that loading holds the pixels once
+    (no list of decoded arrays to stack, no float32 copy). Grayscale until the first colour
+    image when the mode is automatic: then the images so far are repeated into 3 channels."""
+
+    def __init__(self, n: int, size: tuple[int, int], rgb: bool) -> None:
+        self.pixels = np.empty((n, 3 if rgb else 1, *size), dtype=np.uint8)
+
+    def put(self, i: int, array: np.ndarray) -> None:
+        if array.ndim == 3 and self.pixels.shape[1] == 1:  # first colour image: go RGB
+            rgb = np.empty((len(self.pixels), 3, *self.pixels.shape[2:]), dtype=np.uint8)
+            rgb[:i] = self.pixels[:i]  # broadcast the gray channel to all three
+            self.pixels = rgb
+        self.pixels[i] = array.transpose(2, 0, 1) if array.ndim == 3 else array
 
 
 def load_image_folder(
@@ -484,7 +543,9 @@ def load_image_folder(
     """One subfolder per class (sorted names give ids ``0..C-1``), images resized to ``size``.
 
     ``size`` is ``(H, W)`` or one int for both. ``mode`` ``"L"`` or ``"RGB"``; by default
-    RGB unless every image is grayscale. Returns x float32 ``(N, C, H, W)`` in [0, 1].
+    RGB unless every image is grayscale. Returns inputs ``(N, C, H, W)``, kept as uint8 pixels
+    (read as floats ``v / 255`` in [0, 1]): memory N x C x H x W bytes, filled as the images
+    are decoded.
     Hidden files and non-image files are ignored; only the class folders' direct children
     are read. ``split="test"`` needs ``directory/train`` and ``directory/test``: class ids
     then come from the union of both splits' class folders, so they agree across splits.
@@ -507,19 +568,13 @@ def load_image_folder(
     present = _class_dirs(root)
     if not present:
         raise DatasetError(f"{root}: no class folders")
-    arrays: list[np.ndarray] = []
-    labels: list[int] = []
-    all_gray = True
     class_id = {name: i for i, name in enumerate(classes)}  # O(1) per image, not O(classes)
-    for name in present:
-        label = class_id[name]
-        for path in _image_files(root / name):
-            array, gray = _decode_image(path, mode, hw)
-            arrays.append(array)
-            labels.append(label)
-            all_gray &= gray
-    rgb = mode == "RGB" or (mode is None and not all_gray)
-    return ArrayDataset(_to_chw(arrays, rgb), torch.tensor(labels, dtype=torch.int64), classes)
+    files = [(path, class_id[name]) for name in present for path in _image_files(root / name)]
+    buffer = _PixelBuffer(len(files), hw, rgb=mode == "RGB")
+    for i, (path, _) in enumerate(files):
+        buffer.put(i, _decode_image(path, mode, hw))
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ArrayDataset(torch.from_numpy(buffer.pixels), labels, classes)
 
 
 # ------------------------------------------------------------------------------- .npz
@@ -565,7 +620,7 @@ def _npz_x(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
             f"{path}: {key} must be (N, D), (N, H, W) or (N, C, H, W), got {x.shape}"
         )
     if x.dtype == np.uint8:
-        t = torch.from_numpy(x).to(torch.float32).div_(255.0)
+        t = torch.from_numpy(x)  # pixels, read as v / 255
     elif np.issubdtype(x.dtype, np.floating):
         t = torch.from_numpy(x.astype(np.float32))
     else:

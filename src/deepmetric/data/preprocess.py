@@ -168,13 +168,15 @@ class Preprocessing:
 
     @classmethod
     def from_images(cls, x: torch.Tensor) -> Preprocessing | None:
-        """The preprocessing of training images ``x`` (N, C, H, W) in [0, 1] with C = 1 or 3
-        (every loader scales pixels by 1/255, and a float ``.npz`` in [0, 1] is read as such);
-        ``None`` for anything else (vectors, other channel counts or value ranges), whose
-        inputs cannot be made from image files."""
-        if x.dim() != 4 or x.shape[1] not in (1, 3) or not x.is_floating_point() or not len(x):
+        """The preprocessing of training images ``x`` (N, C, H, W) with C = 1 or 3: uint8 pixels
+        (what the image loaders keep, read as ``v / 255``) or floats in [0, 1] (a float
+        ``.npz`` is read as such); ``None`` for anything else (vectors, other channel counts
+        or value ranges), whose inputs cannot be made from image files."""
+        if x.dim() != 4 or x.shape[1] not in (1, 3) or not len(x):
             return None
-        if float(x.min()) < 0.0 or float(x.max()) > 1.0:
+        if x.dtype != torch.uint8 and (
+            not x.is_floating_point() or float(x.min()) < 0.0 or float(x.max()) > 1.0
+        ):
             return None
         return cls(channels=int(x.shape[1]), height=int(x.shape[2]), width=int(x.shape[3]))
 

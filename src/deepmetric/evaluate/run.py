@@ -187,7 +187,8 @@ def _scored_and_validation(
     scored = train_part
     if config.train.classes is not None:  # the other classes: never trained on, not in val
         _, unseen = class_split(load_dataset(spec, "train", **opts), config.train.classes)
-        x, y = torch.cat([train_part.x, unseen.x]), torch.cat([train_part.y, unseen.y])
+        x = torch.cat([train_part.data, unseen.data])  # one loader: one storage type
+        y = torch.cat([train_part.y, unseen.y])
         scored = ArrayDataset(x, y, unseen.classes)
     about = {
         "excluded_validation_items": len(val_set),
@@ -235,11 +236,11 @@ def evaluate_run(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     progress(f"embedding {len(test_set):,} {split} items of {spec} on {torch_device}")
-    emb = embed(net, test_set.x, torch_device)
+    emb = embed(net, test_set.inputs, torch_device)
 
     threshold = None
     if val_set is not None and _has_pairs(val_set.y):
-        val_emb = embed(net, val_set.x, torch_device)
+        val_emb = embed(net, val_set.inputs, torch_device)
         _, _, val_dist, val_same = _pairs(val_emb, val_set.y, metric, config.seed)
         threshold = choose_threshold(val_dist, val_same)
     progress("metrics")
@@ -249,7 +250,7 @@ def evaluate_run(
     dist, same = metrics.pop("_pairs")
     progress("raw-input baseline")
     metrics["raw_input_baseline"] = {
-        **raw_input_baseline(test_set.x, test_set.y),
+        **raw_input_baseline(test_set.inputs[:], test_set.y),
         "note": RAW_NOTE,
     }
     if config.train.classes is not None:
@@ -267,7 +268,7 @@ def evaluate_run(
             unseen_metrics.pop("_pairs")
             unseen_metrics["note"] = "classes not in train.classes: never seen in training"
             unseen_metrics["raw_input_baseline"] = {
-                **raw_input_baseline(test_set.x[unseen], test_set.y[unseen]),
+                **raw_input_baseline(test_set.inputs[unseen], test_set.y[unseen]),
                 "note": RAW_NOTE,
             }
             metrics["unseen_classes"] = unseen_metrics
@@ -407,7 +408,7 @@ def _figures(
             "Per-class triplet ordering accuracy, verification accuracy and precision@1.",
         )
     )
-    if test_set.x.dim() == 4:
+    if test_set.data.dim() == 4:
         rng = np.random.default_rng(seed)
         per_class = [
             int(rng.choice(np.flatnonzero(test_set.y.numpy() == c)))
@@ -418,7 +419,12 @@ def _figures(
         figs.append(
             (
                 figures.retrieval_grid(
-                    test_set.x, test_set.y, per_class, neighbours, names, out_dir / "retrieval.png"
+                    test_set.inputs,
+                    test_set.y,
+                    per_class,
+                    neighbours,
+                    names,
+                    out_dir / "retrieval.png",
                 ),
                 "One query per class and its five nearest test items.",
             )

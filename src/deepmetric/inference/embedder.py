@@ -345,7 +345,7 @@ def _run_preprocessing(run_dir: Path, config: Config) -> Preprocessing | None:
             f"{run_dir} has no {PREPROCESS_FILE} and its training data cannot be read to derive "
             f"it ({error}): pass preprocessing= (deepmetric.data.Preprocessing)"
         ) from None
-    return Preprocessing.from_images(train_set.x)
+    return Preprocessing.from_images(train_set.data)
 
 
 def _output_dim(net: nn.Module, config: Config, pre: Preprocessing | None) -> int:
@@ -430,7 +430,7 @@ def _calibrate(
             ) from None
         if len(val) == 0:
             raise ValueError(_no_validation(run))
-        y, emb = val.y, embedder.embed(val.x)
+        y, emb = val.y, embedder.embed(val.inputs[:])
         protocol = VALIDATION_PROTOCOL if far is None else far_protocol(far)
     try:
         value = fit_threshold(emb, y, metric=embedder.metric, far=far, seed=run.config.seed)

@@ -73,7 +73,7 @@ class Source:
 
     def fetch(self, idx: torch.Tensor) -> torch.Tensor:
         if isinstance(self.data, ArrayDataset):
-            return self.data.x[idx]
+            return self.data.inputs[idx]
         return torch.stack([torch.as_tensor(self.data[int(i)][0]) for i in idx])
 
 

@@ -53,10 +53,10 @@ def train(
     train_set, val_set = load_data(config)
     main = distributed.is_main()
     if main:
-        _record_preprocessing(config, train_set.x, resume)
+        _record_preprocessing(config, train_set.data, resume)
     classes = torch.unique(train_set.y)
     torch.manual_seed(config.seed)  # the same initial weights for the same seed
-    model = build_model(config, train_set.x[:1], len(classes))
+    model = build_model(config, train_set.inputs[:1], len(classes))
     summary = run_config(
         config,
         model,
@@ -106,7 +106,7 @@ def test_report(config: Config, net: nn.Module, device: torch.device) -> dict[st
     except (ValueError, OSError):  # no test split (a plain folder or npz): nothing to report
         return {}
     report: dict[str, Any] = {"test_items": len(test_set)}
-    emb = embed(net, test_set.x, device)
+    emb = embed(net, test_set.inputs, device)
     metric = config.loss.metric
     report["test_precision_at_1"] = float(nearest_other(emb, test_set.y, metric)[1].float().mean())
     if config.train.classes is not None:
