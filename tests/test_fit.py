@@ -23,10 +23,10 @@ from deepmetric.config import Config, ConfigError, load_config
 from deepmetric.data import ArrayDataset, load_dataset
 from deepmetric.losses import ContrastiveLoss, TripletLoss, triplet_margin_loss
 from deepmetric.models import EmbeddingNet, JointNet, SmallCNN, embed, register_model
-from deepmetric.neighbors import nearest_other
-from deepmetric.training import fit, load_trained, resume_config, train
+from deepmetric.neighbors import nearest_other, retrieval_metrics
+from deepmetric.training import fit, load_data, load_trained, resume_config, train
 from deepmetric.training.fit import Source, _epoch_record
-from deepmetric.training.modes import JointMode, stratified_indices
+from deepmetric.training.modes import VAL_ITEMS, JointMode, stratified_indices
 from deepmetric.training.schedule import LRPlan
 from deepmetric.training.state import Position
 
@@ -318,6 +318,14 @@ def test_joint_training_with_class_disjoint_validation(idx_dir, tmp_path):
         if r["kind"] == "epoch"
     )
     assert math.isfinite(epoch["val_loss"]) and 0 <= summary["val_precision_at_1"] <= 1
+    # MAP@R of the validation classes, each epoch: that of the saved weights on the fixed
+    # stratified sample, recomputed here from scratch
+    config, net = load_trained(tmp_path / "run")
+    _, val_set = load_data(config)
+    sample = stratified_indices(val_set.y, VAL_ITEMS, config.seed)
+    want = retrieval_metrics(embed(net, val_set.inputs[sample]), val_set.y[sample])["map_at_r"]
+    assert 0 < want < 1 and epoch["val_map_at_r"] == pytest.approx(want, abs=1e-6)
+    assert summary["val_map_at_r"] == epoch["val_map_at_r"]
     mode = JointMode(
         torch.tensor([0, 0, 1, 1]), TripletLoss(), p=2, k=2, seed=0, classes=torch.tensor([0, 1])
     )

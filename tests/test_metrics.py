@@ -197,7 +197,7 @@ def test_map_at_r_worked_example():
     # MAP@R = (1/10)(1 + 2/3 + 3/4 + 4/7) = (1/10)(84 + 56 + 63 + 48)/84 = 251/840 ≈ 0.29881,
     # R-precision = 4/10, precision@1 = 1; recall@2 = 1 (rank 1).
     rel = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 1, 1]], dtype=torch.bool)
-    scores = M._query_scores(rel, torch.tensor([10]), (2,))
+    scores = NB._query_scores(rel, torch.tensor([10]), (2,))
     assert scores["map_at_r"].item() == pytest.approx(251 / 840, rel=0, abs=1e-12)
     assert scores["r_precision"].item() == pytest.approx(0.4, rel=0, abs=1e-12)
     assert scores["precision_at_1"].item() == 1.0 and scores["recall@2"].item() == 1.0

@@ -84,7 +84,8 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']} s; "
         f"train loss {summary['train_loss']:.4f}, val precision@1 "
-        f"{summary['val_precision_at_1']:.3f}{test}; run in {summary['run_dir']}"
+        f"{summary['val_precision_at_1']:.3f} MAP@R {summary['val_map_at_r']:.3f}{test}; "
+        f"run in {summary['run_dir']}"
     )
     print(json.dumps(summary))
     return 0

@@ -1,7 +1,8 @@
 """Exact k nearest neighbours, in chunks (torch; faiss when installed).
 
-The one neighbour search of the project: training (validation precision@1), evaluation
-(retrieval metrics, figures) and the gallery all use it, so no layer imports a higher one.
+The one neighbour search of the project, and the retrieval metrics computed from it: training
+(validation precision@1 and MAP@R), evaluation (metrics, figures) and the gallery all use it,
+so no layer imports a higher one.
 
 Shapes: ``queries`` (Q, D), ``refs`` (R, D), ``labels`` (N,) integers. Neighbours are ordered
 by distance, ties broken by the lower index, deterministically.
@@ -20,7 +21,8 @@ paths against brute force, the faiss one with the real faiss-cpu.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "knn_chunks",
     "nearest_neighbors",
     "nearest_other",
+    "retrieval_metrics",
     "smallest_k",
 ]
 
@@ -232,3 +235,97 @@ def nearest_other(
     idx = idx[:, 0]
     labels = labels.to(idx.device)
     return idx, labels[idx] == labels
+
+
+# --------------------------------------------------------------------------- retrieval metrics
+
+
+def _query_scores(rel: torch.Tensor, r: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Per-query scores from ``rel (c, k)`` (neighbour j is of the query's class) and
+    ``r (c,)`` (same-class items per query, 1 <= r <= k), as float64 tensors (c,)."""
+    width = rel.shape[1]
+    ranks = torch.arange(1, width + 1, device=rel.device, dtype=torch.float64)
+    r64 = r.to(torch.float64)
+    rel_r = rel & (ranks[None, :] <= r64[:, None])  # relevant among the first R
+    hits = rel.to(torch.float64).cumsum(dim=1)  # hits[j] = relevant among the first j + 1
+    out = {
+        "precision_at_1": rel[:, 0].to(torch.float64),
+        "r_precision": rel_r.sum(dim=1) / r64,
+        "map_at_r": (hits / ranks * rel_r).sum(dim=1) / r64,
+    }
+    for k in ks:
+        out[f"recall@{k}"] = rel[:, : min(k, width)].any(dim=1).to(torch.float64)
+    return out
+
+
+def retrieval_metrics(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    metric: Metric = "euclidean",
+    ks: Sequence[int] = (1, 2, 4, 8),
+    chunk: int = 1024,
+) -> dict[str, Any]:
+    """Leave-one-out retrieval metrics (Musgrave, Belongie, Lim 2020, "A Metric Learning
+    Reality Check").
+
+    For query i with class c: ``R_i`` = number of *other* items of class c, and ``rel(j)`` = 1
+    if its j-th nearest other item (ties by lower index) has class c.
+
+    - ``precision_at_1``: mean of ``rel(1)``.
+    - ``r_precision``: mean of ``(sum_{j<=R} rel(j)) / R``.
+    - ``map_at_r``: mean of ``(1/R) sum_{j<=R} P(j) rel(j)``, ``P(j) = (sum_{l<=j} rel(l)) / j``.
+    - ``recall_at_k``: ``{"k": share of queries with a same-class item among their k
+      nearest}`` for k in ``ks`` (k beyond N - 1 counts all N - 1 other items).
+    - ``queries``: how many queries were counted.
+
+    Queries with ``R = 0`` (their class has no other item) are excluded from every metric;
+    with no query left the metrics are NaN.
+
+    One neighbour search with ``k = min(max(max(ks), R_max), N - 1)``, in chunks of ``chunk``
+    queries: memory O(chunk x (N + k)), time O(N^2 D) for the distances plus a top-k per
+    row; a class of 6000 items makes k = 5999, i.e. 5999 neighbours per query chunk row.
+    """
+    check_metric(metric)
+    check_items(embeddings)
+    check_labels(labels, embeddings.shape[0])
+    check_positive_int(chunk, "chunk")
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("ks must not be empty")
+    for k in ks:
+        check_positive_int(k, "every k in ks")
+    n = embeddings.shape[0]
+    _, cls, counts = torch.unique(
+        labels.to(embeddings.device), return_inverse=True, return_counts=True
+    )
+    r_all = counts[cls] - 1
+    width = min(max(max(ks), int(r_all.max())), n - 1)
+
+    names = ["precision_at_1", "r_precision", "map_at_r", *(f"recall@{k}" for k in ks)]
+    totals = dict.fromkeys(names, 0.0)
+    queries = 0
+    with torch.no_grad():
+        emb = embeddings.detach()
+        for start, _, idx in knn_chunks(emb, emb, width, metric, True, chunk):
+            stop = start + idx.shape[0]
+            r = r_all[start:stop]
+            valid = r > 0
+            if not valid.any():
+                continue
+            rel = cls[idx[valid]] == cls[start:stop][valid][:, None]
+            scores = _query_scores(rel, r[valid], ks)
+            for name in names:
+                totals[name] += float(scores[name].sum())
+            queries += int(valid.sum())
+
+    def mean(name: str) -> float:
+        return totals[name] / queries if queries else math.nan
+
+    return {
+        "precision_at_1": mean("precision_at_1"),
+        "r_precision": mean("r_precision"),
+        "map_at_r": mean("map_at_r"),
+        "recall_at_k": {str(k): mean(f"recall@{k}") for k in ks},
+        "queries": queries,
+    }

@@ -86,17 +86,28 @@ def loss_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax_loss.plot(
             ex, [r["val_loss"] for r in epochs], "s--", color="C3", ms=5, label="validation loss"
         )
+        epoch_ids = [r["epoch"] for r in epochs]
         ax_p1.plot(
-            [r["epoch"] for r in epochs],
+            epoch_ids,
             [r["val_precision_at_1"] for r in epochs],
             "o-",
             color="C2",
+            label="precision@1",
         )
-        ax_p1.set_xticks([r["epoch"] for r in epochs])
+        if any("val_map_at_r" in r for r in epochs):  # logs of older runs have no MAP@R
+            ax_p1.plot(
+                epoch_ids,
+                [r.get("val_map_at_r", float("nan")) for r in epochs],
+                "s--",
+                color="C4",
+                label="MAP@R (stratified sample)",
+            )
+            ax_p1.legend(fontsize=8)
+        ax_p1.set_xticks(epoch_ids)
     ax_loss.set(xlabel="optimiser step", ylabel="loss", title="Loss during training")
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
-    ax_p1.set(xlabel="epoch", ylabel="precision@1", title="Validation precision@1", ylim=(0, 1.02))
+    ax_p1.set(xlabel="epoch", ylabel="retrieval", title="Validation retrieval", ylim=(0, 1.02))
     ax_p1.grid(alpha=0.3)
     return _save(fig, path)
 

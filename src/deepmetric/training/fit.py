@@ -34,7 +34,7 @@ from deepmetric.config import validate as validate_config
 from deepmetric.data import ArrayDataset, augment
 from deepmetric.losses import CrossBatchMemory
 from deepmetric.models import embed
-from deepmetric.neighbors import nearest_other
+from deepmetric.neighbors import nearest_other, retrieval_metrics
 from deepmetric.training.builders import (
     build_mode,
     build_optimizer,
@@ -43,7 +43,14 @@ from deepmetric.training.builders import (
     resolve_device,
 )
 from deepmetric.training.log import RunLog, batch_stats, truncate_log, warn_collapse
-from deepmetric.training.modes import Mode, PKMode, Step, epoch_seed
+from deepmetric.training.modes import (
+    VAL_ITEMS,
+    Mode,
+    PKMode,
+    Step,
+    epoch_seed,
+    stratified_indices,
+)
 from deepmetric.training.schedule import set_lr
 from deepmetric.training.state import Position, RunState, StopRequested, StopSignals
 
@@ -82,8 +89,9 @@ def _epoch_record(
 ) -> dict[str, Any]:
     """Train loss (mean over the epoch's batches); on the validation data, the same loss on a
     fixed stratified batch (joint mode with class-disjoint validation: the metric term alone,
-    the classifier has no output for those classes) and the leave-one-out precision@1 of every
-    item."""
+    the classifier has no output for those classes), the leave-one-out precision@1 of every
+    item, and MAP@R (the open-set protocol's selection metric) over a fixed stratified sample
+    of at most ``VAL_ITEMS`` items (R = the sample's items of the query's class, less one)."""
     record: dict[str, Any] = {
         "kind": "epoch",
         "epoch": pos.epoch + 1,
@@ -91,12 +99,16 @@ def _epoch_record(
         "train_loss": float(np.mean(pos.epoch_losses)) if pos.epoch_losses else float("nan"),
         "val_loss": float("nan"),
         "val_precision_at_1": float("nan"),
+        "val_map_at_r": float("nan"),
     }
     if val is not None and len(val) >= 2:
         x = val.fetch(torch.arange(len(val)))
         emb = embed(embedding_part(model), x, device)
         _, correct = nearest_other(emb, val.labels, config.loss.metric)
         record["val_precision_at_1"] = float(correct.float().mean())
+        sample = stratified_indices(val.labels, VAL_ITEMS, config.seed)
+        retrieval = retrieval_metrics(emb[sample], val.labels[sample], metric=config.loss.metric)
+        record["val_map_at_r"] = retrieval["map_at_r"]
         idx = mode.val_indices(val.labels)
         loss_fn = getattr(mode, "loss_fn", None)
         if len(idx):
@@ -248,7 +260,8 @@ def train_loop(
             log.write(record)
             log.progress(
                 f"epoch {pos.epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} val loss "
-                f"{record['val_loss']:.4f} val precision@1 {record['val_precision_at_1']:.3f}",
+                f"{record['val_loss']:.4f} val precision@1 {record['val_precision_at_1']:.3f} "
+                f"MAP@R {record['val_map_at_r']:.3f}",
                 final=True,
             )
             pos.epoch, pos.batch, pos.epoch_losses = pos.epoch + 1, 0, []
@@ -409,6 +422,9 @@ def run_config(
         "seconds": round(time.perf_counter() - started, 1),
         "train_loss": pos.history[-1]["train_loss"] if pos.history else float("nan"),
         "val_precision_at_1": pos.history[-1]["val_precision_at_1"]
+        if pos.history
+        else float("nan"),
+        "val_map_at_r": pos.history[-1].get("val_map_at_r", float("nan"))
         if pos.history
         else float("nan"),
     }
