@@ -20,7 +20,7 @@ from deepmetric.distances import paired
 from deepmetric.evaluate import evaluate_run, out_of_fold, retrieval_metrics, verification_pairs
 from deepmetric.evaluate import run as evaluate_module
 from deepmetric.models import embed
-from deepmetric.training import load_data, load_trained, train
+from deepmetric.training import load_data, load_trained, train, untrained_network
 
 FIGURES = ["loss_curves.png", "distances.png", "roc.png", "per_class.png", "retrieval.png"]
 
@@ -41,6 +41,35 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     ]
     train(load_config(None, overrides), stream=None)
     return root / "run", data
+
+
+def test_untrained_network_is_the_initial_network_of_a_run(tmp_path):
+    """Training with a learning rate far below float32 resolution leaves the weights as they
+    were drawn: they equal untrained_network's (joint mode: the head is built after)."""
+    data = write_learnable_idx(tmp_path / "toy", n_classes=4, n_train=12, n_test=4)
+    for mode in ("joint", "batch"):
+        overrides = [
+            f"data=idx:{data}",
+            f"out={tmp_path / mode}",
+            f"mode={mode}",
+            "seed=7",
+            "epochs=1",
+            "train.k=4",
+            "train.optimizer=sgd",
+            "train.momentum=0",
+            "train.lr=1e-30",
+            "train.schedule=none",
+        ]
+        train(load_config(None, overrides), stream=None)
+        config, trained_net = load_trained(tmp_path / mode)
+        start = untrained_network(config, torch.zeros(1, 1, 28, 28))
+        after, before = trained_net.state_dict(), start.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in after), mode
+        other = untrained_network(
+            load_config(None, [*overrides, "seed=8"]), torch.zeros(1, 1, 28, 28)
+        )
+        assert not torch.equal(other.state_dict()["fc.weight"], before["fc.weight"])
 
 
 def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
@@ -73,6 +102,16 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert raw["precision_at_1"] == pytest.approx(expected["precision_at_1"])
     assert raw["map_at_r"] == pytest.approx(expected["map_at_r"])
     assert "raw_input_baseline" in unseen and 0 <= unseen["raw_input_baseline"]["map_at_r"] <= 1
+    # the other honest baseline: the same architecture with its initial, untrained weights
+    config, _ = load_trained(run_dir)
+    start = embed(untrained_network(config, test_set.inputs[:1]), test_set.inputs)
+    seen_ids = torch.tensor([0, 1, 2, 3])  # train.classes
+    for block, keep in ((saved, slice(None)), (unseen, ~torch.isin(test_set.y, seen_ids))):
+        want = retrieval_metrics(start[keep], test_set.y[keep])
+        got = block["untrained_network_baseline"]
+        assert got["map_at_r"] == pytest.approx(want["map_at_r"], abs=1e-9)
+        assert got["precision_at_1"] == pytest.approx(want["precision_at_1"], abs=1e-9)
+    assert saved["map_at_r"] > saved["untrained_network_baseline"]["map_at_r"]  # it trained
     assert "never seen" in unseen["note"] and len(unseen["per_class"]) == 2
     cats = saved["triplet_categories"]
     assert cats["easy"] + cats["semi_hard"] + cats["hard"] == pytest.approx(1.0)
@@ -87,6 +126,7 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert not re.search(r'(src|href)="(?!data:)', page)  # self-contained: opens offline
     assert "Per class" in page and "Classes never seen in training" in page
     assert page.count("The network against the raw inputs") == 2  # all classes, unseen ones
+    assert page.count("untrained network: the same retrieval metrics") == 2
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:

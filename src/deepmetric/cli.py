@@ -113,16 +113,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"{v['accuracy']:.4f} (threshold {v['threshold']:.4f}, {v['threshold_source']})  "
         f"ROC AUC {v['roc_auc']:.4f}  EER {v['eer']:.4f}  [{m['seconds']} s]"
     )
-    raw = m["raw_input_baseline"]
+    raw, rand = m["raw_input_baseline"], m["untrained_network_baseline"]
     print(
         f"raw inputs (no network): precision@1 {raw['precision_at_1']:.4f}  "
-        f"MAP@R {raw['map_at_r']:.4f}"
+        f"MAP@R {raw['map_at_r']:.4f}; untrained network: precision@1 "
+        f"{rand['precision_at_1']:.4f}  MAP@R {rand['map_at_r']:.4f}"
     )
     if "unseen_classes" in m:
-        u, ur = m["unseen_classes"], m["unseen_classes"]["raw_input_baseline"]
+        u = m["unseen_classes"]
+        ur, uu = u["raw_input_baseline"], u["untrained_network_baseline"]
         print(
             f"unseen classes: precision@1 {u['precision_at_1']:.4f}  MAP@R {u['map_at_r']:.4f}"
-            f"  (raw inputs: precision@1 {ur['precision_at_1']:.4f}  MAP@R {ur['map_at_r']:.4f})"
+            f"  (raw inputs: precision@1 {ur['precision_at_1']:.4f}  MAP@R {ur['map_at_r']:.4f}"
+            f"; untrained network: precision@1 {uu['precision_at_1']:.4f}  MAP@R "
+            f"{uu['map_at_r']:.4f})"
         )
     return 0
 

@@ -59,24 +59,41 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 
 def _versus_raw(metrics: dict[str, Any]) -> str:
-    """The network's retrieval metrics beside the same metrics on the raw inputs."""
+    """The network's retrieval metrics beside the same metrics on the raw inputs (and, when
+    evaluated, of the same architecture untrained)."""
     raw = metrics.get("raw_input_baseline")
     if raw is None:
         return ""
+    untrained = metrics.get("untrained_network_baseline")  # absent in older metrics.json
     keys = [
         ("precision@1", "precision_at_1"),
         ("R-precision", "r_precision"),
         ("MAP@R", "map_at_r"),
+        *((f"recall@{k}", k) for k in metrics["recall_at_k"]),
     ]
-    rows = [(name, metrics[key], raw[key], metrics[key] - raw[key]) for name, key in keys]
-    rows += [
-        (f"recall@{k}", r, raw["recall_at_k"][k], r - raw["recall_at_k"][k])
-        for k, r in metrics["recall_at_k"].items()
+
+    def value(m: dict[str, Any], key: str) -> float:
+        return m[key] if key in m else m["recall_at_k"][key]
+
+    rows = [
+        (
+            name,
+            value(metrics, key),
+            value(raw, key),
+            value(metrics, key) - value(raw, key),
+            *((value(untrained, key),) if untrained else ()),
+        )
+        for name, key in keys
     ]
+    header = ["metric", "network", "raw inputs", "difference"]
+    notes = [raw["note"]]
+    if untrained:
+        header.append("untrained network")
+        notes.append(f"untrained network: {untrained['note']}")
     return (
         "<h3>The network against the raw inputs</h3>"
-        + _table(rows, ["metric", "network", "raw inputs", "difference"])
-        + f"<p class='note'>{html.escape(raw['note'])}</p>"
+        + _table(rows, header)
+        + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
     )
 
 

@@ -68,11 +68,15 @@ from deepmetric.evaluate.roc import (
     verification_metrics,
 )
 from deepmetric.models import embed
-from deepmetric.training import load_data, load_trained, resolve_device
+from deepmetric.training import load_data, load_trained, resolve_device, untrained_network
 
 Progress = Callable[[str], None]
 
 RAW_NOTE = "the same retrieval metrics on the raw inputs (flattened, L2-normalised), no network"
+UNTRAINED_NOTE = (
+    "the same retrieval metrics of the same architecture with random weights (drawn with the "
+    "run's seed: for a deepmetric train run, its initial weights): what training added"
+)
 
 #: Folds of the cross-validation used when there is no validation threshold (the LFW protocol).
 FOLDS = 10
@@ -253,6 +257,12 @@ def evaluate_run(
         **raw_input_baseline(test_set.inputs[:], test_set.y),
         "note": RAW_NOTE,
     }
+    progress("untrained-network baseline")
+    untrained = embed(untrained_network(config, test_set.inputs[:1]), test_set.inputs, torch_device)
+    metrics["untrained_network_baseline"] = {
+        **retrieval_metrics(untrained, test_set.y, metric=metric),
+        "note": UNTRAINED_NOTE,
+    }
     if config.train.classes is not None:
         seen = torch.as_tensor(_class_ids(config.train.classes, test_set), dtype=test_set.y.dtype)
         unseen = ~torch.isin(test_set.y, seen)
@@ -270,6 +280,10 @@ def evaluate_run(
             unseen_metrics["raw_input_baseline"] = {
                 **raw_input_baseline(test_set.inputs[unseen], test_set.y[unseen]),
                 "note": RAW_NOTE,
+            }
+            unseen_metrics["untrained_network_baseline"] = {
+                **retrieval_metrics(untrained[unseen], test_set.y[unseen], metric=metric),
+                "note": UNTRAINED_NOTE,
             }
             metrics["unseen_classes"] = unseen_metrics
 

@@ -8,7 +8,13 @@ Modules: ``fit`` (the loop), ``modes`` (batches + step loss per training mode), 
 
 from deepmetric.training.builders import load_data, resolve_device
 from deepmetric.training.fit import fit
-from deepmetric.training.run import load_trained, resume_config, test_report, train
+from deepmetric.training.run import (
+    load_trained,
+    resume_config,
+    test_report,
+    train,
+    untrained_network,
+)
 
 __all__ = [
     "fit",
@@ -18,4 +24,5 @@ __all__ = [
     "resume_config",
     "test_report",
     "train",
+    "untrained_network",
 ]

@@ -165,6 +165,21 @@ def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module]:
     return config, net
 
 
+def untrained_network(config: Config, sample: torch.Tensor) -> nn.Module:
+    """The run's embedding network with random weights, drawn after ``torch.manual_seed(
+    config.seed)`` as :func:`train` draws them: for a run of ``deepmetric train`` these are its
+    initial weights (joint mode builds the embedding network before its head). The baseline
+    that says what training added to the architecture. Eval mode, on the CPU; the global RNG
+    state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.model.builder is not None:
+            net = build_registered(config.model.builder, **config.model.builder_args)
+        else:
+            net = build_model(replace(config, mode="batch"), sample, 1)
+    return net.eval()
+
+
 def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch.Tensor:
     """A dummy input of the shape the saved backbone expects (read from its first layer)."""
     first = next(v for k, v in model_state.items() if k.endswith("weight"))
@@ -173,4 +188,11 @@ def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch
     return torch.zeros(1, first.shape[1], 28, 28)
 
 
-__all__ = ["PREPROCESS_FILE", "load_trained", "resume_config", "test_report", "train"]
+__all__ = [
+    "PREPROCESS_FILE",
+    "load_trained",
+    "resume_config",
+    "test_report",
+    "train",
+    "untrained_network",
+]
