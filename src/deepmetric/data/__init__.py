@@ -12,6 +12,7 @@ from deepmetric.data.datasets import (
     SPEC_FORMS,
     ArrayDataset,
     DatasetError,
+    Inputs,
     class_split,
     data_home,
     download_file,
@@ -22,6 +23,7 @@ from deepmetric.data.datasets import (
     load_image_folder,
     load_mnist_family,
     load_npz,
+    pixels_to_float,
     train_val_split,
 )
 from deepmetric.data.preprocess import Preprocessing
@@ -34,6 +36,7 @@ __all__ = [
     "SPEC_FORMS",
     "ArrayDataset",
     "DatasetError",
+    "Inputs",
     "PKSampler",
     "PairSampler",
     "Preprocessing",
@@ -49,6 +52,7 @@ __all__ = [
     "load_image_folder",
     "load_mnist_family",
     "load_npz",
+    "pixels_to_float",
     "random_triplets",
     "train_val_split",
 ]
