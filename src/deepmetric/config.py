@@ -14,6 +14,7 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -338,59 +339,58 @@ def _value(config: Config, key: str) -> Any:
 _DEVICE = re.compile(r"auto|(cpu|cuda|mps|xpu)(:\d+)?")
 
 
+#: keys whose values must be >= 1, >= 0, > 0 (train.gamma: the factor of schedule: step)
+_AT_LEAST_ONE = (
+    "epochs",
+    "image_size",
+    "model.dim",
+    "train.p",
+    "train.k",
+    "train.batch_size",
+    "train.step_size",
+    "train.offline_every",
+    "train.offline_p",
+    "train.offline_k",
+    "train.log_every",
+)
+_NON_NEGATIVE = (
+    "seed",
+    "model.padding",
+    "loss.softmax_weight",
+    "loss.margin",
+    "loss.memory",
+    "loss.memory_start",
+    "loss.ntxent_weight",
+    "train.weight_decay",
+    "train.momentum",
+    "train.grad_clip",
+    "train.warmup_epochs",
+)
+_POSITIVE = (
+    "train.lr",
+    "train.gamma",
+    "loss.proxy_lr_factor",
+    "loss.scale",
+    "loss.temperature",
+)
+_BOUNDS: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
+    (">= 1", lambda v: v >= 1, _AT_LEAST_ONE),
+    (">= 0", lambda v: v >= 0, _NON_NEGATIVE),
+    ("> 0", lambda v: v > 0, _POSITIVE),
+)
+
+
 def validate(config: Config) -> None:
     """Value checks that types cannot express; each error names the key and the problem."""
     for key in valid_keys(Config):
         value = _value(config, key)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
-    positive = {
-        "epochs": config.epochs,
-        "image_size": config.image_size,
-        "model.dim": config.model.dim,
-        "train.p": config.train.p,
-        "train.k": config.train.k,
-        "train.batch_size": config.train.batch_size,
-        "train.step_size": config.train.step_size,
-        "train.offline_every": config.train.offline_every,
-        "train.offline_p": config.train.offline_p,
-        "train.offline_k": config.train.offline_k,
-        "train.log_every": config.train.log_every,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    non_negative = {
-        "seed": config.seed,
-        "model.padding": config.model.padding,
-        "loss.softmax_weight": config.loss.softmax_weight,
-        "train.weight_decay": config.train.weight_decay,
-        "train.momentum": config.train.momentum,
-        "train.grad_clip": config.train.grad_clip,
-        "loss.margin": config.loss.margin,
-        "loss.memory": config.loss.memory,
-        "loss.memory_start": config.loss.memory_start,
-        "loss.ntxent_weight": config.loss.ntxent_weight,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    positive_reals = {
-        "train.lr": config.train.lr,
-        "loss.proxy_lr_factor": config.loss.proxy_lr_factor,
-        "loss.scale": config.loss.scale,
-        "loss.temperature": config.loss.temperature,
-    }
-    for key, value in positive_reals.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    if config.train.gamma <= 0:
-        raise ConfigError(
-            f"train.gamma must be > 0 (the learning-rate factor of schedule: step), "
-            f"got {config.train.gamma}"
-        )
-    if config.train.warmup_epochs < 0:
-        raise ConfigError(f"train.warmup_epochs must be >= 0, got {config.train.warmup_epochs}")
+    for bound, holds, keys in _BOUNDS:
+        for key in keys:
+            value = _value(config, key)
+            if not holds(value):
+                raise ConfigError(f"{key} must be {bound}, got {value}")
     if not 0 <= config.train.label_smoothing < 1:
         raise ConfigError(
             f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}"
