@@ -147,20 +147,13 @@ def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module]:
     registered ``builder`` is rebuilt with it (the module registering it must be imported)."""
     run_dir = Path(run_dir)
     config = resume_config(run_dir)
-    model_state, _ = load_checkpoint(latest_checkpoint(run_dir))
+    folder = latest_checkpoint(run_dir)
+    model_state, _ = load_checkpoint(folder)
     prefix = "embedding_net."
     if any(k.startswith(prefix) for k in model_state):
         model_state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
-    if config.model.builder is not None:
-        net = build_registered(config.model.builder, **config.model.builder_args)
-    elif config.data == "(python objects)":
-        raise ConfigError(
-            f"{run_dir} was trained by fit() with a model of its own and no builder: pass "
-            "builder= (a function registered with deepmetric.models.register_model) to fit"
-        )
-    else:
-        net = build_model(replace(config, mode="batch"), _sample_input(config, model_state), 1)
-    load_model_state(net, model_state, source=latest_checkpoint(run_dir))
+    net = _embedding_network(config, _sample_input(config, model_state), run_dir)
+    load_model_state(net, model_state, source=folder)
     net.eval()
     return config, net
 
@@ -173,11 +166,21 @@ def untrained_network(config: Config, sample: torch.Tensor) -> nn.Module:
     state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        if config.model.builder is not None:
-            net = build_registered(config.model.builder, **config.model.builder_args)
-        else:
-            net = build_model(replace(config, mode="batch"), sample, 1)
+        net = _embedding_network(config, sample, config.run_dir)
     return net.eval()
+
+
+def _embedding_network(config: Config, sample: torch.Tensor, run_dir: Path) -> nn.Module:
+    """A new embedding network of the run's architecture (its registered builder, else the
+    config's backbone, sized for inputs like ``sample``); no classifier head."""
+    if config.model.builder is not None:
+        return build_registered(config.model.builder, **config.model.builder_args)
+    if config.data == "(python objects)":
+        raise ConfigError(
+            f"{run_dir} was trained by fit() with a model of its own and no builder: pass "
+            "builder= (a function registered with deepmetric.models.register_model) to fit"
+        )
+    return build_model(replace(config, mode="batch"), sample, 1)
 
 
 def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch.Tensor:
