@@ -389,8 +389,10 @@ def test_demo_oneshot_on_tiny_data(tmp_path):
     data = make_idx_dir(tmp_path / "tiny", classes=10, n_train=16, n_test=6)
     run = tmp_path / "oneshot"
     args = ["--run", run, "--strangers", "20", f"data=idx:{data}", "epochs=1", "model.dim=16"]
+    (run / "checkpoints").mkdir(parents=True)  # a run killed before its first save: train it
     done = _cli("demo-oneshot", *args)
     assert done.returncode == 0, done.stderr
+    assert "reusing" not in done.stdout
     out = done.stdout
     for label in (
         "one-shot accuracy",

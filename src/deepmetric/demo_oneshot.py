@@ -34,6 +34,7 @@ from deepmetric.gallery.gallery import Gallery, Identification, index_path
 from deepmetric.inference import Embedder
 from deepmetric.training import train
 from deepmetric.training.builders import load_options
+from deepmetric.training.fit import has_checkpoint
 
 SEEN = [0, 1, 2, 3, 4, 5]
 RIGHT, WRONG, UNKNOWN = "#2ca02c", "#d62728", "#7f7f7f"
@@ -129,7 +130,7 @@ def main(
     config = load_config(config_path, [*seen, f"out={run}", *overrides])
     if config.train.classes is None:
         raise ValueError(f"{config_path}: set train.classes (the classes trained on, 'seen')")
-    if (run / "checkpoints").is_dir():
+    if has_checkpoint(run):  # a run killed before its first save is trained again
         print(f"reusing the trained run {run} (delete it to train again)")
     else:
         print(f"training on classes {config.train.classes} of {config.data} into {run}")
