@@ -288,6 +288,10 @@ def _check_ids(ids: object) -> list[int]:
 # --------------------------------------------------------------------------- the store
 
 
+#: the example-set version (see the module docstring), JSON text in the meta table
+_READ_GENERATION = "SELECT value FROM meta WHERE key = 'generation'"
+
+
 class GalleryStore:
     """A gallery file: identities, their example embeddings, thumbnails and metadata.
 
@@ -479,7 +483,7 @@ class GalleryStore:
             self._db.execute("COMMIT")
 
     def _bump_generation(self, db: sqlite3.Connection) -> None:
-        (value,) = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        (value,) = db.execute(_READ_GENERATION).fetchone()
         db.execute(
             "UPDATE meta SET value = ? WHERE key = 'generation'", (json.dumps(int(value) + 1),)
         )
@@ -519,7 +523,7 @@ class GalleryStore:
     def generation(self) -> int:
         """The example-set version: +1 by every committed add or remove (read afresh, so it
         sees other processes' writes)."""
-        (value,) = self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        (value,) = self._db.execute(_READ_GENERATION).fetchone()
         return int(json.loads(value))
 
     # ------------------------------------------------------------------ writes
@@ -726,7 +730,7 @@ class GalleryStore:
         agree even while another process writes: what an index is built from and checked
         against."""
         with self._read() as db:
-            (generation,) = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            (generation,) = db.execute(_READ_GENERATION).fetchone()
             names = dict(db.execute("SELECT id, name FROM identities").fetchall())
             rows = db.execute("SELECT id, identity, embedding FROM examples ORDER BY id").fetchall()
         return int(json.loads(generation)), self._to_examples(rows, names)
@@ -758,7 +762,7 @@ class GalleryStore:
                         f"examples {shown} do not hold {self.dim} float32 values "
                         f"({4 * self.dim} bytes)"
                     )
-                row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+                row = db.execute(_READ_GENERATION).fetchone()
         except sqlite3.DatabaseError as error:
             return [*found, f"SQLite cannot read the file: {error}"]
         try:
