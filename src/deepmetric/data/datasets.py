@@ -82,9 +82,6 @@ class Inputs:
     def shape(self) -> torch.Size:
         return self._data.shape
 
-    def dim(self) -> int:
-        return self._data.dim()
-
     def __getitem__(self, index: object) -> torch.Tensor:
         part = self._data[index]  # type: ignore[index]
         return pixels_to_float(part) if part.dtype == torch.uint8 else part
