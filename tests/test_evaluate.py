@@ -113,6 +113,18 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
         assert got["precision_at_1"] == pytest.approx(want["precision_at_1"], abs=1e-9)
     assert saved["map_at_r"] > saved["untrained_network_baseline"]["map_at_r"]  # it trained
     assert "never seen" in unseen["note"] and len(unseen["per_class"]) == 2
+    # per-class retrieval, network and raw pixels, for all classes and for the unseen ones
+    emb = embed(load_trained(run_dir)[1], test_set.inputs)
+    pixels = F.normalize(test_set.x.flatten(1), dim=1)
+    for block, keep in ((saved, slice(None)), (unseen, ~torch.isin(test_set.y, seen_ids))):
+        for got, x in ((block, emb), (block["raw_input_baseline"], pixels)):
+            want = retrieval_metrics(x[keep], test_set.y[keep], per_class=True)["by_class"]
+            assert [r["class"] for r in got["by_class"]] == [r["class"] for r in want]
+            for g, w in zip(got["by_class"], want):
+                assert g["map_at_r"] == pytest.approx(w["map_at_r"], abs=1e-6)
+                assert g["confused_with"] == w["confused_with"]
+    assert [r["class"] for r in unseen["by_class"]] == [4, 5]
+    assert saved["data"]["class_names"] == [str(c) for c in range(6)]
     cats = saved["triplet_categories"]
     assert cats["easy"] + cats["semi_hard"] + cats["hard"] == pytest.approx(1.0)
     threshold = json.loads((run_dir / "threshold.json").read_text())
@@ -126,6 +138,7 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert not re.search(r'(src|href)="(?!data:)', page)  # self-contained: opens offline
     assert "Per class" in page and "Classes never seen in training" in page
     assert page.count("The network against the raw inputs") == 2  # all classes, unseen ones
+    assert page.count("Retrieval per class, the network against the raw inputs") == 2
     assert page.count("untrained network: the same retrieval metrics") == 2
 
 
@@ -148,6 +161,9 @@ def test_evaluate_command_line_on_other_data_keeps_the_run_threshold(trained, ca
     assert cli_main([*argv, "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "precision@1" in printed and "MAP@R" in printed and "cross-validation" in printed
+    # the unseen classes 4, 5, each with its MAP@R and the raw pixels' in brackets
+    assert re.search(r"per class, MAP@R \(raw inputs\): 4 [01]\.\d{3} \([01]\.\d{3}\)", printed)
+    assert re.search(r"; 5 [01]\.\d{3} \([01]\.\d{3}\)", printed)
     assert saved.read_text() == sentinel and saved.stat().st_mtime_ns == stamp
     saved_metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     v = saved_metrics["verification"]

@@ -75,6 +75,40 @@ def _reference_retrieval(x: torch.Tensor, labels: torch.Tensor, metric: str, ks)
     }
 
 
+def _reference_by_class(x: torch.Tensor, labels: torch.Tensor, metric: str) -> list[dict]:
+    """Per label (ascending): mean precision@1, R-precision, MAP@R over its queries, and the
+    other label filling most of its queries' first-R slots (lowest label among equals)."""
+    pts, lab = x.tolist(), labels.tolist()
+    rows = []
+    for c in sorted(set(lab)):
+        sums = {"precision_at_1": 0.0, "r_precision": 0.0, "map_at_r": 0.0}
+        slots: dict[int, int] = {}
+        queries = 0
+        for i in (i for i in range(len(lab)) if lab[i] == c):
+            r = lab.count(c) - 1
+            if r == 0:
+                continue
+            ranked = [lab[j] for _, j in _ranking(pts[i], pts, metric, i)]
+            queries += 1
+            sums["precision_at_1"] += ranked[0] == c
+            sums["r_precision"] += sum(v == c for v in ranked[:r]) / r
+            hits, ap = 0, 0.0
+            for pos, v in enumerate(ranked[:r]):
+                slots[v] = slots.get(v, 0) + 1
+                if v == c:
+                    hits += 1
+                    ap += hits / (pos + 1)
+            sums["map_at_r"] += ap / r
+        others = sorted((-n, v) for v, n in slots.items() if v != c)
+        row = {"class": c, "queries": queries}
+        row |= {k: (v / queries if queries else math.nan) for k, v in sums.items()}
+        row["confused_with"] = others[0][1] if others else None
+        total = sum(slots.values())
+        row["confused_share"] = (-others[0][0] if others else 0) / total if total else math.nan
+        rows.append(row)
+    return rows
+
+
 def _points(seed: int, n: int, d: int, metric: str) -> torch.Tensor:
     """Gaussian points for cosine; small integer coordinates otherwise, so that euclidean
     distances are exact in float64 and ties (broken by lower index) are frequent."""
@@ -177,8 +211,16 @@ def test_nearest_other(metric):
 def test_retrieval_metrics_match_brute_force(seed, n, n_classes, d, metric, ks, chunk):
     x = _points(seed, n, d, metric)
     labels = torch.randint(0, n_classes, (n,), generator=torch.Generator().manual_seed(seed))
-    got = retrieval_metrics(x, labels, metric=metric, ks=ks, chunk=chunk)
+    labels = labels * 3 + 1  # labels need not be 0 .. C - 1
+    got = retrieval_metrics(x, labels, metric=metric, ks=ks, chunk=chunk, per_class=True)
     want = _reference_retrieval(x, labels, metric, ks)
+    by_class = _reference_by_class(x, labels, metric)
+    assert [r["class"] for r in got["by_class"]] == [r["class"] for r in by_class]
+    for g, w in zip(got["by_class"], by_class):
+        assert g["queries"] == w["queries"] and g["confused_with"] == w["confused_with"]
+        for name in ("precision_at_1", "r_precision", "map_at_r", "confused_share"):
+            assert g[name] == pytest.approx(w[name], rel=0, abs=1e-9, nan_ok=True)
+    assert "by_class" not in retrieval_metrics(x, labels, metric=metric, ks=ks)
     assert list(got["recall_at_k"]) == [str(k) for k in ks]
     if want is None:  # every class a singleton: no query counts
         assert got["queries"] == 0
@@ -189,6 +231,17 @@ def test_retrieval_metrics_match_brute_force(seed, n, n_classes, d, metric, ks, 
         assert got[name] == pytest.approx(want[name], rel=0, abs=1e-9)
     for k, v in want["recall_at_k"].items():
         assert got["recall_at_k"][k] == pytest.approx(v, rel=0, abs=1e-9)
+
+
+def test_by_class_names_where_the_misses_go():
+    # class 0 at 0, 1, 2; class 5 at 10, 11; class 9 at 2.5, 3.5: class 0's queries find 9s
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [2.5], [3.5]])
+    rows = retrieval_metrics(x, torch.tensor([0, 0, 0, 5, 5, 9, 9]), per_class=True)["by_class"]
+    assert [r["class"] for r in rows] == [0, 5, 9]
+    assert rows[0]["confused_with"] == 9 and rows[1]["confused_with"] is None
+    assert rows[1]["map_at_r"] == 1.0 and rows[1]["confused_share"] == 0.0
+    # item 2's two slots: 2.5 (9), 1 (0) -> one of the six slots of class 0 is a 9
+    assert rows[0]["confused_share"] == pytest.approx(1 / 6)
 
 
 def test_map_at_r_worked_example():

@@ -265,6 +265,7 @@ def retrieval_metrics(
     metric: Metric = "euclidean",
     ks: Sequence[int] = (1, 2, 4, 8),
     chunk: int = 1024,
+    per_class: bool = False,
 ) -> dict[str, Any]:
     """Leave-one-out retrieval metrics (Musgrave, Belongie, Lim 2020, "A Metric Learning
     Reality Check").
@@ -281,6 +282,12 @@ def retrieval_metrics(
 
     Queries with ``R = 0`` (their class has no other item) are excluded from every metric;
     with no query left the metrics are NaN.
+
+    With ``per_class``, also ``by_class``: one row per label (ascending) with ``class``,
+    ``queries`` and the means of ``precision_at_1``, ``r_precision``, ``map_at_r`` over that
+    class's queries, and where its misses go: of all the slots ``j <= R_i`` of the class's
+    queries, ``confused_with`` is the other label holding the most (lowest label among equals;
+    None when no slot is held by another label) and ``confused_share`` the share it holds.
 
     One neighbour search with ``k = min(max(max(ks), R_max), N - 1)``, in chunks of ``chunk``
     queries: memory O(chunk x (N + k)), time O(N^2 D) for the distances plus a top-k per
@@ -305,6 +312,7 @@ def retrieval_metrics(
     names = ["precision_at_1", "r_precision", "map_at_r", *(f"recall@{k}" for k in ks)]
     totals = dict.fromkeys(names, 0.0)
     queries = 0
+    tally = _ClassTally(len(counts), embeddings.device) if per_class else None
     with torch.no_grad():
         emb = embeddings.detach()
         for start, _, idx in knn_chunks(emb, emb, width, metric, True, chunk):
@@ -318,14 +326,63 @@ def retrieval_metrics(
             for name in names:
                 totals[name] += float(scores[name].sum())
             queries += int(valid.sum())
+            if tally is not None:
+                tally.add(cls[start:stop][valid], cls[idx[valid]], r[valid], scores)
 
     def mean(name: str) -> float:
         return totals[name] / queries if queries else math.nan
 
-    return {
+    out: dict[str, Any] = {
         "precision_at_1": mean("precision_at_1"),
         "r_precision": mean("r_precision"),
         "map_at_r": mean("map_at_r"),
         "recall_at_k": {str(k): mean(f"recall@{k}") for k in ks},
         "queries": queries,
     }
+    if tally is not None:
+        out["by_class"] = tally.rows(torch.unique(labels).tolist())
+    return out
+
+
+class _ClassTally:
+    """Per-class sums of the query scores and the (C, C) counts of the classes found in each
+    query's first R slots, for ``retrieval_metrics(per_class=True)``."""
+
+    SCORES = ("precision_at_1", "r_precision", "map_at_r")
+
+    def __init__(self, n_classes: int, device: torch.device) -> None:
+        self.n = n_classes
+        self.sums = torch.zeros(len(self.SCORES), n_classes, dtype=torch.float64, device=device)
+        self.queries = torch.zeros(n_classes, dtype=torch.float64, device=device)
+        self.slots = torch.zeros(n_classes * n_classes, dtype=torch.float64, device=device)
+
+    def add(
+        self, q: torch.Tensor, found: torch.Tensor, r: torch.Tensor, scores: dict[str, torch.Tensor]
+    ) -> None:
+        """``q`` (c,) query classes, ``found`` (c, k) neighbour classes, ``r`` (c,) R."""
+        for row, name in enumerate(self.SCORES):
+            self.sums[row].index_add_(0, q, scores[name])
+        self.queries.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        ranks = torch.arange(1, found.shape[1] + 1, device=found.device)
+        inside = ranks[None, :] <= r[:, None]
+        pair = (q[:, None] * self.n + found)[inside]
+        self.slots += torch.bincount(pair, minlength=self.n * self.n).to(torch.float64)
+
+    def rows(self, labels: list[int]) -> list[dict[str, Any]]:
+        slots = self.slots.view(self.n, self.n).cpu()
+        sums, queries = self.sums.cpu(), self.queries.cpu()
+        out = []
+        for c, label in enumerate(labels):
+            n_q = int(queries[c])
+            others = slots[c].clone()
+            others[c] = -1.0  # argmax over the other classes (first index among equals)
+            worst = int(torch.argmax(others))
+            total = float(slots[c].sum())
+            held = float(slots[c, worst]) if worst != c else 0.0
+            row: dict[str, Any] = {"class": int(label), "queries": n_q}
+            for i, name in enumerate(self.SCORES):
+                row[name] = float(sums[i, c]) / n_q if n_q else math.nan
+            row["confused_with"] = int(labels[worst]) if held > 0 else None
+            row["confused_share"] = held / total if total else math.nan
+            out.append(row)
+        return out

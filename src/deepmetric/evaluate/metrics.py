@@ -176,9 +176,12 @@ def nmi(labels_true: Any, labels_pred: Any) -> float:
     return mi / ((_entropy(a) + _entropy(b)) / 2.0)
 
 
-def raw_input_baseline(inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+def raw_input_baseline(
+    inputs: torch.Tensor, labels: torch.Tensor, *, per_class: bool = False
+) -> dict[str, Any]:
     """:func:`retrieval_metrics` of the raw inputs, no network: each item (N, ...) flattened to
-    (N, prod(...)), L2-normalised, compared in euclidean distance (the same ranking as cosine).
+    (N, prod(...)), L2-normalised, compared in euclidean distance (the same ranking as cosine);
+    ``per_class`` as there.
 
     The honest baseline of a learned metric: a network that does not beat it on a set of
     classes has learned nothing useful for them.
@@ -187,7 +190,7 @@ def raw_input_baseline(inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, 
         raise ValueError("inputs must be a tensor (N, ...) of at least 2 dimensions")
     flat = F.normalize(inputs.flatten(1).float(), dim=1)
     check_items(flat, "inputs")
-    return retrieval_metrics(flat, labels, metric="euclidean")
+    return retrieval_metrics(flat, labels, metric="euclidean", per_class=per_class)
 
 
 def clustering_nmi(embeddings: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> float:

@@ -97,6 +97,55 @@ def _versus_raw(metrics: dict[str, Any]) -> str:
     )
 
 
+def _misses(row: dict[str, Any], class_names: Sequence[str]) -> str:
+    other = row.get("confused_with")
+    if other is None:
+        return "none"
+    return f"{_name(other, class_names)} ({100 * row['confused_share']:.0f} %)"
+
+
+def _name(label: int, class_names: Sequence[str]) -> str:
+    return str(class_names[label]) if 0 <= label < len(class_names) else str(label)
+
+
+def _by_class_versus_raw(metrics: dict[str, Any], class_names: Sequence[str]) -> str:
+    """Per class: MAP@R and precision@1 of the network and of the raw inputs, and the class
+    that takes most of the R nearest places of the class's queries (empty for older
+    metrics.json, which have no per-class retrieval)."""
+    raw = metrics.get("raw_input_baseline", {})
+    if "by_class" not in metrics or "by_class" not in raw:
+        return ""
+    rows = [
+        (
+            _name(n["class"], class_names),
+            n["queries"],
+            n["map_at_r"],
+            r["map_at_r"],
+            n["precision_at_1"],
+            r["precision_at_1"],
+            _misses(n, class_names),
+            _misses(r, class_names),
+        )
+        for n, r in zip(metrics["by_class"], raw["by_class"])
+    ]
+    header = [
+        "class",
+        "queries",
+        "MAP@R",
+        "MAP@R raw",
+        "precision@1",
+        "precision@1 raw",
+        "most confused with (share of the R nearest)",
+        "raw: most confused with",
+    ]
+    return (
+        "<h3>Retrieval per class, the network against the raw inputs</h3>"
+        + _table(rows, header)
+        + "<p class='note'>A class's R nearest places: for each of its items, the R nearest "
+        "other items (R = the class's other items); the share is of all those places.</p>"
+    )
+
+
 def write_report(
     path: str | Path,
     *,
@@ -118,13 +167,19 @@ def write_report(
         f"{metrics['verification']['accuracy']:.4f}</p>"
     )
     parts.append(_table(facts, ["", ""]))
-    parts.append("<h2>Metrics</h2>" + _headline(metrics) + _versus_raw(metrics))
+    parts.append(
+        "<h2>Metrics</h2>"
+        + _headline(metrics)
+        + _versus_raw(metrics)
+        + _by_class_versus_raw(metrics, class_names)
+    )
     parts.append(f"<p class='note'>{html.escape(metrics['verification']['protocol'])}</p>")
     if "unseen_classes" in metrics:
         parts.append(
             "<h2>Classes never seen in training</h2>"
             + _headline(metrics["unseen_classes"])
             + _versus_raw(metrics["unseen_classes"])
+            + _by_class_versus_raw(metrics["unseen_classes"], class_names)
         )
     cats = metrics["triplet_categories"]
     parts.append(

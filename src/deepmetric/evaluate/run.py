@@ -119,7 +119,7 @@ def retrieval_and_verification(
     threshold; every pair is judged out of fold by a :data:`FOLDS`-fold cross-validation on
     these pairs (see the module docstring), the per-class table included.
     """
-    out: dict[str, Any] = dict(retrieval_metrics(emb, labels, metric=metric))
+    out: dict[str, Any] = dict(retrieval_metrics(emb, labels, metric=metric, per_class=True))
     out["nmi"] = clustering_nmi(emb, labels, seed=seed)
     i, j, dist, same = _pairs(emb, labels, metric, seed)
     if threshold is None:
@@ -254,7 +254,7 @@ def evaluate_run(
     dist, same = metrics.pop("_pairs")
     progress("raw-input baseline")
     metrics["raw_input_baseline"] = {
-        **raw_input_baseline(test_set.inputs[:], test_set.y),
+        **raw_input_baseline(test_set.inputs[:], test_set.y, per_class=True),
         "note": RAW_NOTE,
     }
     progress("untrained-network baseline")
@@ -278,7 +278,7 @@ def evaluate_run(
             unseen_metrics.pop("_pairs")
             unseen_metrics["note"] = "classes not in train.classes: never seen in training"
             unseen_metrics["raw_input_baseline"] = {
-                **raw_input_baseline(test_set.inputs[unseen], test_set.y[unseen]),
+                **raw_input_baseline(test_set.inputs[unseen], test_set.y[unseen], per_class=True),
                 "note": RAW_NOTE,
             }
             unseen_metrics["untrained_network_baseline"] = {
@@ -306,6 +306,7 @@ def evaluate_run(
         "split": split,
         "items": len(test_set),
         "metric": metric,
+        "class_names": names,
         **about,
         "device": str(torch_device),
     }
