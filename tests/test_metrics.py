@@ -450,3 +450,17 @@ def test_raw_input_baseline_is_cosine_retrieval_on_the_pixels():
     assert scaled["map_at_r"] == pytest.approx(got["map_at_r"])
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         M.raw_input_baseline(torch.rand(30), y)
+
+
+def test_by_class_memory_does_not_grow_with_the_classes_squared():
+    # 100,000 classes (a C x C count table would be 80 GB): only the pairs that meet are kept
+    tally = NB._ClassTally(10**5, torch.device("cpu"))
+    q, found = torch.tensor([3, 99_999]), torch.tensor([[3, 7, 5], [8, 99_999, 8]])
+    scores = {name: torch.ones(2, dtype=torch.float64) for name in tally.SCORES}
+    tally.add(q, found, torch.tensor([3, 3]), scores)
+    tally.add(q[:1], found[:1], torch.tensor([2]), {k: v[:1] for k, v in scores.items()})
+    assert tally.keys.numel() <= 3  # 3 -> 7, 3 -> 5, 99999 -> 8
+    rows = tally.rows(list(range(10**5)))
+    assert rows[3]["confused_with"] == 7 and rows[3]["confused_share"] == pytest.approx(2 / 5)
+    assert rows[99_999]["confused_with"] == 8 and rows[99_999]["confused_share"] == 2 / 3
+    assert rows[0]["queries"] == 0 and rows[0]["confused_with"] is None

@@ -345,8 +345,10 @@ def retrieval_metrics(
 
 
 class _ClassTally:
-    """Per-class sums of the query scores and the (C, C) counts of the classes found in each
-    query's first R slots, for ``retrieval_metrics(per_class=True)``."""
+    """Per-class sums of the query scores, and how often each other class fills a slot
+    ``j <= R`` of a class's queries, for ``retrieval_metrics(per_class=True)``. The slot counts
+    are kept sparse (key ``query class * C + found class``): memory grows with the pairs of
+    classes that actually meet, not with C^2 (a face set has thousands of classes)."""
 
     SCORES = ("precision_at_1", "r_precision", "map_at_r")
 
@@ -354,7 +356,9 @@ class _ClassTally:
         self.n = n_classes
         self.sums = torch.zeros(len(self.SCORES), n_classes, dtype=torch.float64, device=device)
         self.queries = torch.zeros(n_classes, dtype=torch.float64, device=device)
-        self.slots = torch.zeros(n_classes * n_classes, dtype=torch.float64, device=device)
+        self.slots = torch.zeros(n_classes, dtype=torch.float64, device=device)
+        self.keys = torch.zeros(0, dtype=torch.long, device=device)
+        self.counts = torch.zeros(0, dtype=torch.long, device=device)
 
     def add(
         self, q: torch.Tensor, found: torch.Tensor, r: torch.Tensor, scores: dict[str, torch.Tensor]
@@ -363,26 +367,31 @@ class _ClassTally:
         for row, name in enumerate(self.SCORES):
             self.sums[row].index_add_(0, q, scores[name])
         self.queries.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+        self.slots.index_add_(0, q, r.to(torch.float64))
         ranks = torch.arange(1, found.shape[1] + 1, device=found.device)
-        inside = ranks[None, :] <= r[:, None]
-        pair = (q[:, None] * self.n + found)[inside]
-        self.slots += torch.bincount(pair, minlength=self.n * self.n).to(torch.float64)
+        missed = (ranks[None, :] <= r[:, None]) & (found != q[:, None])
+        keys = torch.cat([self.keys, (q[:, None] * self.n + found)[missed]])
+        fresh = torch.ones(len(keys) - len(self.keys), dtype=torch.long, device=keys.device)
+        counts = torch.cat([self.counts, fresh])
+        self.keys, where = torch.unique(keys, return_inverse=True)
+        self.counts = torch.zeros_like(self.keys).index_add_(0, where, counts)
 
     def rows(self, labels: list[int]) -> list[dict[str, Any]]:
-        slots = self.slots.view(self.n, self.n).cpu()
-        sums, queries = self.sums.cpu(), self.queries.cpu()
+        """One row per class (index order), labelled with ``labels``."""
+        sums, queries, slots = self.sums.cpu(), self.queries.cpu(), self.slots.cpu()
+        worst: dict[int, tuple[int, int]] = {}  # class -> (count, found class): the largest
+        for key, count in zip(self.keys.tolist(), self.counts.tolist()):
+            c, other = divmod(key, self.n)
+            if count > worst.get(c, (0, 0))[0]:  # keys ascend: the lowest class among equals
+                worst[c] = (count, other)
         out = []
         for c, label in enumerate(labels):
             n_q = int(queries[c])
-            others = slots[c].clone()
-            others[c] = -1.0  # argmax over the other classes (first index among equals)
-            worst = int(torch.argmax(others))
-            total = float(slots[c].sum())
-            held = float(slots[c, worst]) if worst != c else 0.0
             row: dict[str, Any] = {"class": int(label), "queries": n_q}
             for i, name in enumerate(self.SCORES):
                 row[name] = float(sums[i, c]) / n_q if n_q else math.nan
-            row["confused_with"] = int(labels[worst]) if held > 0 else None
-            row["confused_share"] = held / total if total else math.nan
+            held, other = worst.get(c, (0, -1))
+            row["confused_with"] = int(labels[other]) if held else None
+            row["confused_share"] = held / float(slots[c]) if n_q else math.nan
             out.append(row)
         return out
