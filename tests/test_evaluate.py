@@ -15,14 +15,21 @@ from synthetic import write_learnable_idx
 from deepmetric.checkpoints import weights_sha256
 from deepmetric.cli import main as cli_main
 from deepmetric.config import load_config
-from deepmetric.data import load_dataset
+from deepmetric.data import ArrayDataset, load_dataset
 from deepmetric.distances import paired
 from deepmetric.evaluate import evaluate_run, out_of_fold, retrieval_metrics, verification_pairs
 from deepmetric.evaluate import run as evaluate_module
 from deepmetric.models import embed
 from deepmetric.training import load_data, load_trained, train, untrained_network
 
-FIGURES = ["loss_curves.png", "distances.png", "roc.png", "per_class.png", "retrieval.png"]
+FIGURES = [
+    "loss_curves.png",
+    "distances.png",
+    "roc.png",
+    "per_class.png",
+    "map_at_r_per_class.png",
+    "retrieval.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +274,11 @@ def test_evaluate_command_line_errors_are_one_line(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("deepmetric: error:") and err.count("\n") == 1, err
         assert message in err
+
+
+def test_class_tags_name_unseen_and_validation_classes():
+    ds = ArrayDataset(torch.zeros(6, 1, 2, 2), torch.tensor([0, 1, 2, 3, 4, 5]), list("abcdef"))
+    tags = evaluate_module._class_tags
+    config = load_config(None, ["train.classes=[0,1,2,3]", "train.val_classes=[1,2]"])
+    assert tags(config, ds) == {4: "unseen", 5: "unseen", 1: "validation", 2: "validation"}
+    assert tags(load_config(None, []), ds) == {}

@@ -237,6 +237,37 @@ def per_class_bars(
     return _save(fig, path)
 
 
+def map_at_r_versus_raw(
+    network: Sequence[dict[str, Any]],
+    raw: Sequence[dict[str, Any]],
+    class_names: Sequence[str],
+    tags: dict[int, str],
+    path: str | Path,
+) -> Path:
+    """Per class, MAP@R of the network beside that of the raw inputs (``by_class`` rows of
+    :func:`~deepmetric.neighbors.retrieval_metrics`, in the same class order), so the classes
+    where the network loses to the pixels stand out. ``tags`` (label -> "unseen" or
+    "validation") are written after the class names; the classes the network never trained on
+    (both tags) are hatched."""
+    names = [
+        (class_names[r["class"]] if r["class"] < len(class_names) else str(r["class"]))
+        + (f" ({tags[r['class']]})" if r["class"] in tags else "")
+        for r in network
+    ]
+    hatch = ["//" if r["class"] in tags else "" for r in network]
+    x = np.arange(len(network))
+    width = 0.4
+    fig, ax = _subplots(figsize=(max(7, 0.8 * len(network) + 2), 4.5))
+    ax.bar(x - width / 2, [r["map_at_r"] for r in network], width, label="network", hatch=hatch)
+    ax.bar(x + width / 2, [r["map_at_r"] for r in raw], width, label="raw inputs", hatch=hatch)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set(ylabel="MAP@R", title="MAP@R per class: the network against the raw inputs")
+    fig.legend(fontsize=8, loc="outside lower center", ncol=2, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def _as_image(x: torch.Tensor) -> np.ndarray:
     """(C, H, W) in [0, 1] -> an array imshow takes."""
     img = x.detach().float().clamp(0, 1).numpy()

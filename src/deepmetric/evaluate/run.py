@@ -161,6 +161,19 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _class_tags(config: Config, ds: ArrayDataset) -> dict[int, str]:
+    """Label id -> "unseen" (not in ``train.classes``) or "validation" (in
+    ``train.val_classes``: held out of training, chose the settings); no tags without
+    ``train.classes`` and ``train.val_classes``."""
+    tags: dict[int, str] = {}
+    if config.train.classes is not None:
+        seen = set(_class_ids(config.train.classes, ds))
+        tags |= {c: "unseen" for c in torch.unique(ds.y).tolist() if c not in seen}
+    if config.train.val_classes is not None:
+        tags |= dict.fromkeys(_class_ids(config.train.val_classes, ds), "validation")
+    return tags
+
+
 def _class_ids(classes: list[Any], ds: ArrayDataset) -> list[int]:
     """``train.classes`` (ids or names) as label ids of ``ds``."""
     ids = []
@@ -288,6 +301,7 @@ def evaluate_run(
             metrics["unseen_classes"] = unseen_metrics
 
     progress("figures")
+    tags = _class_tags(config, test_set)
     figs = _figures(
         run_dir,
         out_dir,
@@ -300,6 +314,7 @@ def evaluate_run(
         metric,
         embedding_map,
         config.seed,
+        tags,
     )
     metrics["data"] = {
         "spec": spec,
@@ -380,6 +395,7 @@ def _figures(
     metric: str,
     embedding_map: bool,
     seed: int,
+    tags: dict[int, str],
 ) -> list[tuple[Path, str]]:
     figs: list[tuple[Path, str]] = []
     log = run_dir / "log.jsonl"
@@ -421,6 +437,19 @@ def _figures(
         (
             figures.per_class_bars(metrics["per_class"], names, out_dir / "per_class.png"),
             "Per-class triplet ordering accuracy, verification accuracy and precision@1.",
+        )
+    )
+    figs.append(
+        (
+            figures.map_at_r_versus_raw(
+                metrics["by_class"],
+                metrics["raw_input_baseline"]["by_class"],
+                names,
+                tags,
+                out_dir / "map_at_r_per_class.png",
+            ),
+            "MAP@R per class, the network against the raw inputs (all test classes ranked "
+            "together; hatched: classes the network never trained on).",
         )
     )
     if test_set.data.dim() == 4:
