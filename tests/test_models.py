@@ -19,6 +19,7 @@ from deepmetric.models import (
     SiameseNet,
     SmallCNN,
     TripletNet,
+    VGGSmall,
     build_backbone,
 )
 
@@ -117,6 +118,32 @@ def test_small_cnn_matches_classic_layer_order(padding: int, side: int) -> None:
     torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_vgg_small_matches_plain_layer_order() -> None:
+    """VGGSmall is conv -> BN -> ReLU twice per stage, then max-pool (stages 1, 2), then
+    Linear -> ReLU, in NCHW; pooling before the last ReLU and channels_last change nothing.
+    Inputs larger than 28x28 are average-pooled to 7 x 7."""
+    net = VGGSmall(in_channels=2).eval()
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)  # eval-mode statistics that are not the identity
+        bn.running_var.uniform_(0.5, 2.0)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32, 64, 64]
+    for size in (28, 36):
+        x = torch.randn(3, 2, size, size)
+        h = x
+        for i, (conv, bn) in enumerate(zip(convs, bns)):
+            h = F.conv2d(h, conv.weight.contiguous(), padding=1)
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+            h = F.relu(h)
+            if i in (1, 3):
+                h = F.max_pool2d(h, 2)
+        h = F.adaptive_avg_pool2d(h, 7)
+        fc = net.fc[0]
+        ref = F.relu(F.linear(h.reshape(3, -1), fc.weight, fc.bias))
+        torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_small_cnn_large_input_is_pooled_to_5x5() -> None:
     net = SmallCNN().eval()
     x = torch.randn(2, 1, 60, 60)
@@ -131,6 +158,9 @@ def test_small_cnn_large_input_is_pooled_to_5x5() -> None:
     [
         lambda: SmallCNN(in_channels=0),
         lambda: SmallCNN(padding=2),
+        lambda: VGGSmall(in_channels=0),
+        lambda: VGGSmall(widths=(16, 32)),
+        lambda: VGGSmall(widths=(16, 0, 64)),
         lambda: ResNetSmall(widths=()),
         lambda: ResNetSmall(widths=(8, 0)),
         lambda: MLP(0),
@@ -148,7 +178,8 @@ def test_invalid_constructor_arguments(factory: Callable[[], nn.Module]) -> None
 
 
 def test_registry_names_and_build() -> None:
-    assert set(BACKBONES) == {"small_cnn", "resnet_small", "mlp"}
+    assert set(BACKBONES) == {"small_cnn", "vgg_small", "resnet_small", "mlp"}
+    assert isinstance(build_backbone("vgg_small", in_channels=3), VGGSmall)
     assert isinstance(build_backbone("small_cnn"), SmallCNN)
     res = build_backbone("resnet_small", in_channels=1, widths=(8, 16))
     assert isinstance(res, ResNetSmall)

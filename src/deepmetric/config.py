@@ -30,10 +30,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The embedding network: ``backbone -> Linear(dim) -> optional L2 normalisation``."""
 
-    backbone: Literal["small_cnn", "resnet_small", "mlp"] = "small_cnn"
+    backbone: Literal["small_cnn", "vgg_small", "resnet_small", "mlp"] = "small_cnn"
     dim: int = 128
     normalize: bool = True
-    batch_norm: bool = False  # small_cnn: BatchNorm after each convolution (resnet_small has it)
+    #: small_cnn: BatchNorm after each convolution (vgg_small and resnet_small always have it)
+    batch_norm: bool = False
     padding: int = 1  # small_cnn: 1 keeps the border (28 -> 14 -> 7), 0 the classic net (-> 5)
     #: a model registered with ``deepmetric.models.register_model`` (``fit(..., builder=)``);
     #: when set, ``backbone`` is ignored and the run's model is ``builder(**builder_args)``

@@ -31,6 +31,7 @@ __all__ = [
     "SiameseNet",
     "SmallCNN",
     "TripletNet",
+    "VGGSmall",
     "build_backbone",
     "build_registered",
     "embed",
@@ -112,6 +113,56 @@ class SmallCNN(nn.Module):
         """``(B, C, H, W) -> (B, 256)``."""
         x = self.conv2(self.conv1(x.contiguous(memory_format=torch.channels_last)))
         if x.shape[-2:] != (self.side, self.side):
+            x = self.pool(x)
+        return self.fc(torch.flatten(x, 1))
+
+
+class VGGSmall(nn.Module):
+    """Small VGG-style CNN: three stages of two ``conv3x3 -> BatchNorm -> ReLU``, widths
+    ``(16, 32, 64)``, a 2x2 max-pool after the first two stages, then ``Linear(64 * 7 * 7,
+    256) -> ReLU``: 28 -> 14 -> 7. Six convolutions for about 1.7x the time of
+    :class:`SmallCNN` (two); on Fashion-MNIST the better network (see
+    ``configs/fashion_mnist.yaml``). Inputs larger than 28x28 (any ``H, W >= 28``) are
+    average-pooled to 7 x 7 before the linear layer. Runs in ``channels_last``; the pool runs
+    before the last ReLU of a stage (they commute: the same function, cheaper).
+
+    Input ``(B, in_channels, H, W)``, output ``(B, 256)``.
+    """
+
+    input_ndim: int = 4
+    out_features: int
+
+    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        _check_positive("in_channels", in_channels)
+        widths = tuple(widths)
+        if len(widths) != 3:
+            raise ValueError(f"widths must give 3 stage widths, got {widths!r}")
+        for w in widths:
+            _check_positive("each width", w)
+        self.in_channels = in_channels
+        self.widths = widths
+        self.out_features = 256
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for stage, width in enumerate(widths):
+            for conv in range(2):
+                layers += [nn.Conv2d(prev, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)]
+                if conv == 1 and stage < 2:
+                    layers.append(nn.MaxPool2d(2))
+                layers.append(nn.ReLU(inplace=True))
+                prev = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d((7, 7))
+        self.fc = nn.Sequential(
+            nn.Linear(widths[-1] * 49, self.out_features), nn.ReLU(inplace=True)
+        )
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, 256)``."""
+        x = self.features(x.contiguous(memory_format=torch.channels_last))
+        if x.shape[-2:] != (7, 7):
             x = self.pool(x)
         return self.fc(torch.flatten(x, 1))
 
@@ -233,6 +284,7 @@ class MLP(nn.Module):
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
+    "vgg_small": VGGSmall,
     "resnet_small": ResNetSmall,
     "mlp": MLP,
 }
