@@ -20,7 +20,9 @@ from deepmetric.cli import main as cli_main
 from deepmetric.config import ConfigError, load_config
 from deepmetric.data import augment
 from deepmetric.training import resume_config, train
+from deepmetric.training.builders import build_model
 from deepmetric.training.log import StepStats, warn_collapse
+from deepmetric.training.run import _sample_input
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +259,20 @@ def test_collapse_without_a_distance_margin_gives_no_margin_advice():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 0.01 is no collapse without a margin to compare with
         warn_collapse(StepStats(loss=0.9, mean_dist=0.01), None)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "shape"),
+    [("small_cnn", (3, 28, 28)), ("vgg_small", (3, 28, 28)), ("resnet_small", (3, 28, 28))],
+)
+def test_a_saved_network_says_its_input_channels_whatever_its_key_order(backbone, shape):
+    """Checkpoints come back with their keys sorted by name (safetensors): VGGSmall's
+    ``backbone.fc`` then sorts before its first convolution, which names the channels."""
+    config = load_config(None, [f"model.backbone={backbone}", "mode=batch"])
+    state = build_model(config, torch.zeros(1, *shape), 1).state_dict()
+    ordered = dict(sorted(state.items()))
+    assert _sample_input(config, ordered).shape == (1, 3, 28, 28)
+    wrong = load_config(None, ["model.backbone=small_cnn", "mode=batch"])
+    if backbone != "small_cnn":
+        with pytest.raises(ConfigError, match=r"not a model\.backbone=small_cnn network"):
+            _sample_input(wrong, ordered)

@@ -183,9 +183,24 @@ def _embedding_network(config: Config, sample: torch.Tensor, run_dir: Path) -> n
     return build_model(replace(config, mode="batch"), sample, 1)
 
 
+#: the first layer of each built-in backbone, whose weight says the input's channels / features
+#: (a checkpoint's keys come sorted by name, not in the network's order)
+FIRST_LAYER = {
+    "small_cnn": "backbone.conv1.0.weight",
+    "vgg_small": "backbone.features.0.weight",
+    "resnet_small": "backbone.stem.0.weight",
+    "mlp": "backbone.net.0.weight",
+}
+
+
 def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch.Tensor:
     """A dummy input of the shape the saved backbone expects (read from its first layer)."""
-    first = next(v for k, v in model_state.items() if k.endswith("weight"))
+    name = FIRST_LAYER[config.model.backbone]
+    first = next((v for k, v in model_state.items() if k.endswith(name)), None)
+    if first is None:
+        raise ConfigError(
+            f"the checkpoint has no {name}: not a model.backbone={config.model.backbone} network"
+        )
     if config.model.backbone == "mlp":
         return torch.zeros(1, first.shape[1])
     return torch.zeros(1, first.shape[1], 28, 28)
