@@ -232,6 +232,7 @@ def test_nproc_2_ends_with_the_weights_of_one_process_and_only_rank_0_writes(idx
     # step is linear in the gradient (Adam's first steps are ~lr * sign(g), which turns float
     # rounding in a near-zero gradient into a full step).
     args = [
+        "model.backbone=small_cnn",  # no BatchNorm: it would normalise each slice on its own
         "train.optimizer=sgd",
         "train.lr=0.05",
         f"data=idx:{idx_dir}",
@@ -304,6 +305,7 @@ def test_a_cross_batch_memory_holds_global_batches(idx_dir, tmp_path):
     args = [
         f"data=idx:{idx_dir}",
         "mode=batch",
+        "model.backbone=small_cnn",  # no BatchNorm: it would normalise each slice on its own
         "model.dim=8",
         "train.p=4",
         "train.k=8",

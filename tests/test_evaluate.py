@@ -72,7 +72,12 @@ def test_untrained_network_is_the_initial_network_of_a_run(tmp_path):
         start = untrained_network(config, torch.zeros(1, 1, 28, 28))
         after, before = trained_net.state_dict(), start.state_dict()
         assert after.keys() == before.keys()
-        assert all(torch.equal(after[k], before[k]) for k in after), mode
+        # BatchNorm's running statistics follow the batches whatever the learning rate, and its
+        # biases start at 0, where a 1e-30 step is representable: equal to 1e-25
+        weights = [k for k in after if not k.endswith(("running_mean", "running_var", "tracked"))]
+        close = [torch.allclose(after[k], before[k], rtol=0, atol=1e-25) for k in weights]
+        assert all(close), mode
+        assert len(weights) < len(after)  # the default network has BatchNorm
         other = untrained_network(
             load_config(None, [*overrides, "seed=8"]), torch.zeros(1, 1, 28, 28)
         )

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The embedding network: ``backbone -> Linear(dim) -> optional L2 normalisation``."""
 
-    backbone: Literal["small_cnn", "vgg_small", "resnet_small", "mlp"] = "small_cnn"
+    backbone: Literal["small_cnn", "vgg_small", "resnet_small", "mlp"] = "vgg_small"
     dim: int = 128
     normalize: bool = True
     #: small_cnn: BatchNorm after each convolution (vgg_small and resnet_small always have it)
@@ -89,13 +89,13 @@ class TrainConfig:
     k: int = 16  # samples per class in a P x K batch
     batch_size: int = 64  # pairs or triplets per batch (siamese / triplet / offline modes)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     schedule: Literal["none", "cosine", "step"] = "cosine"
     step_size: int = 1  # epochs per decay, schedule: step
     gamma: float = 0.1
-    warmup_epochs: float = 0.0  # linear learning-rate warm-up at the start
+    warmup_epochs: float = 1.0  # linear learning-rate warm-up at the start
     label_smoothing: float = 0.0  # joint mode: label smoothing of the cross-entropy term
     grad_clip: float = 0.0  # max gradient norm; 0 disables
     amp: bool = False  # mixed precision, on CUDA only
@@ -123,7 +123,7 @@ class Config:
     name: str = "run"
     data: str = "fashion-mnist"
     mode: Literal["batch", "siamese", "triplet", "offline", "joint"] = "joint"
-    epochs: int = 16
+    epochs: int = 20
     seed: int = 0
     out: str | None = None  # run folder; default runs/NAME
     image_size: int = 64  # folder data: images are resized to this square size

@@ -194,7 +194,10 @@ FIRST_LAYER = {
 
 
 def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A dummy input of the shape the saved backbone expects (read from its first layer)."""
+    """A dummy input of the shape the saved backbone expects (read from its first layer);
+    empty for a run of ``fit`` (its builder, if any, needs none)."""
+    if config.model.builder is not None or config.data == "(python objects)":
+        return torch.zeros(0)
     name = FIRST_LAYER[config.model.backbone]
     first = next((v for k, v in model_state.items() if k.endswith(name)), None)
     if first is None:
