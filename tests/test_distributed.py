@@ -196,6 +196,7 @@ def _fit_once() -> nn.Module:
         k=3,
         optimizer="sgd",
         lr=0.05,
+        amp=False,  # bfloat16 would round each slice's products otherwise than the whole batch's
         stream=None,
     )
 
@@ -233,6 +234,7 @@ def test_nproc_2_ends_with_the_weights_of_one_process_and_only_rank_0_writes(idx
     # rounding in a near-zero gradient into a full step).
     args = [
         "model.backbone=small_cnn",  # no BatchNorm: it would normalise each slice on its own
+        "train.amp=false",  # float32: bfloat16 rounds a slice otherwise than the whole batch
         "train.optimizer=sgd",
         "train.lr=0.05",
         f"data=idx:{idx_dir}",
@@ -306,6 +308,7 @@ def test_a_cross_batch_memory_holds_global_batches(idx_dir, tmp_path):
         f"data=idx:{idx_dir}",
         "mode=batch",
         "model.backbone=small_cnn",  # no BatchNorm: it would normalise each slice on its own
+        "train.amp=false",  # float32: bfloat16 rounds a slice otherwise than the whole batch
         "model.dim=8",
         "train.p=4",
         "train.k=8",

@@ -129,3 +129,19 @@ def test_cli_export_then_embed_and_verify_with_the_file(exported, tmp_path):
     done = _cli("embed", exported["onnx"], tmp_path, "--out", tmp_path / "e.npy")
     assert done.returncode == 0, done.stderr
     assert np.load(tmp_path / "e.npy", allow_pickle=False).shape == (2, 16)
+
+
+def test_a_mirror_averaging_network_exports_with_its_mirror_image(exported):
+    run = train_tiny_run(exported["data"], exported["root"] / "mirror", "model.mirror=true")
+    path = export_onnx(run, exported["root"] / "mirror.onnx", progress=lambda _: None)
+    _, net = load_trained(run)
+    assert net.mirror
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = _test_images(exported)
+    for n in (1, 7):
+        got = session.run(["embedding"], {"input": x[:n].numpy()})[0]
+        flipped = session.run(["embedding"], {"input": x[:n].flip(-1).numpy()})[0]
+        with torch.no_grad():
+            want = net(x[:n]).numpy()
+        assert np.abs(got - want).max() <= 1e-5
+        assert np.abs(got - flipped).max() <= 1e-5  # the graph averages both images

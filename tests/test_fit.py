@@ -26,7 +26,7 @@ from deepmetric.models import EmbeddingNet, JointNet, SmallCNN, embed, register_
 from deepmetric.neighbors import nearest_other, retrieval_metrics
 from deepmetric.training import fit, load_data, load_trained, resume_config, train
 from deepmetric.training.fit import Source, _epoch_record
-from deepmetric.training.modes import VAL_ITEMS, JointMode, stratified_indices
+from deepmetric.training.modes import VAL_ITEMS, JointMode, pk_chunks, stratified_indices
 from deepmetric.training.schedule import LRPlan
 from deepmetric.training.state import Position
 
@@ -207,13 +207,18 @@ def test_validation_loss_is_the_trained_loss(idx_dir):
     metric_loss = TripletLoss(margin=0.2)
     mode = JointMode(data.y, metric_loss, p=4, k=8, seed=0, classes=torch.arange(4))
     record = _epoch_record(Config(), model, mode, Source(data), Position(), torch.device("cpu"))
-    idx = mode.val_indices(data.y)
+    batches = mode.val_batches(data.y)
+    assert len(batches) > 1 and all(len(b) == 4 * 8 for b in batches)  # the training batch shape
     model.eval()
+    expected, metric_only = [], []
     with torch.no_grad():
-        emb, logits = model(data.x[idx])
-        expected = metric_loss(emb, data.y[idx]) + nn.functional.cross_entropy(logits, data.y[idx])
-    assert record["val_loss"] == pytest.approx(float(expected), rel=1e-5)
-    assert record["val_loss"] > float(metric_loss(emb, data.y[idx]))  # the CE term is in it
+        for idx in batches:
+            emb, logits = model(data.x[idx])
+            ce = nn.functional.cross_entropy(logits, data.y[idx])
+            expected.append(float(metric_loss(emb, data.y[idx]) + ce))
+            metric_only.append(float(metric_loss(emb, data.y[idx])))
+    assert record["val_loss"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert record["val_loss"] > np.mean(metric_only)  # the CE term is in it
 
 
 def test_class_disjoint_validation(idx_dir):
@@ -352,3 +357,26 @@ def test_uint8_pixels_train_exactly_as_their_float32_values(idx_dir):
         nets.append(fit(TinyNet(), data, loss=TripletLoss(), **opts))
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("counts", "p", "k"), [((9, 9, 9, 9, 9), 2, 4), ((40, 8, 3), 4, 4), ((3, 3), 2, 4)]
+)
+def test_pk_chunks_are_batches_of_the_training_shape(counts, p, k):
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    chunks = pk_chunks(labels, idx, p, k)
+    if max(counts) < k:
+        assert len(chunks) == 1 and torch.equal(chunks[0], idx)  # too small: one batch
+        return
+    seen = torch.cat(chunks)
+    assert len(seen) == len(set(seen.tolist()))  # each item at most once
+    for chunk in chunks:
+        per_class = torch.bincount(labels[chunk], minlength=len(counts))
+        present = per_class[per_class > 0]
+        assert (present == k).all() and 2 <= len(present) <= p + 1
+    # a class gives its first k items per round that 2+ classes fill, in idx's order
+    for c, n in enumerate(counts):
+        rounds = sum(1 for r in range(n // k) if sum(m >= (r + 1) * k for m in counts) >= 2)
+        used = sorted(i for i in seen.tolist() if labels[i] == c)
+        assert used == sorted(idx[labels[idx] == c][: rounds * k].tolist())

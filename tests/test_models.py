@@ -397,3 +397,33 @@ def test_siamese_and_triplet_branches_share_one_forward_pass():
     assert not torch.allclose(e1, net(a), atol=1e-3)  # separate passes would differ
     ea, ep, en = TripletNet(net)(a, b, c)
     assert torch.allclose(torch.cat([ea, ep, en]), net(torch.cat([a, b, c])), atol=1e-6)
+
+
+# ------------------------------------------------------------------ mirror averaging
+
+
+def test_mirror_averages_an_image_with_its_mirror_image_in_eval_mode_only() -> None:
+    torch.manual_seed(0)
+    plain = EmbeddingNet(VGGSmall(), dim=8)
+    mirror = EmbeddingNet(VGGSmall(), dim=8, mirror=True)
+    mirror.load_state_dict(plain.state_dict())  # no parameters of its own
+    plain.eval(), mirror.eval()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        by_hand = F.normalize(
+            plain.fc(plain.backbone(x)) + plain.fc(plain.backbone(x.flip(-1))), dim=1
+        )
+        got = mirror(x)
+        torch.testing.assert_close(got, by_hand, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mirror(x.flip(-1)), got, rtol=0, atol=1e-6)  # mirror-invariant
+        assert not torch.allclose(plain(x), plain(x.flip(-1)), atol=1e-3)  # the net alone is not
+    plain.train(), mirror.train()
+    torch.manual_seed(1)
+    a = plain(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(mirror(x), a, rtol=0, atol=0)  # training: each image once
+
+
+def test_mirror_needs_images() -> None:
+    with pytest.raises(ValueError, match="needs images"):
+        EmbeddingNet(MLP(in_features=12), dim=4, mirror=True)

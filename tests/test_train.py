@@ -1,5 +1,6 @@
 """Training end to end on a small IDX data set the tests write (no downloads)."""
 
+import importlib
 import json
 import os
 import signal
@@ -276,3 +277,48 @@ def test_a_saved_network_says_its_input_channels_whatever_its_key_order(backbone
     if backbone != "small_cnn":
         with pytest.raises(ConfigError, match=r"not a model\.backbone=small_cnn network"):
             _sample_input(wrong, ordered)
+
+
+def test_amp_dtype_per_device(monkeypatch):
+    fit_module = importlib.import_module("deepmetric.training.fit")
+    assert fit_module.autocast_dtype(False, torch.device("cpu")) is None
+    assert fit_module.autocast_dtype(True, torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(fit_module, "native_bfloat16", lambda: True)
+    assert fit_module.autocast_dtype(True, torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(fit_module, "native_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="no hardware bfloat16"):
+        assert fit_module.autocast_dtype(True, torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(
+    not importlib.import_module("deepmetric.training.fit").native_bfloat16(),
+    reason="this CPU has no hardware bfloat16",
+)
+def test_amp_on_the_cpu_trains_in_bfloat16_and_resumes_exactly(idx_dir, tmp_path):
+    """train.amp=true on a CPU with hardware bfloat16: the network runs under bfloat16 autocast
+    (its weights leave the float32 run's path), learns as well, and resumes bit for bit."""
+    step = "train.schedule=step"  # the learning rate of epoch 1 does not depend on the total
+    fp32 = _config(idx_dir, tmp_path / "fp32", "epochs=2", step, "train.amp=false")
+    amp = _config(idx_dir, tmp_path / "amp", "epochs=2", step, "train.amp=true")
+    s32, s16 = train(fp32, stream=None), train(amp, stream=None)
+    a, b = _weights(tmp_path / "fp32"), _weights(tmp_path / "amp")
+    assert all(v.dtype == torch.float32 for v in b.values() if v.is_floating_point())
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4  # bfloat16 was used
+    assert s16["test_precision_at_1"] >= s32["test_precision_at_1"] - 0.1
+    part = _config(idx_dir, tmp_path / "part", "epochs=1", step, "train.amp=true")
+    train(part, stream=None)
+    train(resume_config(tmp_path / "part", ["epochs=2"]), resume=True, stream=None)
+    c = _weights(tmp_path / "part")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_mirror_from_the_config_and_not_for_mlp(idx_dir, tmp_path):
+    config = _config(idx_dir, tmp_path / "run", "model.mirror=true")
+    net = build_model(config, torch.zeros(2, 1, 28, 28), 3)
+    assert net.mirror
+    with pytest.raises(ConfigError, match=r"model\.mirror=true"):
+        build_model(
+            _config(idx_dir, tmp_path / "m", "model.mirror=true", "model.backbone=mlp"),
+            torch.zeros(2, 1, 28, 28),
+            3,
+        )

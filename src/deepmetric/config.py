@@ -36,6 +36,10 @@ class ModelConfig:
     #: small_cnn: BatchNorm after each convolution (vgg_small and resnet_small always have it)
     batch_norm: bool = False
     padding: int = 1  # small_cnn: 1 keeps the border (28 -> 14 -> 7), 0 the classic net (-> 5)
+    #: images: embed each image and its mirror image and average the two (eval mode: the
+    #: trained network, evaluation, inference); null: as train.augment (a network trained on
+    #: flipped images averages, one trained without flips does not)
+    mirror: bool | None = None
     #: a model registered with ``deepmetric.models.register_model`` (``fit(..., builder=)``);
     #: when set, ``backbone`` is ignored and the run's model is ``builder(**builder_args)``
     builder: str | None = None
@@ -98,7 +102,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear learning-rate warm-up at the start
     label_smoothing: float = 0.0  # joint mode: label smoothing of the cross-entropy term
     grad_clip: float = 0.0  # max gradient norm; 0 disables
-    amp: bool = False  # mixed precision, on CUDA only
+    #: mixed precision: float16 on CUDA, bfloat16 on a CPU with hardware bfloat16 (others:
+    #: float32, with a warning)
+    amp: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_fraction: float = 0.1
     classes: list[int] | None = None  # train on these classes only (open-set protocol)

@@ -324,11 +324,19 @@ class EmbeddingNet(nn.Module):
     and ``in_channels`` / ``in_features`` (all backbones here do), inputs are checked and a
     mismatch raises ``ValueError`` naming the expected and the received shape.
 
+    With ``mirror=True`` (images only) the network in eval mode embeds each image and its
+    mirror image (flipped left-right) in one forward pass and returns the mean of the two
+    projections, ``e(x) = (fc(f(x)) + fc(f(flip(x)))) / 2``, then normalises: the embedding
+    of an image and of its mirror image are then the same, as they are for the flip-averaged
+    features of face recognition. Training (train mode) embeds each image once, as it is.
+
     Input: whatever the backbone takes, e.g. ``(B, C, H, W)``; output ``(B, dim)`` with unit
     L2 norm rows when ``normalize`` is true.
     """
 
-    def __init__(self, backbone: nn.Module, dim: int = 128, normalize: bool = True) -> None:
+    def __init__(
+        self, backbone: nn.Module, dim: int = 128, normalize: bool = True, mirror: bool = False
+    ) -> None:
         super().__init__()
         out_features = getattr(backbone, "out_features", None)
         if isinstance(out_features, bool) or not isinstance(out_features, int):
@@ -338,6 +346,9 @@ class EmbeddingNet(nn.Module):
         self.fc = nn.Linear(out_features, dim)
         self.dim = dim
         self.normalize = normalize
+        if mirror and getattr(backbone, "input_ndim", 4) != 4:
+            raise ValueError("mirror=True averages an image with its mirror image: needs images")
+        self.mirror = mirror
         # Declared input expectation (None: unknown, not checked).
         ndim = getattr(backbone, "input_ndim", None)
         self.input_ndim: int | None = ndim if isinstance(ndim, int) else None
@@ -361,7 +372,11 @@ class EmbeddingNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x -> (B, dim)``."""
         self.check_input(x)
-        e = self.fc(self.backbone(x))
+        if self.mirror and not self.training:
+            both = self.fc(self.backbone(torch.cat([x, x.flip(-1)])))  # (2B, dim)
+            e = both.unflatten(0, (2, -1)).mean(0)  # a symbolic batch size stays symbolic
+        else:
+            e = self.fc(self.backbone(x))
         return F.normalize(e, p=2.0, dim=1) if self.normalize else e
 
 

@@ -80,10 +80,21 @@ def load_data(config: Config) -> tuple[ArrayDataset, ArrayDataset]:
     return train_val_split(data, config.train.val_fraction, seed=config.seed)
 
 
+def mirror_of(config: Config) -> bool:
+    """``model.mirror``, or when it is null, whether training flips images (``train.augment``
+    with an image backbone)."""
+    m = config.model
+    if m.mirror is None:
+        return config.train.augment and m.backbone != "mlp"
+    return m.mirror
+
+
 def build_model(config: Config, sample: torch.Tensor, num_classes: int) -> nn.Module:
     """``EmbeddingNet`` (or ``JointNet`` in joint mode) sized for inputs like ``sample``."""
-    name = config.model.backbone
+    name, m = config.model.backbone, config.model
     if name == "mlp":
+        if m.mirror is True:
+            raise ConfigError("model.mirror=true averages images with their mirror images: not mlp")
         backbone = build_backbone(name, in_features=int(np.prod(sample.shape[1:])))
     else:
         if sample.dim() != 4:
@@ -91,10 +102,9 @@ def build_model(config: Config, sample: torch.Tensor, num_classes: int) -> nn.Mo
                 f"model.backbone={name} needs images (N, C, H, W); the data is "
                 f"{tuple(sample.shape)}: use model.backbone=mlp"
             )
-        m = config.model
         extra = {"batch_norm": m.batch_norm, "padding": m.padding} if name == "small_cnn" else {}
         backbone = build_backbone(name, in_channels=sample.shape[1], **extra)
-    net = EmbeddingNet(backbone, dim=config.model.dim, normalize=config.model.normalize)
+    net = EmbeddingNet(backbone, dim=m.dim, normalize=m.normalize, mirror=mirror_of(config))
     return JointNet(net, num_classes) if config.mode == "joint" else net
 
 

@@ -87,11 +87,13 @@ class Source:
 def _epoch_record(
     config: Config, model: nn.Module, mode: Mode, val: Source | None, pos: Position, device
 ) -> dict[str, Any]:
-    """Train loss (mean over the epoch's batches); on the validation data, the same loss on a
-    fixed stratified batch (joint mode with class-disjoint validation: the metric term alone,
-    the classifier has no output for those classes), the leave-one-out precision@1 of every
-    item, and MAP@R (the open-set protocol's selection metric) over a fixed stratified sample
-    of at most ``VAL_ITEMS`` items (R = the sample's items of the query's class, less one)."""
+    """Train loss (mean over the epoch's batches); on the validation data, the same loss on
+    fixed batches shaped as the training ones, from a stratified sample (joint mode with
+    class-disjoint validation: the metric term alone, the classifier has no output for those
+    classes; see ``val_batches`` in :mod:`deepmetric.training.modes`), the leave-one-out
+    precision@1 of every item, and MAP@R (the open-set protocol's selection metric) over a
+    fixed stratified sample of at most ``VAL_ITEMS`` items (R = the sample's items of the
+    query's class, less one)."""
     record: dict[str, Any] = {
         "kind": "epoch",
         "epoch": pos.epoch + 1,
@@ -109,18 +111,21 @@ def _epoch_record(
         sample = stratified_indices(val.labels, VAL_ITEMS, config.seed)
         retrieval = retrieval_metrics(emb[sample], val.labels[sample], metric=config.loss.metric)
         record["val_map_at_r"] = retrieval["map_at_r"]
-        idx = mode.val_indices(val.labels)
+        batches = [b for b in mode.val_batches(val.labels) if len(b)]
         loss_fn = getattr(mode, "loss_fn", None)
-        if len(idx):
+        if batches:
             model.eval()
             if isinstance(loss_fn, nn.Module):  # a cross-batch memory: neither read nor written
                 loss_fn.eval()
             with torch.no_grad():
-                step = mode.loss(model, x[idx].to(device), val.labels[idx].to(device))
+                total = sum(
+                    float(mode.loss(model, x[b].to(device), val.labels[b].to(device)).loss) * len(b)
+                    for b in batches
+                )
             model.train()
             if isinstance(loss_fn, nn.Module):
                 loss_fn.train()
-            record["val_loss"] = float(step.loss)
+            record["val_loss"] = total / sum(len(b) for b in batches)
     return record
 
 
@@ -175,6 +180,31 @@ def _local_batch(
     return x.to(device, non_blocking=True), train.labels[part].to(device)
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
+    """The low-precision dtype of ``train.amp`` on ``device``, or None (float32): float16 on
+    CUDA (with a gradient scaler), bfloat16 on a CPU that computes it in hardware. Distances
+    and losses stay float32 under autocast (see :mod:`deepmetric.distances`)."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and native_bfloat16():
+        return torch.bfloat16
+    warnings.warn(
+        f"train.amp=true: no hardware bfloat16 on this {device.type} (AVX512-BF16 or AMX); "
+        "training in float32",
+        stacklevel=3,
+    )
+    return None
+
+
 def _parallel(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` wrapped in DistributedDataParallel inside a process group, else ``model``."""
     if not distributed.is_distributed():
@@ -202,9 +232,8 @@ def train_loop(
     each global batch; rank 0 alone validates, logs and writes checkpoints, and all ranks stop
     at the same batch when any receives Ctrl-C / SIGTERM."""
     t = config.train
-    use_amp = t.amp and device.type == "cuda"
-    if t.amp and not use_amp:
-        warnings.warn("train.amp=true needs CUDA; training in float32 on the CPU", stacklevel=2)
+    amp_dtype = autocast_dtype(t.amp, device)
+    use_amp = amp_dtype == torch.float16  # float16 needs a gradient scaler, bfloat16 does not
     loss_fn = getattr(mode, "loss_fn", None)
     state = RunState(
         model,
@@ -241,7 +270,9 @@ def train_loop(
                 stop.check(agree=distributed.largest)
                 x, y = _local_batch(config, train, idx, pos.epoch, b, device, n_views)
                 lr = set_lr(state.optimizer, plan, pos.step)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                with torch.autocast(
+                    device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+                ):
                     step = mode.loss(net, x, y, distributed.gather)
                 value = distributed.mean(float(step.loss.detach()))
                 _check_loss(value, pos.step + 1)

@@ -11,8 +11,11 @@ Every mode has the same four parts:
   (:func:`deepmetric.distributed.gather`) joins the embeddings of all slices, so the loss and
   its mining see the global batch (the default, :func:`~deepmetric.distributed.local`, is the
   one-process identity);
-- ``val_indices(labels)``: a fixed validation batch on which the same loss is reported, so the
-  validation loss is comparable with the training loss.
+- ``val_batches(labels)``: fixed validation batches on which the same loss is reported (their
+  mean, weighted by batch size), so the validation loss is comparable with the training loss:
+  the P x K modes cut a class-stratified sample into batches of the training batch's shape (a
+  batch loss such as batch-all depends on the batch size), the pair and triplet modes take
+  one batch of pairs or triplets (their loss is a mean over them).
 
 The modes: :class:`PKMode` (P x K batches, any loss over ``(embeddings, labels)``),
 :class:`JointMode` (the same plus cross-entropy on a classifier head: the model returns
@@ -78,6 +81,24 @@ def stratified_indices(labels: torch.Tensor, total: int, seed: int) -> torch.Ten
     return torch.from_numpy(np.concatenate(picked)[:total])
 
 
+def pk_chunks(labels: torch.Tensor, idx: torch.Tensor, p: int, k: int) -> list[torch.Tensor]:
+    """The items ``idx`` as P x K batches: round r takes items ``r k .. (r + 1) k - 1`` of each
+    class (in ``idx``'s order) that has that many, and cuts the classes of the round into
+    groups of ``p`` (a last group of fewer than 2 classes joins the one before). Items of
+    incomplete rounds are left out; ``[idx]`` when no round is complete (a small split)."""
+    y = labels[idx]
+    per_class = [idx[y == c] for c in torch.unique(y)]
+    chunks: list[torch.Tensor] = []
+    for r in range(max((len(v) for v in per_class), default=0) // k):
+        full = [v[r * k : (r + 1) * k] for v in per_class if len(v) >= (r + 1) * k]
+        groups = [full[g : g + p] for g in range(0, len(full), p)]
+        if len(groups) > 1 and len(groups[-1]) < 2:
+            last = groups.pop()
+            groups[-1] = groups[-1] + last
+        chunks += [torch.cat(g) for g in groups if len(g) >= 2]
+    return chunks or [idx]
+
+
 def _pk_batches(sampler: PKSampler, epoch: int) -> Iterator[torch.Tensor]:
     sampler.set_epoch(epoch)
     for idx in sampler:
@@ -100,6 +121,7 @@ class PKMode:
         views: tuple[nn.Module, float] | None = None,
     ):
         self.sampler = PKSampler(labels, p, k, seed=seed)
+        self.p, self.k = self.sampler.p, k
         self.loss_fn = loss_fn
         self.seed = seed
         self.steps_per_epoch = len(self.sampler)
@@ -135,8 +157,9 @@ class PKMode:
     ) -> Step:
         return Step(*self._batch_loss(model(x).float(), y, gather))
 
-    def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
-        return stratified_indices(labels, VAL_ITEMS, self.seed)
+    def val_batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
+        sample = stratified_indices(labels, VAL_ITEMS, self.seed)
+        return pk_chunks(labels, sample, self.p, self.k)
 
 
 class JointMode(PKMode):
@@ -220,10 +243,10 @@ class SiameseMode:
         b = len(emb) // 2
         return Step(self.loss_fn(emb[:b], emb[b:], y[:b] == y[b:]), emb, None)
 
-    def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
+    def val_batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
         n = min(len(labels), VAL_ITEMS // 2)
         sampler = PairSampler(labels, n, n_pairs=n, seed=self.seed)
-        return torch.as_tensor(next(iter(sampler)))
+        return [torch.as_tensor(next(iter(sampler)))]
 
 
 def _triplet_batches(
@@ -266,9 +289,9 @@ class TripletMode:
         ea, ep, en = emb.chunk(3)
         return Step(self.loss_fn(ea, ep, en), emb, None)
 
-    def val_indices(self, labels: torch.Tensor) -> torch.Tensor:
+    def val_batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
         a, p, n = random_triplets(labels, min(len(labels), VAL_ITEMS // 3), seed=self.seed)
-        return torch.cat([a, p, n])
+        return [torch.cat([a, p, n])]
 
 
 class OfflineMode(TripletMode):

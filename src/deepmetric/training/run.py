@@ -34,6 +34,7 @@ from deepmetric.training.builders import (
     build_model,
     load_data,
     load_options,
+    mirror_of,
     resolve_device,
 )
 from deepmetric.training.fit import Source, has_checkpoint, run_config
@@ -49,7 +50,10 @@ def train(
     Inside a process group (``deepmetric train --nproc N``, ``torchrun``) every rank trains its
     slice of each global batch; rank 0 alone writes the run folder and tests the result (the
     other ranks return the training summary only)."""
-    config = replace(config, out=str(config.run_dir))
+    # config.yaml says whether the trained network averages mirror images (never null)
+    config = replace(
+        config, out=str(config.run_dir), model=replace(config.model, mirror=mirror_of(config))
+    )
     train_set, val_set = load_data(config)
     main = distributed.is_main()
     if main:
@@ -127,6 +131,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} is not a run folder: {path} is missing") from None
     values["out"] = str(run_dir)
+    if isinstance(values.get("model"), dict):  # runs made before model.mirror: without
+        values["model"].setdefault("mirror", False)
     config = config_from_dict(values)
     for text in overrides or []:
         key, _, value = text.partition("=")
