@@ -417,8 +417,13 @@ def test_train_val_split_stratified_disjoint_deterministic() -> None:
     train, val = train_val_split(ds, 0.2, seed=3)
     ids_t, ids_v = set(train.x[:, 0].int().tolist()), set(val.x[:, 0].int().tolist())
     assert not ids_t & ids_v and len(ids_t | ids_v) == len(ds)
-    assert torch.bincount(val.y, minlength=4).tolist() == [2, 4, 1, 0]
-    assert torch.bincount(train.y, minlength=4).tolist() == [8, 16, 4, 1]
+    # classes of 10, 20, 5 and 1: a fifth each, but 2 at least from a class of 4 or more
+    assert torch.bincount(val.y, minlength=4).tolist() == [2, 4, 2, 0]
+    assert torch.bincount(train.y, minlength=4).tolist() == [8, 16, 3, 1]
+    _, small = train_val_split(ds, 0.05, seed=3)  # 0.5, 1.0, 0.25 items: 2 each
+    assert torch.bincount(small.y, minlength=4).tolist() == [2, 2, 2, 0]
+    _, none = train_val_split(ds, 0.0, seed=3)
+    assert len(none) == 0
     again_t, _ = train_val_split(ds, 0.2, seed=3)
     assert torch.equal(again_t.x, train.x)
     other_t, _ = train_val_split(ds, 0.2, seed=4)

@@ -106,7 +106,7 @@ class TrainConfig:
     #: float32, with a warning)
     amp: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    val_fraction: float = 0.1
+    val_fraction: float = 0.05
     classes: list[int] | None = None  # train on these classes only (open-set protocol)
     #: class-disjoint validation (Musgrave et al. 2020): these classes (of ``classes``, or of
     #: all when unset) are held out of training and ARE the validation split; replaces

@@ -678,9 +678,11 @@ def load_dataset(
 def train_val_split(
     ds: ArrayDataset, val_fraction: float, seed: int = 0
 ) -> tuple[ArrayDataset, ArrayDataset]:
-    """Stratified split: about ``val_fraction`` of each class goes to validation.
+    """Stratified split: about ``val_fraction`` of each class goes to validation, and at
+    least 2 items of a class of 4 or more (so that even a small data set has validation pairs
+    of every class: a verification threshold needs them).
 
-    Every class keeps at least one training sample. Deterministic for ``seed``; both
+    Every class keeps at least one training sample (two when it gives two to validation). Deterministic for ``seed``; both
     parts keep the original sample order.
     """
     if not 0.0 <= val_fraction < 1.0:
@@ -691,6 +693,8 @@ def train_val_split(
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_val = min(round(val_fraction * len(idx)), len(idx) - 1)
+        if val_fraction > 0 and len(idx) >= 4:
+            n_val = max(n_val, 2)
         val.append(idx[:n_val])
     val_mask = np.zeros(len(labels), dtype=bool)
     if val:
