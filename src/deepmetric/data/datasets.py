@@ -682,8 +682,8 @@ def train_val_split(
     least 2 items of a class of 4 or more (so that even a small data set has validation pairs
     of every class: a verification threshold needs them).
 
-    Every class keeps at least one training sample (two when it gives two to validation). Deterministic for ``seed``; both
-    parts keep the original sample order.
+    Every class keeps at least one training sample (two when it gives two to validation).
+    Deterministic for ``seed``; both parts keep the original sample order.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
