@@ -33,7 +33,6 @@ from deepmetric.config import (
 from deepmetric.config import validate as validate_config
 from deepmetric.data import ArrayDataset, augment
 from deepmetric.losses import CrossBatchMemory
-from deepmetric.models import embed
 from deepmetric.neighbors import nearest_other, retrieval_metrics
 from deepmetric.training.builders import (
     build_mode,
@@ -104,29 +103,55 @@ def _epoch_record(
         "val_map_at_r": float("nan"),
     }
     if val is not None and len(val) >= 2:
-        x = val.fetch(torch.arange(len(val)))
-        emb = embed(embedding_part(model), x, device)
+        loss_fn = getattr(mode, "loss_fn", None)
+        model.eval()
+        if isinstance(loss_fn, nn.Module):  # a cross-batch memory: neither read nor written
+            loss_fn.eval()
+        try:  # one forward pass over the split: the embeddings and the loss's outputs
+            out = _outputs(model, val, device)
+            emb = out[0] if isinstance(out, tuple) else out
+            with torch.no_grad():
+                batches = [b for b in mode.val_batches(val.labels) if len(b)]
+                losses = [
+                    mode.loss_of(_rows(out, b, device), val.labels[b].to(device)).loss
+                    for b in batches
+                ]
+        finally:
+            model.train()
+            if isinstance(loss_fn, nn.Module):
+                loss_fn.train()
+        if batches:
+            sizes = [len(b) for b in batches]
+            record["val_loss"] = sum(float(v) * n for v, n in zip(losses, sizes)) / sum(sizes)
         _, correct = nearest_other(emb, val.labels, config.loss.metric)
         record["val_precision_at_1"] = float(correct.float().mean())
         sample = stratified_indices(val.labels, VAL_ITEMS, config.seed)
         retrieval = retrieval_metrics(emb[sample], val.labels[sample], metric=config.loss.metric)
         record["val_map_at_r"] = retrieval["map_at_r"]
-        batches = [b for b in mode.val_batches(val.labels) if len(b)]
-        loss_fn = getattr(mode, "loss_fn", None)
-        if batches:
-            model.eval()
-            if isinstance(loss_fn, nn.Module):  # a cross-batch memory: neither read nor written
-                loss_fn.eval()
-            with torch.no_grad():
-                total = sum(
-                    float(mode.loss(model, x[b].to(device), val.labels[b].to(device)).loss) * len(b)
-                    for b in batches
-                )
-            model.train()
-            if isinstance(loss_fn, nn.Module):
-                loss_fn.train()
-            record["val_loss"] = total / sum(len(b) for b in batches)
     return record
+
+
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, data: Source, device: torch.device, batch: int = 1024) -> Outputs:
+    """``model``'s outputs for every item of ``data``, ``batch`` items at a time, float32 on
+    the CPU: (N, D) embeddings, or a tuple such as (embeddings, logits) for a joint model."""
+    parts = [
+        model(data.fetch(torch.arange(i, min(i + batch, len(data)))).to(device))
+        for i in range(0, len(data), batch)
+    ]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[j].float().cpu() for p in parts]) for j in range(len(parts[0])))
+    return torch.cat([p.float().cpu() for p in parts])
+
+
+def _rows(out: Outputs, idx: torch.Tensor, device: torch.device) -> Outputs:
+    """The rows ``idx`` of every output, on ``device``."""
+    if isinstance(out, tuple):
+        return tuple(o[idx].to(device) for o in out)
+    return out[idx].to(device)
 
 
 def _optimizer_step(state: RunState, loss: torch.Tensor, grad_clip: float) -> None:

@@ -5,7 +5,8 @@ Every mode has the same four parts:
 - ``steps_per_epoch``: batches in one epoch;
 - ``batches(epoch)``: the index batches of that epoch, a pure function of (seed, epoch) (the
   offline mode also depends on the current weights);
-- ``loss(model, x, y, gather) -> Step``: the training loss of one batch, from ONE forward pass
+- ``loss(model, x, y, gather) -> Step``: the training loss of one batch, ``loss_of(model(x),
+  y, gather)``: a function of the model's outputs, from ONE forward pass
   over the whole batch (Siamese and triplet inputs are concatenated, so BatchNorm sees one
   batch); in a distributed run ``x`` is this rank's slice of the global batch and ``gather``
   (:func:`deepmetric.distributed.gather`) joins the embeddings of all slices, so the loss and
@@ -121,7 +122,7 @@ class PKMode:
         views: tuple[nn.Module, float] | None = None,
     ):
         self.sampler = PKSampler(labels, p, k, seed=seed)
-        self.p, self.k = self.sampler.p, k
+        self.p, self.k = p, k
         self.loss_fn = loss_fn
         self.seed = seed
         self.steps_per_epoch = len(self.sampler)
@@ -155,7 +156,10 @@ class PKMode:
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
     ) -> Step:
-        return Step(*self._batch_loss(model(x).float(), y, gather))
+        return self.loss_of(model(x), y, gather)
+
+    def loss_of(self, out: torch.Tensor, y: torch.Tensor, gather: Gather = local) -> Step:
+        return Step(*self._batch_loss(out.float(), y, gather))
 
     def val_batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
         sample = stratified_indices(labels, VAL_ITEMS, self.seed)
@@ -188,14 +192,14 @@ class JointMode(PKMode):
         self.weight = weight
         self.label_smoothing = label_smoothing
 
-    def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    def loss_of(
+        self, out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, gather: Gather = local
     ) -> Step:
         """Metric loss (over the global batch) + weight x cross-entropy over the items of
         classes the head knows (this rank's slice: DDP averages that term's gradient over
         ranks); items of other classes (a class-disjoint validation batch) add no
         cross-entropy, so on such a batch the loss is the metric term alone."""
-        emb, logits = model(x)
+        emb, logits = out
         metric, all_emb, all_y = self._batch_loss(emb.float(), y, gather)
         logits = logits[: len(y)]  # the first view's
         index = self.class_index.to(y.device)
@@ -238,7 +242,10 @@ class SiameseMode:
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
     ) -> Step:
-        emb, y = gather(model(x).float(), y)
+        return self.loss_of(model(x), y, gather)
+
+    def loss_of(self, out: torch.Tensor, y: torch.Tensor, gather: Gather = local) -> Step:
+        emb, y = gather(out.float(), y)
         emb = check_finite(emb)
         b = len(emb) // 2
         return Step(self.loss_fn(emb[:b], emb[b:], y[:b] == y[b:]), emb, None)
@@ -284,7 +291,10 @@ class TripletMode:
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
     ) -> Step:
-        emb, _ = gather(model(x).float(), y)
+        return self.loss_of(model(x), y, gather)
+
+    def loss_of(self, out: torch.Tensor, y: torch.Tensor, gather: Gather = local) -> Step:
+        emb, _ = gather(out.float(), y)
         emb = check_finite(emb)
         ea, ep, en = emb.chunk(3)
         return Step(self.loss_fn(ea, ep, en), emb, None)
