@@ -40,6 +40,9 @@ class ModelConfig:
     #: trained network, evaluation, inference); null: as train.augment (a network trained on
     #: flipped images averages, one trained without flips does not)
     mirror: bool | None = None
+    #: the Linear(dim) is a head for training only (as in SimCLR): the loss trains on its
+    #: outputs, the embedding is the backbone's features before it (256-d), L2-normalised
+    projection_head: bool = False
     #: a model registered with ``deepmetric.models.register_model`` (``fit(..., builder=)``);
     #: when set, ``backbone`` is ignored and the run's model is ``builder(**builder_args)``
     builder: str | None = None
@@ -118,6 +121,10 @@ class TrainConfig:
     #: images: random horizontal flips and shifts of up to 2 pixels (false for data whose
     #: mirror image is another thing: digits, text)
     augment: bool = True
+    #: images: each class becomes 8 classes, its images under the 8 symmetries of the square
+    #: (rotations by 90 degrees, with and without a vertical flip): class augmentation for
+    #: classes never trained on (configs/openset.yaml)
+    dihedral_classes: bool = False
     log_every: int = 10
 
 
@@ -415,6 +422,11 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "loss.ntxent_weight (two augmented views of each image) needs mode=batch or joint "
             "and train.augment=true"
+        )
+    if config.model.projection_head and config.mode != "batch":
+        raise ConfigError(
+            "model.projection_head=true embeds with the features before the Linear(dim) and "
+            "trains the loss on the Linear's outputs: it needs mode=batch"
         )
     if not 0 <= config.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")

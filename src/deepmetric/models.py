@@ -12,7 +12,8 @@ set of weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "build_backbone",
     "build_registered",
     "embed",
+    "projections",
     "register_model",
 ]
 
@@ -330,12 +332,23 @@ class EmbeddingNet(nn.Module):
     of an image and of its mirror image are then the same, as they are for the flip-averaged
     features of face recognition. Training (train mode) embeds each image once, as it is.
 
+    With ``projection_head=True`` the ``Linear`` is a head for training only, as in SimCLR
+    (Chen et al. 2020: the features before the head carry over to other tasks better than its
+    outputs): train mode returns ``normalize(fc(f(x)))`` (``dim`` wide) for the loss, eval mode
+    returns ``normalize(f(x))`` (``backbone.out_features`` wide; ``self.dim`` says which), or
+    the head's outputs again while ``self.project`` is true (see :func:`projections`).
+
     Input: whatever the backbone takes, e.g. ``(B, C, H, W)``; output ``(B, dim)`` with unit
     L2 norm rows when ``normalize`` is true.
     """
 
     def __init__(
-        self, backbone: nn.Module, dim: int = 128, normalize: bool = True, mirror: bool = False
+        self,
+        backbone: nn.Module,
+        dim: int = 128,
+        normalize: bool = True,
+        mirror: bool = False,
+        projection_head: bool = False,
     ) -> None:
         super().__init__()
         out_features = getattr(backbone, "out_features", None)
@@ -344,7 +357,13 @@ class EmbeddingNet(nn.Module):
         _check_positive("dim", dim)
         self.backbone = backbone
         self.fc = nn.Linear(out_features, dim)
-        self.dim = dim
+        self.projection_head = projection_head
+        #: width of the head's outputs (what the loss sees in training)
+        self.projection_dim = dim
+        #: width of the embeddings in eval mode
+        self.dim = out_features if projection_head else dim
+        #: eval mode with a projection head: return the head's outputs (validation loss)
+        self.project = False
         self.normalize = normalize
         if mirror and getattr(backbone, "input_ndim", 4) != 4:
             raise ValueError("mirror=True averages an image with its mirror image: needs images")
@@ -372,12 +391,29 @@ class EmbeddingNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x -> (B, dim)``."""
         self.check_input(x)
+        head = self.training or self.project or not self.projection_head
         if self.mirror and not self.training:
-            both = self.fc(self.backbone(torch.cat([x, x.flip(-1)])))  # (2B, dim)
+            both = self.backbone(torch.cat([x, x.flip(-1)]))
+            both = self.fc(both) if head else both  # (2B, D)
             e = both.unflatten(0, (2, -1)).mean(0)  # a symbolic batch size stays symbolic
         else:
-            e = self.fc(self.backbone(x))
+            e = self.backbone(x)
+            e = self.fc(e) if head else e
         return F.normalize(e, p=2.0, dim=1) if self.normalize else e
+
+
+@contextlib.contextmanager
+def projections(model: nn.Module) -> Iterator[None]:
+    """Inside, every :class:`EmbeddingNet` in ``model`` with a projection head returns the
+    head's outputs in eval mode too (what its loss was trained on)."""
+    nets = [m for m in model.modules() if isinstance(m, EmbeddingNet) and m.projection_head]
+    for m in nets:
+        m.project = True
+    try:
+        yield
+    finally:
+        for m in nets:
+            m.project = False
 
 
 def _shared_forward(net: nn.Module, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -4,7 +4,7 @@ Importing this package only imports code: nothing is read or downloaded until a 
 is called.
 """
 
-from deepmetric.data.augment import augment
+from deepmetric.data.augment import DIHEDRAL, augment, dihedral
 from deepmetric.data.datasets import (
     IDX_FILES,
     IMAGE_EXTENSIONS,
@@ -30,6 +30,7 @@ from deepmetric.data.preprocess import Preprocessing
 from deepmetric.data.samplers import PairSampler, PKSampler, balanced_pairs, random_triplets
 
 __all__ = [
+    "DIHEDRAL",
     "IDX_FILES",
     "IMAGE_EXTENSIONS",
     "MNIST_FAMILY",
@@ -44,6 +45,7 @@ __all__ = [
     "balanced_pairs",
     "class_split",
     "data_home",
+    "dihedral",
     "download_file",
     "fetch_mnist_family",
     "load_dataset",

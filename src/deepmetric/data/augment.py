@@ -35,3 +35,33 @@ def augment(
     return padded[
         torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
     ]
+
+
+#: the symmetries of the square: transform t rotates by (t mod 4) x 90 degrees, after a
+#: vertical flip when t >= 4
+DIHEDRAL = 8
+
+
+def dihedral(x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """Square images ``x`` (B, C, S, S) under the symmetries ``t`` (an int, or (B,) ints in
+    ``0..7``) of the square: ``rot90^(t mod 4)(flip_rows^(t >= 4)(x))``; same shape.
+
+    ``t = 0`` is the identity; the eight are distinct for an image with no symmetry."""
+    if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(
+            f"dihedral transforms need square images (B, C, S, S), got {tuple(x.shape)}"
+        )
+    ts = torch.as_tensor(t, dtype=torch.long)
+    if ts.dim() > 1 or (ts.dim() == 1 and len(ts) != len(x)):
+        raise ValueError(f"t must be an int or ({len(x)},) ints, got shape {tuple(ts.shape)}")
+    ts = ts.expand(len(x))
+    if len(ts) and (int(ts.min()) < 0 or int(ts.max()) >= DIHEDRAL):
+        raise ValueError(f"dihedral transforms are 0..{DIHEDRAL - 1}, got {ts.unique().tolist()}")
+    out = x.clone()
+    for k in ts.unique().tolist():
+        rows = ts == k
+        z = x[rows]
+        if k >= 4:
+            z = z.flip(-2)
+        out[rows] = torch.rot90(z, k % 4, (-2, -1))
+    return out

@@ -330,7 +330,11 @@ def evaluate_run(
     facts = [
         ("run", str(run_dir)),
         ("data", f"{spec} ({split}, {len(test_set):,} items)"),
-        ("model", f"{config.model.backbone} → {config.model.dim}-d, {metric} distance"),
+        (
+            "model",
+            f"{config.model.backbone} → {emb.shape[1]}-d, {metric} distance"
+            + (" (features before the projection head)" if config.model.projection_head else ""),
+        ),
         (
             "trained with",
             f"{config.mode} mode, {config.loss.name} loss"

@@ -104,7 +104,13 @@ def build_model(config: Config, sample: torch.Tensor, num_classes: int) -> nn.Mo
             )
         extra = {"batch_norm": m.batch_norm, "padding": m.padding} if name == "small_cnn" else {}
         backbone = build_backbone(name, in_channels=sample.shape[1], **extra)
-    net = EmbeddingNet(backbone, dim=m.dim, normalize=m.normalize, mirror=mirror_of(config))
+    net = EmbeddingNet(
+        backbone,
+        dim=m.dim,
+        normalize=m.normalize,
+        mirror=mirror_of(config),
+        projection_head=m.projection_head,
+    )
     return JointNet(net, num_classes) if config.mode == "joint" else net
 
 

@@ -31,8 +31,9 @@ from deepmetric.config import (
     dump_config,
 )
 from deepmetric.config import validate as validate_config
-from deepmetric.data import ArrayDataset, augment
+from deepmetric.data import augment
 from deepmetric.losses import CrossBatchMemory
+from deepmetric.models import projections
 from deepmetric.neighbors import nearest_other, retrieval_metrics
 from deepmetric.training.builders import (
     build_mode,
@@ -51,36 +52,8 @@ from deepmetric.training.modes import (
     stratified_indices,
 )
 from deepmetric.training.schedule import set_lr
+from deepmetric.training.source import Source, training_source
 from deepmetric.training.state import Position, RunState, StopRequested, StopSignals
-
-
-class Source:
-    """Index access to a data set: ``labels`` (N,) int64 and ``fetch(idx) -> inputs (B, ...)``.
-
-    An :class:`~deepmetric.data.ArrayDataset` is indexed directly; any other map-style
-    ``Dataset`` of ``(input, label)`` is read item by item (its labels once, at the start,
-    unless given)."""
-
-    def __init__(self, data: Dataset, labels: Any = None) -> None:
-        self.data = data
-        if labels is not None:
-            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        elif isinstance(data, ArrayDataset):
-            self.labels = data.y
-        else:
-            self.labels = torch.as_tensor([int(data[i][1]) for i in range(len(data))])  # type: ignore[arg-type]
-        if self.labels.dim() != 1 or len(self.labels) != len(data):  # type: ignore[arg-type]
-            raise ValueError(
-                f"labels must be (N,) = ({len(data)},), got {tuple(self.labels.shape)}"  # type: ignore[arg-type]
-            )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.data, ArrayDataset):
-            return self.data.inputs[idx]
-        return torch.stack([torch.as_tensor(self.data[int(i)][0]) for i in idx])
 
 
 def _epoch_record(
@@ -110,6 +83,9 @@ def _epoch_record(
         try:  # one forward pass over the split: the embeddings and the loss's outputs
             out = _outputs(model, val, device)
             emb = out[0] if isinstance(out, tuple) else out
+            if any(getattr(m, "projection_head", False) for m in model.modules()):
+                with projections(model):  # the loss is on the head's outputs
+                    out = _outputs(model, val, device)
             with torch.no_grad():
                 batches = [b for b in mode.val_batches(val.labels) if len(b)]
                 losses = [
@@ -424,7 +400,8 @@ def fit(
     config.model.builder, config.model.builder_args = builder, dict(builder_args or {})
     validate_config(config)
     val = Source(val_data, val_labels) if val_data is not None else None
-    run_config(config, model, Source(train_data, labels), val, loss, resume=resume, stream=stream)
+    train = training_source(Source(train_data, labels), config.train.dihedral_classes)
+    run_config(config, model, train, val, loss, resume=resume, stream=stream)
     return model
 
 

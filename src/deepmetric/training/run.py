@@ -37,8 +37,9 @@ from deepmetric.training.builders import (
     mirror_of,
     resolve_device,
 )
-from deepmetric.training.fit import Source, has_checkpoint, run_config
+from deepmetric.training.fit import has_checkpoint, run_config
 from deepmetric.training.log import RunLog
+from deepmetric.training.source import Source, training_source
 
 
 def train(
@@ -58,13 +59,14 @@ def train(
     main = distributed.is_main()
     if main:
         _record_preprocessing(config, train_set.data, resume)
-    classes = torch.unique(train_set.y)
+    train_source = training_source(Source(train_set), config.train.dihedral_classes)
+    classes = torch.unique(train_source.labels)
     torch.manual_seed(config.seed)  # the same initial weights for the same seed
     model = build_model(config, train_set.inputs[:1], len(classes))
     summary = run_config(
         config,
         model,
-        Source(train_set),
+        train_source,
         Source(val_set) if len(val_set) else None,
         build_loss(config, classes.tolist()),
         resume=resume,
