@@ -19,7 +19,7 @@ from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
 from deepmetric.config import ConfigError, load_config
 from deepmetric.data import DIHEDRAL, ArrayDataset, PKSampler, dihedral, load_dataset
 from deepmetric.inference import Embedder, export_onnx
-from deepmetric.models import EmbeddingNet, SmallCNN, projections
+from deepmetric.models import MLP, EmbeddingNet, SmallCNN, VGGSmall, projections
 from deepmetric.training import load_trained, resume_config, train
 from deepmetric.training.source import DihedralSource, Source
 
@@ -130,19 +130,25 @@ def data(tmp_path_factory) -> Path:
 
 
 LEVERS = ("train.dihedral_classes=true", "model.projection_head=true", "mode=batch")
+READOUT = "model.conv_readout=true"
 #: a schedule that does not depend on the number of epochs, so that 1 + 1 epochs == 2
 STEP = "train.schedule=step"
 
 
-def test_a_run_with_both_levers_resumes_bit_for_bit_and_embeds_its_features(data, tmp_path):
-    full = train_tiny_run(data, tmp_path / "full", *LEVERS, STEP, "epochs=2", "train.augment=true")
-    part = train_tiny_run(data, tmp_path / "part", *LEVERS, STEP, "epochs=1", "train.augment=true")
+@pytest.mark.parametrize("readout,dim", [((), 256), ((READOUT,), 256 + 64 * 7 * 7)])
+def test_a_run_with_both_levers_resumes_bit_for_bit_and_embeds_its_features(
+    data, tmp_path, readout, dim
+):
+    levers = (*LEVERS, *readout, STEP, "train.augment=true")
+    full = train_tiny_run(data, tmp_path / "full", *levers, "epochs=2")
+    part = train_tiny_run(data, tmp_path / "part", *levers, "epochs=1")
     train(resume_config(part, ["epochs=2"]), resume=True, stream=None)
     (a, _), (b, _) = (load_checkpoint(latest_checkpoint(r)) for r in (full, part))
     assert all(torch.equal(a[k], b[k]) for k in a)
     config, net = load_trained(full)
     assert config.train.dihedral_classes and config.model.projection_head
-    assert isinstance(net, EmbeddingNet) and net.projection_head and net.dim == 256
+    assert isinstance(net, EmbeddingNet) and net.projection_head and net.dim == dim
+    assert net.conv_readout == bool(readout) == config.model.conv_readout
     epochs = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r.get("kind") == "epoch"]
     assert len(epochs) == 2  # the validation loss is the loss on the head's outputs
@@ -150,7 +156,7 @@ def test_a_run_with_both_levers_resumes_bit_for_bit_and_embeds_its_features(data
     embedder = Embedder.from_run(full)
     images = load_dataset(f"idx:{data}", "test").x
     emb = embedder.embed(images[:5])
-    assert emb.shape == (5, 256)
+    assert emb.shape == (5, dim)
     path = export_onnx(full, tmp_path / "model.onnx", progress=lambda _: None)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(["embedding"], {"input": images[:5].numpy()})[0]
@@ -174,3 +180,38 @@ def _tiny(data: Path, out: Path, *overrides: str) -> list[str]:
 def test_the_projection_head_needs_batch_mode(mode):
     with pytest.raises(ConfigError, match=r"projection_head.*mode=batch"):
         load_config(None, [f"mode={mode}", "model.projection_head=true"])
+
+
+@pytest.mark.parametrize("backbone", [SmallCNN(padding=1), SmallCNN(padding=0), VGGSmall()])
+def test_conv_readout_concatenates_the_normalised_map_and_features(backbone):
+    torch.manual_seed(0)
+    net = EmbeddingNet(backbone, dim=16, projection_head=True, conv_readout=True).eval()
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        conv_map, features = backbone.forward_with_map(x)
+        assert torch.equal(features, backbone(x))
+        assert conv_map.shape == (5, backbone.map_features)
+        want = torch.cat([F.normalize(features, dim=1), F.normalize(conv_map, dim=1)], 1)
+        got = net(x)
+        assert got.shape == (5, 256 + backbone.map_features) == (5, net.dim)
+        assert torch.allclose(got, want / 2**0.5, atol=1e-6)
+        with projections(net):
+            assert torch.allclose(net(x), F.normalize(net.fc(features), dim=1))
+        net.mirror = True
+        assert torch.allclose(net(x), net(x.flip(-1)), atol=1e-6)
+    net.train()
+    assert net(x).shape == (5, 16)  # training sees the head alone
+
+
+def test_conv_readout_needs_the_head_and_a_map():
+    with pytest.raises(ValueError, match="needs projection_head"):
+        EmbeddingNet(SmallCNN(), 8, conv_readout=True)
+    with pytest.raises(ValueError, match="forward_with_map"):
+        EmbeddingNet(MLP(12), 8, projection_head=True, conv_readout=True)
+    for overrides in (
+        ["model.conv_readout=true"],
+        ["model.conv_readout=true", "model.projection_head=true", "model.backbone=resnet_small"],
+        ["model.projection_head=true", "model.builder=mine"],
+    ):
+        with pytest.raises(ConfigError, match=r"conv_readout|builder"):
+            load_config(None, ["mode=batch", *overrides])

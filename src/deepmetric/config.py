@@ -43,6 +43,9 @@ class ModelConfig:
     #: the Linear(dim) is a head for training only (as in SimCLR): the loss trains on its
     #: outputs, the embedding is the backbone's features before it (256-d), L2-normalised
     projection_head: bool = False
+    #: with projection_head (small_cnn, vgg_small): the embedding also holds the last
+    #: convolutional map, L2-normalised, concatenated (256 + 3,136 = 3,392-d for small_cnn)
+    conv_readout: bool = False
     #: a model registered with ``deepmetric.models.register_model`` (``fit(..., builder=)``);
     #: when set, ``backbone`` is ignored and the run's model is ``builder(**builder_args)``
     builder: str | None = None
@@ -394,6 +397,10 @@ _BOUNDS: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
 )
 
 
+#: backbones whose last convolutional map ``model.conv_readout`` can read
+_MAPPED = ("small_cnn", "vgg_small")
+
+
 def validate(config: Config) -> None:
     """Value checks that types cannot express; each error names the key and the problem."""
     for key in valid_keys(Config):
@@ -427,6 +434,17 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "model.projection_head=true embeds with the features before the Linear(dim) and "
             "trains the loss on the Linear's outputs: it needs mode=batch"
+        )
+    m = config.model
+    if m.builder and (m.projection_head or m.conv_readout):
+        raise ConfigError(
+            "model.projection_head and model.conv_readout shape deepmetric's EmbeddingNet; "
+            f"model.builder={m.builder} builds a network of its own"
+        )
+    if m.conv_readout and not (m.projection_head and m.backbone in _MAPPED):
+        raise ConfigError(
+            "model.conv_readout=true adds the last convolutional map to the features before the "
+            f"head: it needs model.projection_head=true and backbone {' or '.join(_MAPPED)}"
         )
     if not 0 <= config.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")

@@ -111,12 +111,23 @@ class SmallCNN(nn.Module):
         )
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, 256)``."""
+    @property
+    def map_features(self) -> int:
+        """Size of the last convolution's map, flattened: ``64 S^2``."""
+        return 64 * self.side**2
+
+    def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W) -> (map (B, 64 S^2), features (B, 256))``: the last convolution's
+        map (after its ReLU and pool), flattened, and what :meth:`forward` returns."""
         x = self.conv2(self.conv1(x.contiguous(memory_format=torch.channels_last)))
         if x.shape[-2:] != (self.side, self.side):
             x = self.pool(x)
-        return self.fc(torch.flatten(x, 1))
+        flat = torch.flatten(x, 1)
+        return flat, self.fc(flat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, 256)``."""
+        return self.forward_with_map(x)[1]
 
 
 class VGGSmall(nn.Module):
@@ -161,12 +172,23 @@ class VGGSmall(nn.Module):
         )
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W) -> (B, 256)``."""
+    @property
+    def map_features(self) -> int:
+        """Size of the last stage's map, flattened: ``widths[-1] * 7 * 7``."""
+        return self.widths[-1] * 49
+
+    def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, H, W) -> (map (B, widths[-1] * 49), features (B, 256))``: the last
+        stage's map, flattened, and what :meth:`forward` returns."""
         x = self.features(x.contiguous(memory_format=torch.channels_last))
         if x.shape[-2:] != (7, 7):
             x = self.pool(x)
-        return self.fc(torch.flatten(x, 1))
+        flat = torch.flatten(x, 1)
+        return flat, self.fc(flat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, 256)``."""
+        return self.forward_with_map(x)[1]
 
 
 class BasicBlock(nn.Module):
@@ -336,7 +358,11 @@ class EmbeddingNet(nn.Module):
     (Chen et al. 2020: the features before the head carry over to other tasks better than its
     outputs): train mode returns ``normalize(fc(f(x)))`` (``dim`` wide) for the loss, eval mode
     returns ``normalize(f(x))`` (``backbone.out_features`` wide; ``self.dim`` says which), or
-    the head's outputs again while ``self.project`` is true (see :func:`projections`).
+    the head's outputs again while ``self.project`` is true (see :func:`projections`). With
+    ``conv_readout=True`` as well (a backbone with ``forward_with_map``: SmallCNN, VGGSmall),
+    the eval embedding also holds the last convolutional map: ``normalize([normalize(f(x)),
+    normalize(map(x))])``, ``out_features + map_features`` wide (256 + 3,136 for SmallCNN):
+    the convolutions, which specialise least, carry over to new classes best.
 
     Input: whatever the backbone takes, e.g. ``(B, C, H, W)``; output ``(B, dim)`` with unit
     L2 norm rows when ``normalize`` is true.
@@ -349,6 +375,7 @@ class EmbeddingNet(nn.Module):
         normalize: bool = True,
         mirror: bool = False,
         projection_head: bool = False,
+        conv_readout: bool = False,
     ) -> None:
         super().__init__()
         out_features = getattr(backbone, "out_features", None)
@@ -360,8 +387,19 @@ class EmbeddingNet(nn.Module):
         self.projection_head = projection_head
         #: width of the head's outputs (what the loss sees in training)
         self.projection_dim = dim
+        if conv_readout and not projection_head:
+            raise ValueError("conv_readout=True reads out before the head: needs projection_head")
+        map_features = getattr(backbone, "map_features", None)
+        if conv_readout and not (hasattr(backbone, "forward_with_map") and map_features):
+            raise ValueError(
+                f"conv_readout=True needs a backbone with forward_with_map and map_features "
+                f"(SmallCNN, VGGSmall), not {type(backbone).__name__}"
+            )
+        self.conv_readout = conv_readout
         #: width of the embeddings in eval mode
         self.dim = out_features if projection_head else dim
+        if conv_readout:
+            self.dim += int(map_features)  # type: ignore[arg-type]
         #: eval mode with a projection head: return the head's outputs (validation loss)
         self.project = False
         self.normalize = normalize
@@ -393,13 +431,20 @@ class EmbeddingNet(nn.Module):
         self.check_input(x)
         head = self.training or self.project or not self.projection_head
         if self.mirror and not self.training:
-            both = self.backbone(torch.cat([x, x.flip(-1)]))
-            both = self.fc(both) if head else both  # (2B, D)
+            both = self._embed(torch.cat([x, x.flip(-1)]), head)  # (2B, D)
             e = both.unflatten(0, (2, -1)).mean(0)  # a symbolic batch size stays symbolic
         else:
-            e = self.backbone(x)
-            e = self.fc(e) if head else e
+            e = self._embed(x, head)
         return F.normalize(e, p=2.0, dim=1) if self.normalize else e
+
+    def _embed(self, x: torch.Tensor, head: bool) -> torch.Tensor:
+        """The head's outputs, or the readout before it (features, with the map)."""
+        if head:
+            return self.fc(self.backbone(x))
+        if not self.conv_readout:
+            return self.backbone(x)
+        conv_map, features = self.backbone.forward_with_map(x)
+        return torch.cat([F.normalize(features, dim=1), F.normalize(conv_map, dim=1)], 1)
 
 
 @contextlib.contextmanager

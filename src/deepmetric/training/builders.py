@@ -110,6 +110,7 @@ def build_model(config: Config, sample: torch.Tensor, num_classes: int) -> nn.Mo
         normalize=m.normalize,
         mirror=mirror_of(config),
         projection_head=m.projection_head,
+        conv_readout=m.conv_readout,
     )
     return JointNet(net, num_classes) if config.mode == "joint" else net
 
