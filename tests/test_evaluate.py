@@ -136,6 +136,13 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
                 assert g["map_at_r"] == pytest.approx(w["map_at_r"], abs=1e-6)
                 assert g["confused_with"] == w["confused_with"]
     assert [r["class"] for r in unseen["by_class"]] == [4, 5]
+    # Beside the validation threshold's accuracy: the 10-fold cross-validated one on the same
+    # pairs (what carrying the threshold over costs), for all classes and the unseen ones.
+    for block, keep in ((saved, slice(None)), (unseen, ~torch.isin(test_set.y, seen_ids))):
+        cv, _ = _out_of_fold_per_class(emb[keep], test_set.y[keep], config.loss.metric, config.seed)
+        got = block["verification"]["accuracy_cross_validated"]
+        assert got == pytest.approx(statistics.fmean(cv.accuracies), abs=1e-12)
+        assert block["verification"]["threshold_source"] == "validation"
     assert saved["data"]["class_names"] == [str(c) for c in range(6)]
     cats = saved["triplet_categories"]
     assert cats["easy"] + cats["semi_hard"] + cats["hard"] == pytest.approx(1.0)
@@ -152,6 +159,7 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert page.count("The network against the raw inputs") == 2  # all classes, unseen ones
     assert page.count("Retrieval per class, the network against the raw inputs") == 2
     assert page.count("untrained network: the same retrieval metrics") == 2
+    assert page.count("verification accuracy, 10-fold cross-validated") == 2
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -176,6 +184,8 @@ def test_evaluate_command_line_on_other_data_keeps_the_run_threshold(trained, ca
     # the unseen classes 4, 5, each with its MAP@R and the raw pixels' in brackets
     assert re.search(r"per class, MAP@R \(raw inputs\): 4 [01]\.\d{3} \([01]\.\d{3}\)", printed)
     assert re.search(r"; 5 [01]\.\d{3} \([01]\.\d{3}\)", printed)
+    # and their verification, judged by their own cross-validation (no validation threshold)
+    assert re.search(r"\n  verification accuracy [01]\.\d{4} \(threshold .*, cross-valid", printed)
     assert saved.read_text() == sentinel and saved.stat().st_mtime_ns == stamp
     saved_metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     v = saved_metrics["verification"]

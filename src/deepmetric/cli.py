@@ -128,6 +128,14 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"; untrained network: precision@1 {uu['precision_at_1']:.4f}  MAP@R "
             f"{uu['map_at_r']:.4f})"
         )
+        uv = u["verification"]
+        cv = uv.get("accuracy_cross_validated")
+        print(
+            f"  verification accuracy {uv['accuracy']:.4f} (threshold {uv['threshold']:.4f}, "
+            f"{uv['threshold_source']})"
+            + (f", 10-fold cross-validated on these pairs {cv:.4f}" if cv is not None else "")
+            + f"  ROC AUC {uv['roc_auc']:.4f}  EER {uv['eer']:.4f}"
+        )
         if "by_class" in u:
             print("  per class, MAP@R (raw inputs): " + _by_class_line(m, u))
     return 0

@@ -50,6 +50,11 @@ def _headline(metrics: dict[str, Any]) -> str:
         *((f"recall@{k}", r) for k, r in metrics["recall_at_k"].items()),
         ("NMI (k-means)", metrics["nmi"]),
         ("verification accuracy", v["accuracy"]),
+        *(
+            (("verification accuracy, 10-fold cross-validated", v["accuracy_cross_validated"]),)
+            if "accuracy_cross_validated" in v
+            else ()
+        ),
         ("ROC AUC", v["roc_auc"]),
         ("EER", v["eer"]),
         *((f"TAR @ FAR {k}", t) for k, t in v["tar_at_far"].items()),
