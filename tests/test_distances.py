@@ -4,7 +4,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deepmetric.distances import METRICS, paired, pairwise
+from deepmetric.distances import METRICS, paired, paired_at, pairwise
 
 
 def _rand(seed: int, *shape: int) -> torch.Tensor:
@@ -79,3 +79,41 @@ def test_bad_metric_and_shapes():
         pairwise(torch.zeros(2, 2), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="same shape"):
         paired(torch.zeros(2, 2), torch.zeros(3, 2))
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 6),
+    k=st.integers(0, 9),
+    d=st.integers(1, 5),
+    chunk=st.integers(1, 12),
+    metric=st.sampled_from(METRICS),
+)
+def test_paired_at_matches_loops_and_paired_in_any_chunks(seed, n, k, d, chunk, metric):
+    x = _rand(seed, n, d)
+    g = torch.Generator().manual_seed(seed)
+    i, j = torch.randint(n, (k,), generator=g), torch.randint(n, (k,), generator=g)
+    got = paired_at(x, i, j, metric, chunk=chunk)
+    expected = [reference.dist(x[a], x[b], metric) for a, b in zip(i.tolist(), j.tolist())]
+    assert got.shape == (k,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64).reshape(k))
+    if k:  # the same numbers as gathering first, bit for bit
+        assert torch.equal(got, paired(x[i], x[j], metric))
+
+
+def test_paired_at_float32_gradient_and_bad_input():
+    x = _rand(0, 5, 3).float().requires_grad_(True)
+    i, j = torch.tensor([0, 1, 4, 2]), torch.tensor([3, 1, 0, 2])
+    d = paired_at(x, i, j, chunk=3)  # one pair per chunk
+    assert d.dtype == torch.float32
+    (got,) = torch.autograd.grad(d.sum(), x)
+    (want,) = torch.autograd.grad(paired(x[i], x[j]).sum(), x)
+    assert torch.equal(got, want) and torch.isfinite(got).all()  # (1, 1) and (2, 2): d = 0
+    with pytest.raises(ValueError, match="one shape"):
+        paired_at(x, i, j[:2])
+    with pytest.raises(ValueError, match="NaN"):
+        paired_at(torch.tensor([[0.0, float("nan")]]), torch.tensor([0]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_at(x, i, j, "manhattan")
+    with pytest.raises(ValueError, match="chunk"):
+        paired_at(x, i, j, chunk=0)

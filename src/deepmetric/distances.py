@@ -1,7 +1,9 @@
 """Distances between embeddings.
 
 ``pairwise(x, y)`` gives the (N, M) matrix every loss and miner works on; ``paired(x, y)`` gives
-the (N,) distances of row i of ``x`` to row i of ``y`` (explicit pairs and triplets).
+the (N,) distances of row i of ``x`` to row i of ``y`` (explicit pairs and triplets);
+``paired_at(x, i, j)`` the distances of rows ``i[k]`` and ``j[k]`` of one set, in chunks (the
+evaluation's pairs: never the (K, D) gathered copies).
 
 Metrics:
 
@@ -181,3 +183,44 @@ def paired(x: torch.Tensor, y: torch.Tensor, metric: Metric = "euclidean") -> to
             return (1.0 - F.cosine_similarity(x, y, dim=1, eps=1e-12)).clamp(0.0, 2.0)
         sq = ((x - y) ** 2).sum(dim=1)
         return sq if metric == "squared_euclidean" else _safe_sqrt(sq)
+
+
+#: Gathered numbers per chunk of :func:`paired_at` (float32: 16 MiB per gathered side).
+PAIRED_AT_CHUNK = 1 << 22
+
+
+def paired_at(
+    x: torch.Tensor,
+    i: torch.Tensor,
+    j: torch.Tensor,
+    metric: Metric = "euclidean",
+    *,
+    chunk: int = PAIRED_AT_CHUNK,
+) -> torch.Tensor:
+    """``d[k] = d(x[i[k]], x[j[k]])`` for (K,) index tensors ``i``, ``j`` into the (N, D)
+    embeddings ``x``: the values of ``paired(x[i], x[j], metric)``, computed ``chunk // D``
+    pairs at a time, so memory is O(chunk), not O(K D), and ``x`` is checked once."""
+    check_metric(metric)
+    check_embeddings(x, "x")
+    i, j = torch.as_tensor(i), torch.as_tensor(j)
+    if i.dim() != 1 or i.shape != j.shape:
+        raise ValueError(
+            f"i and j must be (K,) index tensors of one shape, got {tuple(i.shape)} and "
+            f"{tuple(j.shape)}"
+        )
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    i, j = i.to(x.device), j.to(x.device)
+    step = max(1, chunk // max(1, x.shape[1]))
+    dtype = _compute_dtype(x)
+    with _autocast_off(x.device):
+        parts = []
+        for start in range(0, len(i), step):
+            a = x[i[start : start + step]].to(dtype)
+            b = x[j[start : start + step]].to(dtype)
+            if metric == "cosine":
+                parts.append((1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-12)).clamp(0.0, 2.0))
+            else:
+                sq = ((a - b) ** 2).sum(dim=1)
+                parts.append(sq if metric == "squared_euclidean" else _safe_sqrt(sq))
+        return torch.cat(parts) if parts else x.new_zeros(0, dtype=dtype)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from deepmetric.distances import Metric, check_embeddings, check_metric, paired, pairwise
+from deepmetric.distances import Metric, check_embeddings, check_metric, paired_at, pairwise
 from deepmetric.evaluate.pairs import (
     Groups,
     generator,
@@ -147,7 +147,7 @@ def per_class_table(
 
     Statistics without data (a singleton class, a single class) are NaN. Sampling uses one
     generator seeded with ``seed``, through the classes in order. Memory: distances only for the
-    sampled triplets and pairs (with :func:`~deepmetric.distances.paired`), and blocks of 1024
+    sampled triplets and pairs (with :func:`~deepmetric.distances.paired_at`), and blocks of 1024
     queries x N for the nearest neighbours; never an N x N matrix.
 
     Args:
@@ -178,10 +178,9 @@ def per_class_table(
         correct = torch.zeros(len(lab), dtype=torch.bool)
     judged_accuracy = None if judged is None else _judged_accuracy(groups, lab, judged)
     g = generator(seed)
-    device = x.device
 
     def dist(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return paired(x[i.to(device)], x[j.to(device)], metric).double().cpu()
+        return paired_at(x, i, j, metric).double().cpu()
 
     rows = []
     for c in range(len(groups.classes)):

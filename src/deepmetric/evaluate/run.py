@@ -54,7 +54,7 @@ from deepmetric.checkpoints import weights_sha256
 from deepmetric.config import Config, ConfigError
 from deepmetric.data import ArrayDataset, class_split, load_dataset
 from deepmetric.data.datasets import Split
-from deepmetric.distances import paired
+from deepmetric.distances import paired_at
 from deepmetric.evaluate import figures
 from deepmetric.evaluate.diagnostics import JudgedPairs, per_class_table, test_triplet_categories
 from deepmetric.evaluate.metrics import (
@@ -100,7 +100,7 @@ def _pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(i, j, distances, same)`` of the deterministic verification pairs of a labelled set."""
     i, j, same = verification_pairs(labels, seed=seed)
-    return i, j, paired(emb[i], emb[j], metric), same
+    return i, j, paired_at(emb, i, j, metric), same
 
 
 def _has_pairs(labels: torch.Tensor) -> bool:

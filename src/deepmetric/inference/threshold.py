@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from deepmetric.distances import check_metric, paired
+from deepmetric.distances import check_metric, paired_at
 from deepmetric.evaluate.pairs import verification_pairs
 from deepmetric.evaluate.roc import choose_threshold, roc_curve
 
@@ -155,7 +155,7 @@ def validation_pairs(
             "verification pairs need two classes and one class with two items or more"
         )
     i, j, same = verification_pairs(labels, seed=seed)
-    return paired(embeddings[i], embeddings[j], metric), same
+    return paired_at(embeddings, i, j, metric), same
 
 
 def fit_threshold(
