@@ -84,7 +84,7 @@ def test_untrained_network_is_the_initial_network_of_a_run(tmp_path):
         assert not torch.equal(other.state_dict()["fc.weight"], before["fc.weight"])
 
 
-def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
+def test_evaluate_writes_metrics_figures_report_and_threshold(trained, tmp_path, capsys):
     run_dir, idx_dir = trained
     metrics = evaluate_run(run_dir, embedding_map=True, progress=lambda _: None)
     saved = json.loads((run_dir / "eval" / "metrics.json").read_text())
@@ -160,6 +160,15 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained):
     assert page.count("Retrieval per class, the network against the raw inputs") == 2
     assert page.count("untrained network: the same retrieval metrics") == 2
     assert page.count("verification accuracy, 10-fold cross-validated") == 2
+    # the command line's unseen-class line gives both accuracies, as metrics.json has them
+    argv = ["evaluate", str(run_dir), "--out", str(tmp_path), "--no-map", "--device", "cpu"]
+    assert cli_main(argv) == 0
+    u = unseen["verification"]
+    want = (
+        f"\n  verification accuracy {u['accuracy']:.4f} (threshold {u['threshold']:.4f}, "
+        f"validation), 10-fold cross-validated on these pairs {u['accuracy_cross_validated']:.4f}"
+    )
+    assert want in capsys.readouterr().out
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:

@@ -178,11 +178,15 @@ def paired(x: torch.Tensor, y: torch.Tensor, metric: Metric = "euclidean") -> to
         )
     dtype = _compute_dtype(x, y)
     with _autocast_off(x.device):
-        x, y = x.to(dtype), y.to(dtype)
-        if metric == "cosine":
-            return (1.0 - F.cosine_similarity(x, y, dim=1, eps=1e-12)).clamp(0.0, 2.0)
-        sq = ((x - y) ** 2).sum(dim=1)
-        return sq if metric == "squared_euclidean" else _safe_sqrt(sq)
+        return _rowwise(x.to(dtype), y.to(dtype), metric)
+
+
+def _rowwise(x: torch.Tensor, y: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """``d(x_i, y_i)`` of checked, same-shape, same-dtype (N, D) tensors: (N,)."""
+    if metric == "cosine":
+        return (1.0 - F.cosine_similarity(x, y, dim=1, eps=1e-12)).clamp(0.0, 2.0)
+    sq = ((x - y) ** 2).sum(dim=1)
+    return sq if metric == "squared_euclidean" else _safe_sqrt(sq)
 
 
 #: Gathered numbers per chunk of :func:`paired_at` (float32: 16 MiB per gathered side).
@@ -214,13 +218,8 @@ def paired_at(
     step = max(1, chunk // max(1, x.shape[1]))
     dtype = _compute_dtype(x)
     with _autocast_off(x.device):
-        parts = []
-        for start in range(0, len(i), step):
-            a = x[i[start : start + step]].to(dtype)
-            b = x[j[start : start + step]].to(dtype)
-            if metric == "cosine":
-                parts.append((1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-12)).clamp(0.0, 2.0))
-            else:
-                sq = ((a - b) ** 2).sum(dim=1)
-                parts.append(sq if metric == "squared_euclidean" else _safe_sqrt(sq))
+        parts = [
+            _rowwise(x[i[s : s + step]].to(dtype), x[j[s : s + step]].to(dtype), metric)
+            for s in range(0, len(i), step)
+        ]
         return torch.cat(parts) if parts else x.new_zeros(0, dtype=dtype)

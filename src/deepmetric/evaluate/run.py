@@ -127,9 +127,9 @@ def retrieval_and_verification(
     out: dict[str, Any] = dict(retrieval_metrics(emb, labels, metric=metric, per_class=True))
     out["nmi"] = clustering_nmi(emb, labels, seed=seed)
     i, j, dist, same = _pairs(emb, labels, metric, seed)
+    cv = out_of_fold(dist, same, folds=FOLDS, seed=seed, groups=i * len(labels) + j)
+    accuracies = torch.tensor(cv.accuracies, dtype=torch.float64)
     if threshold is None:
-        cv = out_of_fold(dist, same, folds=FOLDS, seed=seed, groups=i * len(labels) + j)
-        accuracies = torch.tensor(cv.accuracies, dtype=torch.float64)
         verification = verification_metrics(dist, same, threshold=float(np.median(cv.thresholds)))
         verification["accuracy"] = float(accuracies.mean())
         verification["accuracy_std"] = float(accuracies.std(correction=0))
@@ -140,8 +140,7 @@ def retrieval_and_verification(
         per_class = per_class_table(emb, labels, metric=metric, judged=judged, seed=seed)
     else:
         verification = verification_metrics(dist, same, threshold=threshold)
-        cv = out_of_fold(dist, same, folds=FOLDS, seed=seed, groups=i * len(labels) + j)
-        verification["accuracy_cross_validated"] = float(np.mean(cv.accuracies))
+        verification["accuracy_cross_validated"] = float(accuracies.mean())
         verification["threshold_source"] = "validation"
         verification["protocol"] = VALIDATION_PROTOCOL
         per_class = per_class_table(emb, labels, metric=metric, threshold=threshold, seed=seed)
