@@ -66,6 +66,7 @@ def _train(args: argparse.Namespace) -> int:
                 f"{config.run_dir} already holds a run: resume it (--resume {config.run_dir}) "
                 "or set out=ANOTHER_DIR"
             )
+        distributed.on_cuda(config.train.device, args.nproc)  # too few GPUs: one line, here
         return _launch(args.nproc, _without_nproc(args.argv))  # the config was checked above
     if distributed.launched_by_torchrun():
         distributed.init_from_env(config.train.device)
@@ -259,8 +260,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from deepmetric.inference import Embedder, export_onnx
 
-    embedder = Embedder.from_run(args.run_dir, device="cpu", progress=_progress)
-    path = export_onnx(embedder, args.out)
+    embedder = Embedder.from_run(args.run_dir, device=args.device, progress=_progress)
+    path = export_onnx(embedder, args.out)  # traced on the CPU: the file runs anywhere
     pre = embedder.preprocessing
     shape = f"(N, {', '.join(map(str, pre.shape))})" if pre is not None else "(N, ...)"
     try:
@@ -506,7 +507,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo_oneshot(args: argparse.Namespace) -> int:
     from deepmetric.demo_oneshot import main as oneshot
 
-    oneshot(args.overrides, run=args.run, strangers=args.strangers, config=args.config)
+    oneshot(
+        args.overrides,
+        run=args.run,
+        strangers=args.strangers,
+        config=args.config,
+        device=args.device,
+    )
     return 0
 
 
@@ -585,7 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _import_option(evaluate)
 
-    device_help = "where a run's network runs: auto (CUDA when available, else CPU), cpu, cuda"
+    device_help = (
+        "where a run's network runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:N"
+    )
     model_help = "a run folder, or an .onnx file written by `deepmetric export`"
     embed = commands.add_parser(
         "embed",
@@ -625,6 +634,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--format", default="onnx", choices=["onnx"])
     export.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+    export.add_argument(
+        "--device",
+        default="auto",
+        help="where the network chooses a missing threshold on the validation split: auto, "
+        "cpu, cuda, cuda:N (the file itself is traced on the CPU and runs anywhere)",
+    )
     _import_option(export)
 
     gallery_help = "the gallery file (SQLite; its index is the folder GALLERY.index)"
@@ -756,6 +771,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     oneshot.add_argument(
         "--strangers", type=int, default=1000, help="test images of the seen classes to query"
     )
+    oneshot.add_argument(
+        "--device",
+        default="auto",
+        help="where the network trains (train.device, unless an override sets it) and runs: "
+        "auto (CUDA when available, else CPU), cpu, cuda, cuda:N",
+    )
     _import_option(oneshot)
 
     demo = commands.add_parser("demo", help="train a small net with each loss on synthetic data")
@@ -781,6 +802,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         _import_modules(args.imports)
+        if getattr(args, "device", None) is not None:  # every command but train (train.device)
+            from deepmetric.training import resolve_device
+
+            resolve_device(args.device)  # CUDA absent, a GPU not here, a typo: one line, now
         handlers = {
             "train": _train,
             "evaluate": _evaluate,

@@ -33,7 +33,7 @@ from deepmetric.data import load_dataset
 from deepmetric.gallery.gallery import Gallery, Identification, index_path
 from deepmetric.inference import Embedder
 from deepmetric.training import train
-from deepmetric.training.builders import load_options
+from deepmetric.training.builders import load_options, resolve_device
 from deepmetric.training.fit import has_checkpoint
 
 SEEN = [0, 1, 2, 3, 4, 5]
@@ -105,6 +105,7 @@ def main(
     run: str | Path = "runs/oneshot_0to5",
     strangers: int = 1000,
     config: str | Path | None = None,
+    device: str = "auto",
 ) -> dict[str, float]:
     """Run the protocol of the module docstring; print and return the figures.
 
@@ -116,6 +117,8 @@ def main(
         config: a YAML config to train with (``make demo-oneshot`` passes
             ``configs/openset.yaml``); it must set ``train.classes``, the seen classes. Without
             one: the defaults with ``train.classes=[0,1,2,3,4,5]``.
+        device: where the network trains (``train.device``, unless ``overrides`` set it) and
+            then embeds the gallery and the queries (and the gallery's index lives).
 
     Returns:
         ``one_shot_accuracy``, ``accepted_accuracy``, ``genuine_acceptance``,
@@ -124,10 +127,11 @@ def main(
     """
     if strangers < 0:
         raise ValueError(f"strangers must be >= 0, got {strangers}")
+    resolve_device(device)  # a bad or absent device: said before any training
     run = Path(run)
     seen = [] if config is not None else [f"train.classes={SEEN}".replace(" ", "")]
     config_path = config
-    config = load_config(config_path, [*seen, f"out={run}", *overrides])
+    config = load_config(config_path, [*seen, f"out={run}", f"train.device={device}", *overrides])
     if config.train.classes is None:
         raise ValueError(f"{config_path}: set train.classes (the classes trained on, 'seen')")
     if has_checkpoint(run):  # a run killed before its first save is trained again
@@ -135,7 +139,7 @@ def main(
     else:
         print(f"training on classes {config.train.classes} of {config.data} into {run}")
         train(config)
-    embedder = Embedder.from_run(run, progress=print)
+    embedder = Embedder.from_run(run, device=device, progress=print)
     threshold = embedder.threshold
 
     test = load_dataset(config.data, "test", **load_options(config))  # type: ignore[arg-type]

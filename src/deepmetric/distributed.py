@@ -52,16 +52,81 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def local_processes() -> int:
+    """The processes ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``, else
+    ``WORLD_SIZE``; 1 outside ``torchrun``)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def on_cuda(device: str, processes: int) -> bool:
+    """Whether ``processes`` processes on this machine training on ``device`` (``train.device``)
+    take one GPU each (nccl) rather than the CPU (gloo).
+
+    ``auto``: the GPUs when there are at least as many as processes, else the CPU. ``cuda``:
+    the GPUs, and a ``ValueError`` (one line, before any process starts) when there are fewer
+    than processes. ``cuda:N`` names one GPU: fine for one process, an error for several (they
+    would share it; use ``cuda`` or ``auto``). Anything else: the CPU."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return 0 < processes <= gpus
+    if not device.startswith("cuda"):
+        return False
+    if gpus == 0:
+        raise ValueError(f"train.device={device}: CUDA is not available here")
+    if ":" in device and processes > 1:
+        raise ValueError(
+            f"train.device={device} names one GPU for {processes} processes: use "
+            "train.device=cuda (one GPU per process) or auto"
+        )
+    if processes > gpus:
+        raise ValueError(
+            f"train.device={device}: {processes} processes need one GPU each and this machine "
+            f"has {gpus}: use --nproc {gpus}, or train.device=cpu (gloo)"
+        )
+    return True
+
+
 def init_from_env(device: str = "auto") -> None:
     """Join the process group that ``torchrun`` describes in the environment (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``): nccl when training on
-    CUDA (each process on GPU ``LOCAL_RANK``), gloo otherwise. Does nothing if already joined."""
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``).
+
+    On CUDA (:func:`on_cuda`: ``cuda``, or ``auto`` with a GPU for every local process) each
+    process takes GPU ``LOCAL_RANK`` (``cuda:N`` with one process per machine: GPU N) and the
+    group runs nccl for CUDA tensors and gloo for the few CPU ones (:func:`mean`,
+    :func:`largest`, :func:`broadcast`); otherwise gloo. ``auto`` with fewer GPUs than processes
+    says once (rank 0, on stderr) that it trains on the CPU. Does nothing if already joined."""
     if dist.is_initialized():
         return
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    processes = local_processes()
+    if not on_cuda(device, processes):
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device == "auto" and gpus and int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"note: train.device=auto: {processes} processes and {gpus} "
+                f"GPU{'s' * (gpus != 1)} on this machine, so training on the CPU (gloo); "
+                f"--nproc {gpus} or fewer trains on the GPUs",
+                file=sys.stderr,
+                flush=True,
+            )
+        dist.init_process_group("gloo")
+        return
+    named = torch.device(device) if device.startswith("cuda:") else None
+    index = named.index if named is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    gpu = torch.device("cuda", index)
+    torch.cuda.set_device(gpu)
+    dist.init_process_group("cpu:gloo,cuda:nccl", device_id=gpu)
+
+
+def process_device(device: str) -> torch.device | None:
+    """Where this process of a group trains for ``train.device`` = ``device``: in a group with
+    nccl, ``auto`` and ``cuda`` mean this process's own GPU (the current one); in a gloo group,
+    ``auto`` means the CPU. ``None`` outside a group, or when ``device`` names one (then it is
+    used as named)."""
+    if not is_distributed() or device not in ("auto", "cuda"):
+        return None
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if device == "auto" else None
 
 
 def shutdown() -> None:
@@ -203,7 +268,10 @@ __all__ = [
     "largest",
     "launched_by_torchrun",
     "local",
+    "local_processes",
     "mean",
+    "on_cuda",
+    "process_device",
     "rank",
     "shard",
     "shard_bounds",

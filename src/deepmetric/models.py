@@ -13,6 +13,7 @@ set of weights.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -468,18 +469,49 @@ def _shared_forward(net: nn.Module, *parts: torch.Tensor) -> tuple[torch.Tensor,
     return tuple(net(torch.cat(parts)).split(sizes))
 
 
+def module_device(net: nn.Module) -> torch.device | None:
+    """The device of ``net``'s first parameter (or buffer); ``None`` for a network without
+    either."""
+    for tensor in itertools.chain(net.parameters(), net.buffers()):
+        return tensor.device
+    return None
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` (the current GPU) and ``cuda:N`` name the same device when N is the current."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else 0
+        return (a.index if a.index is not None else current) == (
+            b.index if b.index is not None else current
+        )
+    return a.index == b.index
+
+
 @torch.no_grad()
 def embed(
     net: nn.Module,
     x: torch.Tensor | Batchable,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     *,
     batch: int = 1024,
 ) -> torch.Tensor:
     """(N, dim) float32 embeddings of ``x`` (N, ...) in eval mode, returned on the CPU, computed
     ``batch`` inputs at a time on ``device``; the module's train / eval mode is restored.
     ``x`` is a tensor or anything whose slices are tensors (``ArrayDataset.inputs``: uint8
-    pixels are then converted one batch at a time)."""
+    pixels are then converted one batch at a time).
+
+    ``device=None``: where the network's parameters are (the CPU for a network without any).
+    A network whose parameters are elsewhere than ``device`` is a ``ValueError`` (move it with
+    ``net.to(device)`` first): ``embed`` never moves a caller's network behind its back."""
+    where = module_device(net)
+    device = where if device is None else torch.device(device)
+    if where is not None and not _same_device(where, device):
+        raise ValueError(
+            f"the network is on {where}, the inputs would go to {device}: move it first "
+            f"(net.to({str(device)!r})) or pass device={str(where)!r}"
+        )
     was_training = net.training
     net.eval()
     try:

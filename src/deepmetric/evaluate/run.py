@@ -158,8 +158,8 @@ def retrieval_and_verification(
 def _device(name: str) -> torch.device:
     """The evaluation device: ``auto`` (CUDA when available, else CPU) or a torch device name,
     checked by allocating on it, so a bad or absent device is a one-line ``ConfigError``."""
+    device = resolve_device(name)  # a ConfigError saying why not
     try:
-        device = resolve_device(name)
         torch.zeros(1, device=device)
     except (RuntimeError, AssertionError, ValueError) as error:
         reason = (str(error).strip().splitlines() or ["unavailable"])[0]
@@ -277,7 +277,8 @@ def evaluate_run(
         "note": RAW_NOTE,
     }
     progress("untrained-network baseline")
-    untrained = embed(untrained_network(config, test_set.inputs[:1]), test_set.inputs, torch_device)
+    untrained_net = untrained_network(config, test_set.inputs[:1]).to(torch_device)
+    untrained = embed(untrained_net, test_set.inputs, torch_device)
     metrics["untrained_network_baseline"] = {
         **retrieval_metrics(untrained, test_set.y, metric=metric),
         "note": UNTRAINED_NOTE,

@@ -424,7 +424,7 @@ def run_config(
     if not distributed.is_main():
         stream = None
     torch.manual_seed(config.seed)
-    device = resolve_device(config.train.device)
+    device = distributed.process_device(config.train.device) or resolve_device(config.train.device)
     model.to(device)
     if isinstance(loss, nn.Module):  # proxies, a cross-batch memory
         loss.to(device)

@@ -55,6 +55,8 @@ def train(
     config = replace(
         config, out=str(config.run_dir), model=replace(config.model, mirror=mirror_of(config))
     )
+    if distributed.process_device(config.train.device) is None:
+        resolve_device(config.train.device)  # CUDA absent, a GPU not here: said before loading
     train_set, val_set = load_data(config)
     main = distributed.is_main()
     if main:
@@ -77,7 +79,7 @@ def train(
     net = model.embedding_net if hasattr(model, "embedding_net") else model
     summary = {
         "kind": "summary",
-        **test_report(config, net, resolve_device(config.train.device)),
+        **test_report(config, net),  # where it trained
         "run_dir": str(config.run_dir),
         **summary,
     }
@@ -104,9 +106,12 @@ def _record_preprocessing(config: Config, x: torch.Tensor, resume: bool) -> None
     os.replace(partial, run_dir / PREPROCESS_FILE)
 
 
-def test_report(config: Config, net: nn.Module, device: torch.device) -> dict[str, Any]:
+def test_report(
+    config: Config, net: nn.Module, device: torch.device | None = None
+) -> dict[str, Any]:
     """Precision@1 on the data set's test split (each test item a query against the others);
-    with ``train.classes``, also on the test items of the classes never trained on."""
+    with ``train.classes``, also on the test items of the classes never trained on. The
+    network runs on ``device`` (``None``: where it is)."""
     try:
         test_set = load_dataset(config.data, "test", **load_options(config))  # type: ignore[arg-type]
     except (ValueError, OSError):  # no test split (a plain folder or npz): nothing to report
