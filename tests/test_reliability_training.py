@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +39,7 @@ TRAIN = [sys.executable, "-m", "deepmetric", "train"]
 #: 4 classes x 8 images, P x K = 2 x 4: an epoch is 4 steps and ends with a checkpoint
 #: (3.3 MB of weights + 6.6 MB of optimiser state), so saves are frequent and take a while.
 TINY = [
+    "train.device=cpu",  # bit-for-bit resumes: the CPU's kernels, whatever GPUs are here
     "mode=batch",
     "model.dim=16",
     "train.p=2",
@@ -331,6 +333,42 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_checkpoint(data
     assert Path(f"{out}.rc").read_text().strip() == "2", err
     _assert_clear_error(err, f"{disk}/run/checkpoints/epoch0002", "No space left on device")
     _assert_kept_and_resumable(out, weights)
+
+
+def test_tensorboard_events_are_written_by_the_trainer_and_a_failure_is_its_error(tmp_path, capfd):
+    """With ``tensorboard`` installed, each record's scalars are in the events file when
+    ``RunLog.write`` returns, written by the calling thread from a file held open (torch's
+    SummaryWriter wrote from a thread of its own that re-opened the file for every record: when
+    the run folder turned read-only that thread died printing a traceback); a write that fails
+    (here a real ENOSPC from /dev/full) is an OSError of ``RunLog.write`` naming the file."""
+    pytest.importorskip("tensorboard")
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from deepmetric.training.log import RunLog
+
+    threads = threading.active_count()
+    log = RunLog(tmp_path, None)
+    try:
+        assert threading.active_count() == threads  # no writer thread
+        log.write({"kind": "step", "step": 1, "epoch": 0, "loss": 0.5, "lr": 0.25})
+        nan = float("nan")
+        log.write({"kind": "epoch", "epoch": 1, "step": 4, "val_loss": 0.75, "val_map_at_r": nan})
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()  # read back by TensorBoard's own reader, while the run goes on
+        assert [(e.step, e.value) for e in events.Scalars("step/loss")] == [(1, 0.5)]
+        assert [(e.step, e.value) for e in events.Scalars("epoch/val_loss")] == [(4, 0.75)]
+        assert "epoch/val_map_at_r" not in events.Tags()["scalars"]  # not finite: left out
+        events_file = log.tensorboard.path
+        full = open("/dev/full", "ab")  # noqa: SIM115 - closed by the log
+        log.tensorboard._file, log.tensorboard._records = full, RecordWriter(full)
+        with pytest.raises(OSError, match=f"cannot write {events_file}: No space left"):
+            log.write({"kind": "step", "step": 2, "epoch": 0, "loss": 0.4})
+    finally:
+        log.close()
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_a_run_folder_made_read_only_while_training_is_a_clear_error(data, tmp_path):

@@ -3,9 +3,13 @@ and the per-step diagnostics (share of active triplets, mean distance, collapse 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
+import socket
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,22 +86,70 @@ def truncate_log(run_dir: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+class EventFile:
+    """TensorBoard scalars, written synchronously into one events file opened once.
+
+    ``torch.utils.tensorboard.SummaryWriter`` writes from a background thread that re-opens
+    the file for every record: when the run folder turns read-only (or the disk fills) that
+    thread dies printing its own traceback, and the error reaches the trainer later, if at all.
+    Here each record is written and flushed by the caller, through a file held open like
+    ``log.jsonl``, so a failure is an ``OSError`` in :meth:`RunLog.write`, which names the file.
+    The records are TensorBoard's own (``tensorboard``'s protobufs and record framing); without
+    the ``tensorboard`` package there is no events file."""
+
+    _count = itertools.count()
+
+    def __init__(self, folder: Path) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event  # ImportError: no tensorboard
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        self._event, self._summary = Event, Summary
+        folder.mkdir(parents=True, exist_ok=True)
+        name = (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{next(self._count)}"
+        )
+        self.path = folder / name
+        self._file = self.path.open("ab")
+        self._records = RecordWriter(self._file)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """One event holding ``tag -> value`` at ``step``."""
+        Value = self._summary.Value
+        summary = self._summary(value=[Value(tag=k, simple_value=v) for k, v in values.items()])
+        self._write(self._event(wall_time=time.time(), step=step, summary=summary))
+
+    def _write(self, event: Any) -> None:
+        self._records.write(event.SerializeToString())
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file; an error closing it (everything was flushed already) is ignored, so
+        that it never hides the error a run is stopping for."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
 class RunLog:
-    """``log.jsonl`` lines, optional TensorBoard events and a one-line progress display.
+    """``log.jsonl`` lines, optional TensorBoard events (:class:`EventFile`, when the
+    ``tensorboard`` package is installed) and a one-line progress display.
 
     With ``run_dir=None`` (``fit`` without ``out``) only the progress display is kept."""
 
     def __init__(self, run_dir: Path | None, stream: TextIO | None) -> None:
         self.stream = stream
         self.file = (run_dir / LOG_FILE).open("a") if run_dir is not None else None
-        self.tensorboard = None
+        self.tensorboard: EventFile | None = None
         if run_dir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tensorboard = EventFile(run_dir / "tensorboard")
             except ImportError:  # tensorboard is optional
                 pass
+            except OSError as error:
+                self.close()
+                raise _cannot_write(error, run_dir / "tensorboard") from None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file is not None:
@@ -105,14 +157,19 @@ class RunLog:
                 self.file.write(json.dumps(record) + "\n")
                 self.file.flush()
             except OSError as error:  # a full disk, a read-only folder: say which file
-                raise OSError(
-                    error.errno, f"cannot write {self.file.name}: {error.strerror}"
-                ) from None
+                raise _cannot_write(error, self.file.name) from None
         if self.tensorboard is not None:
             step = record.get("step", record.get("epoch", 0))
-            for key, value in record.items():
-                if isinstance(value, float) and math.isfinite(value):
-                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, step)
+            values = {
+                f"{record['kind']}/{key}": value
+                for key, value in record.items()
+                if isinstance(value, float) and math.isfinite(value)
+            }
+            if values:
+                try:
+                    self.tensorboard.scalars(values, step)
+                except OSError as error:
+                    raise _cannot_write(error, self.tensorboard.path) from None
 
     def progress(self, text: str, *, final: bool = False) -> None:
         if self.stream is None:
@@ -130,3 +187,8 @@ class RunLog:
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+
+
+def _cannot_write(error: OSError, path: str | Path) -> OSError:
+    """``error`` saying which file: ``cannot write PATH: <reason>``."""
+    return OSError(error.errno, f"cannot write {path}: {error.strerror or error}")
