@@ -30,6 +30,11 @@ sha256, preprocessing, dim, metric) and refuses to open with any other model
 (:class:`ModelMismatchError`); an ONNX export of the same run has the same identity and is
 accepted.
 
+**Device.** The index computes where the model does (:attr:`Embedder.device`: ``Gallery.open``
+and the CLI's ``--device`` load the model there; an ONNX model runs on the CPU): an exact
+index keeps its vectors on that GPU, a faiss one stays on the CPU. Results are the same
+either way (distances to float32 rounding).
+
 **The index stays in step with the database.** The store's ``generation`` counts changes to
 its examples. On open, the saved index is used when it was saved at the store's current
 generation (and holds as many examples); otherwise it is rebuilt from the database and saved.
@@ -183,7 +188,9 @@ def _far_threshold(
             "carries only the threshold it was exported with)"
         )
     run = Path(source)
-    threshold = calibrate_threshold(run, far=far, save=False, progress=lambda _: None)
+    threshold = calibrate_threshold(
+        run, far=far, device=embedder.device, save=False, progress=lambda _: None
+    )  # where the given model runs: the distances it will be compared with
     if threshold.weights_sha256 != embedder.identity()["weights_sha256"]:
         raise ModelMismatchError(
             f"the threshold chosen on {run} is for the run's latest weights, not the ones "
@@ -503,8 +510,9 @@ class Gallery:
             self._progress(text)
 
     def _build(self) -> GalleryIndex:
-        """A new index of every example in the database, at the store's generation."""
-        index = build_index(self._store)
+        """A new index of every example in the database, at the store's generation, where the
+        model computes (:attr:`Embedder.device`; faiss indexes stay on the CPU)."""
+        index = build_index(self._store).to(self.embedder.device)
         self.index_builds += 1
         return index
 
@@ -523,7 +531,7 @@ class Gallery:
             and len(saved) == store.num_examples
         ):
             self._saved_generation = saved.generation
-            return saved
+            return saved.to(self.embedder.device)
         if saved is not None:
             self._say(f"{self.index_path} is out of date: rebuilding it from {self.path}")
         self._index = self._build()
@@ -728,7 +736,7 @@ class Gallery:
             # an index built from one snapshot, naming the hits from that same snapshot (no
             # second read that could race again); the answer is the gallery as it was then.
             snapshot = self._store.snapshot()
-            self._index = build_index(self._store, snapshot)
+            self._index = build_index(self._store, snapshot).to(self.embedder.device)
             self.index_builds += 1
             names = dict(zip(snapshot[1].ids.tolist(), snapshot[1].identities, strict=True))
             matches = top_identities(

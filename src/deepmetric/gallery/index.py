@@ -265,6 +265,17 @@ class GalleryIndex(ABC):
         return self._n - self._dead
 
     @property
+    def device(self) -> torch.device:
+        """Where the vectors live and searches compute (the CPU unless :meth:`to` moved them;
+        arguments and results are numpy arrays whatever it is)."""
+        return torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> GalleryIndex:
+        """Move the stored vectors to ``device`` (in place; returns ``self``). An index that
+        only runs on the CPU (faiss) stays there."""
+        return self
+
+    @property
     def removed(self) -> int:
         """Tombstones: removed entries still stored (0 after a rebuild)."""
         return self._dead
@@ -501,10 +512,15 @@ class ExactIndex(GalleryIndex):
     up to 2x while it grows) plus one (chunk, N) distance block per search, chunk = queries
     fitting in 64 MiB.
 
+    Device: the vectors live on ``device`` (the CPU, or a GPU: ``cuda``, ``cuda:N``) and each
+    search computes there; queries and results are numpy arrays on the CPU either way. Not
+    saved: a loaded index is on the CPU until :meth:`to` moves it.
+
     Args:
         dim: embedding dimension D.
         metric: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
         rebuild_fraction: see the module docstring (``None``: only explicit rebuilds).
+        device: where the vectors live (default the CPU).
     """
 
     kind = "exact"
@@ -516,25 +532,38 @@ class ExactIndex(GalleryIndex):
         dim: int,
         metric: Metric = "euclidean",
         rebuild_fraction: float | None = REBUILD_FRACTION,
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(dim=dim, metric=metric, rebuild_fraction=rebuild_fraction)
-        self._vectors = torch.empty((0, dim), dtype=torch.float32)  # normalised for cosine
-        self._sq = torch.empty(0, dtype=torch.float32)  # squared norms (euclidean metrics)
+        self._device = torch.device(device)
+        empty = {"dtype": torch.float32, "device": self._device}
+        self._vectors = torch.empty((0, dim), **empty)  # normalised for cosine
+        self._sq = torch.empty(0, **empty)  # squared norms (euclidean metrics)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: torch.device | str) -> ExactIndex:
+        self._device = torch.device(device)
+        self._vectors, self._sq = self._vectors.to(self._device), self._sq.to(self._device)
+        return self
 
     def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows as stored, and their squared norms (cosine: unused zeros)."""
         if self.metric == "cosine":
-            return F.normalize(x, dim=1), torch.zeros(x.shape[0])
+            return F.normalize(x, dim=1), torch.zeros(x.shape[0], device=x.device)
         return x, (x * x).sum(dim=1)
 
     def _add_rows(self, x: np.ndarray) -> None:
         n, m = self._n, x.shape[0]
         if n + m > self._vectors.shape[0]:  # amortised growth: capacity at least doubles
             cap = max(n + m, 2 * self._vectors.shape[0], 256)
-            grown, sq = torch.empty((cap, self.dim)), torch.empty(cap)
+            grown = torch.empty((cap, self.dim), device=self._device)
+            sq = torch.empty(cap, device=self._device)
             grown[:n], sq[:n] = self._vectors[:n], self._sq[:n]
             self._vectors, self._sq = grown, sq
-        rows, sq = self._rows(torch.from_numpy(x))
+        rows, sq = self._rows(torch.from_numpy(x).to(self._device))
         self._vectors[n : n + m], self._sq[n : n + m] = rows, sq
 
     def _distances(self, q: torch.Tensor) -> torch.Tensor:
@@ -542,15 +571,18 @@ class ExactIndex(GalleryIndex):
         refs = self._vectors[: self._n]
         rows, sq = self._rows(q)
         if self.metric == "cosine":
-            return torch.addmm(torch.ones(()), rows, refs.T, alpha=-1.0).clamp_(0.0, 2.0)
+            one = torch.ones((), device=q.device)
+            return torch.addmm(one, rows, refs.T, alpha=-1.0).clamp_(0.0, 2.0)
         d = torch.addmm(self._sq[None, : self._n], rows, refs.T, alpha=-2.0)
         d.add_(sq[:, None]).clamp_min_(0.0)
         return d.sqrt_() if self.metric == "euclidean" else d
 
     def _search_rows(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        dead = torch.from_numpy(np.flatnonzero(~self._alive[: self._n])) if self._dead else None
+        dead = None
+        if self._dead:
+            dead = torch.from_numpy(np.flatnonzero(~self._alive[: self._n])).to(self._device)
         chunk = max(1, min(4096, _CHUNK_BYTES // (4 * self._n)))
-        queries = torch.from_numpy(q)
+        queries = torch.from_numpy(q).to(self._device)
         dists, rows = [], []
         with torch.no_grad():
             for start in range(0, q.shape[0], chunk):
@@ -560,26 +592,27 @@ class ExactIndex(GalleryIndex):
                 vals, idx = smallest_k(d, k)
                 dists.append(vals)
                 rows.append(idx)
-        return torch.cat(dists).numpy(), torch.cat(rows).numpy()
+        return torch.cat(dists).cpu().numpy(), torch.cat(rows).cpu().numpy()
 
     def _compact(self, keep: np.ndarray) -> None:
-        rows = torch.from_numpy(keep)
+        rows = torch.from_numpy(keep).to(self._device)
         self._vectors, self._sq = self._vectors[rows].clone(), self._sq[rows].clone()
 
     def _row_vectors(self, rows: np.ndarray) -> np.ndarray:
-        return self._vectors[torch.from_numpy(rows)].numpy()
+        return self._vectors[torch.from_numpy(rows).to(self._device)].cpu().numpy()
 
     def _params(self) -> dict[str, Any]:
         return {}
 
     def _save_data(self, folder: Path) -> None:
-        np.save(folder / "vectors.npy", self._vectors[: self._n].numpy(), allow_pickle=False)
+        vectors = self._vectors[: self._n].cpu().numpy()
+        np.save(folder / "vectors.npy", vectors, allow_pickle=False)
 
     def _load_data(self, folder: Path, n: int) -> None:
         vectors = _load_array(folder / "vectors.npy", np.float32, (n, self.dim))
         if not np.isfinite(vectors).all():
             raise IndexFileError(f"{folder / 'vectors.npy'} contains NaN or inf")
-        self._vectors = torch.from_numpy(vectors.copy())  # as stored: normalised for cosine
+        self._vectors = torch.from_numpy(vectors.copy()).to(self._device)  # as stored
         self._sq = (self._vectors * self._vectors).sum(dim=1)
 
 

@@ -76,8 +76,9 @@ class Embedder:
 
     Build one with :meth:`from_run` or :meth:`from_onnx`. The constructor takes the parts
     (keyword-only) and only checks them: ``forward`` maps float32 model inputs on the CPU to
-    (B, D) embeddings; ``preprocessing`` (``None``: tensors only); ``threshold`` (``None``:
-    ``no_threshold`` says why); ``module`` (the torch network, for export).
+    (B, D) embeddings on the CPU; ``preprocessing`` (``None``: tensors only); ``threshold``
+    (``None``: ``no_threshold`` says why); ``module`` (the torch network, for export);
+    ``device``: where ``forward`` computes (the network's device; the CPU for ONNX).
 
     Example::
 
@@ -98,6 +99,7 @@ class Embedder:
         no_threshold: str = "no threshold was given",
         module: nn.Module | None = None,
         source: str = "",
+        device: torch.device | str = "cpu",
     ) -> None:
         check_metric(metric)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -113,6 +115,7 @@ class Embedder:
         self._no_threshold = no_threshold
         self.module = module
         self.source = source
+        self._device = torch.device(device)
 
     # ------------------------------------------------------------------ properties
 
@@ -126,6 +129,12 @@ class Embedder:
     def dim(self) -> int:
         """D, the embedding size."""
         return self._dim
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (``from_run``: the ``device`` asked for; ONNX: the CPU).
+        Inputs and embeddings are CPU tensors whatever it is."""
+        return self._device
 
     @property
     def has_threshold(self) -> bool:
@@ -210,7 +219,7 @@ class Embedder:
         cls,
         run_dir: str | Path,
         checkpoint: str = "latest",
-        device: str = "auto",
+        device: str | torch.device = "auto",
         *,
         calibrate: bool = True,
         preprocessing: Preprocessing | None = None,
@@ -251,6 +260,7 @@ class Embedder:
             no_threshold=why,
             module=self.module,
             source=self.source,
+            device=self._device,
         )
 
     @classmethod
@@ -292,8 +302,9 @@ class _Run(NamedTuple):
     latest: bool  # the checkpoint is the run's latest
 
 
-def _load_run(run_dir: str | Path, checkpoint: str, device: str) -> _Run:
+def _load_run(run_dir: str | Path, checkpoint: str, device: str | torch.device) -> _Run:
     run_dir = Path(run_dir)
+    torch_device = resolve_device(device)  # a bad or absent device: said before any loading
     config, net = load_trained(run_dir)
     latest = checkpoint == "latest" or checkpoint == latest_checkpoint(run_dir).name
     if not latest:
@@ -305,7 +316,6 @@ def _load_run(run_dir: str | Path, checkpoint: str, device: str) -> _Run:
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         load_model_state(net, state, source=folder)
-    torch_device = resolve_device(device)
     net.to(torch_device).eval()
     return _Run(run_dir, config, net, torch_device, latest)
 
@@ -325,6 +335,7 @@ def _build(run: _Run, preprocessing: Preprocessing | None) -> Embedder:
         no_threshold=why,
         module=run.net,
         source=str(run.run_dir),
+        device=run.device,
     )
 
 
@@ -459,7 +470,7 @@ def calibrate_threshold(
     far: float | None = None,
     *,
     checkpoint: str = "latest",
-    device: str = "auto",
+    device: str | torch.device = "auto",
     data: tuple[Inputs, Any] | None = None,
     save: bool = True,
     progress: Progress = print_stderr,
