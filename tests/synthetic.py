@@ -52,11 +52,14 @@ def train_tiny_run(data: Path, out: Path, *overrides: str) -> Path:
     """Train a tiny run on the IDX folder ``data`` into ``out`` (16-d, P = K = 4, one epoch
     unless ``overrides`` say otherwise, e.g. ``"epochs=2"``, ``"mode=batch"``); return ``out``.
     SmallCNN at lr 1e-3 without warm-up: it learns the toy data within these few steps (the
-    default VGGSmall, BatchNorm and warm-up are made for 20 epochs of Fashion-MNIST)."""
+    default VGGSmall, BatchNorm and warm-up are made for 20 epochs of Fashion-MNIST). On the
+    CPU (``train.device=cpu``) unless an override names another device: the same weights on
+    every machine, GPU or not (tests/test_cuda.py trains on CUDA)."""
     from deepmetric.config import load_config
     from deepmetric.training import train
 
     base = [f"data=idx:{data}", f"out={out}", "model.dim=16", "train.p=4", "train.k=4", "epochs=1"]
     base += ["model.backbone=small_cnn", "train.lr=0.001", "train.warmup_epochs=0"]
+    base += ["train.device=cpu"]
     train(load_config(None, [*base, *overrides]), stream=None)
     return out

@@ -197,6 +197,7 @@ def _fit_once() -> nn.Module:
         optimizer="sgd",
         lr=0.05,
         amp=False,  # bfloat16 would round each slice's products otherwise than the whole batch's
+        device="cpu",  # a gloo group: the CPU (tests/test_cuda.py runs nccl on GPUs)
         stream=None,
     )
 
@@ -233,6 +234,7 @@ def test_nproc_2_ends_with_the_weights_of_one_process_and_only_rank_0_writes(idx
     # step is linear in the gradient (Adam's first steps are ~lr * sign(g), which turns float
     # rounding in a near-zero gradient into a full step).
     args = [
+        "train.device=cpu",  # gloo on the CPU, whatever GPUs the machine has
         "model.backbone=small_cnn",  # no BatchNorm: it would normalise each slice on its own
         "train.amp=false",  # float32: bfloat16 rounds a slice otherwise than the whole batch
         "train.optimizer=sgd",
@@ -283,6 +285,7 @@ def test_nproc_errors_are_one_line(idx_dir, tmp_path):
 def test_sigterm_stops_every_process_at_the_same_batch_and_saves(idx_dir, tmp_path):
     run = tmp_path / "run"
     args = [f"data=idx:{idx_dir}", f"out={run}", "model.dim=8", "train.p=3", "train.k=4"]
+    args.append("train.device=cpu")  # gloo on the CPU, whatever GPUs the machine has
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "deepmetric", "train", *args, "epochs=500", "--nproc", "2"]
     proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
@@ -306,6 +309,7 @@ def test_a_cross_batch_memory_holds_global_batches(idx_dir, tmp_path):
     2-process run ends with the one-process weights and the same memory."""
     args = [
         f"data=idx:{idx_dir}",
+        "train.device=cpu",  # gloo on the CPU, whatever GPUs the machine has
         "mode=batch",
         "model.backbone=small_cnn",  # no BatchNorm: it would normalise each slice on its own
         "train.amp=false",  # float32: bfloat16 rounds a slice otherwise than the whole batch

@@ -102,6 +102,7 @@ def test_fit_writes_a_run_folder_that_load_trained_rebuilds(idx_dir, tmp_path):
         out=tmp_path / "run",
         builder="tests.tiny_net",
         builder_args={"dim": 6},
+        device="cpu",  # where load_trained rebuilds it: equal bit for bit
         stream=None,
     )
     config, loaded = load_trained(tmp_path / "run")
@@ -315,6 +316,7 @@ def test_joint_training_with_class_disjoint_validation(idx_dir, tmp_path):
         "train.k=4",
         "train.val_classes=[2,3]",
         "train.augment=false",
+        "train.device=cpu",  # the epoch's MAP@R is recomputed on the CPU below, to 1e-6
     ]
     summary = train(load_config(None, overrides), stream=None)
     epoch = next(
@@ -354,6 +356,7 @@ def test_uint8_pixels_train_exactly_as_their_float32_values(idx_dir):
     for data in (pixels, floats):
         torch.manual_seed(0)
         opts = {"epochs": 1, "p": 4, "k": 8, "augment": True, "seed": 3, "stream": None}
+        opts["device"] = "cpu"  # bit for bit: one device's kernels
         nets.append(fit(TinyNet(), data, loss=TripletLoss(), **opts))
     for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)

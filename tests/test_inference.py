@@ -143,7 +143,7 @@ def _validation_threshold(run_dir: Path) -> tuple[float, torch.Tensor, torch.Ten
 
 def test_threshold_is_chosen_on_the_validation_split_saved_and_said_once(run):
     said: list[str] = []
-    emb = Embedder.from_run(run, progress=said.append)
+    emb = Embedder.from_run(run, device="cpu", progress=said.append)  # as _validation_threshold
     assert len(said) == 1 and "validation split" in said[0] and "saved" in said[0]
     value, _, _ = _validation_threshold(run)
     assert emb.threshold.value == value
@@ -152,7 +152,7 @@ def test_threshold_is_chosen_on_the_validation_split_saved_and_said_once(run):
     assert saved["threshold"] == value and saved["metric"] == "euclidean"
     assert saved["protocol"] == VALIDATION_PROTOCOL and saved["far"] is None
     assert saved["validation_items"] == len(val)
-    again = Embedder.from_run(run, progress=said.append)  # loaded, not chosen again
+    again = Embedder.from_run(run, device="cpu", progress=said.append)  # loaded, not chosen
     assert len(said) == 1 and again.threshold == emb.threshold
 
 
@@ -166,7 +166,7 @@ def test_a_threshold_for_other_weights_is_chosen_again(run):
     record = {"threshold": 9.0, "metric": "euclidean", "weights_sha256": "0" * 64}
     (run / "threshold.json").write_text(json.dumps(record))
     said: list[str] = []
-    emb = Embedder.from_run(run, progress=said.append)
+    emb = Embedder.from_run(run, device="cpu", progress=said.append)
     assert len(said) == 1 and emb.threshold.value == _validation_threshold(run)[0]
     # a file without weights (as `deepmetric evaluate` writes) is the latest checkpoint's
     (run / "threshold.json").write_text(json.dumps({"threshold": 0.5, "metric": "euclidean"}))
@@ -178,14 +178,14 @@ def test_threshold_at_a_false_accept_rate(run):
     _, d, same = _validation_threshold(run)
     negatives = d[~same]
     for far in (0.0, 0.05, 0.2):
-        t = calibrate_threshold(run, far=far, progress=lambda _: None)
+        t = calibrate_threshold(run, far=far, device="cpu", progress=lambda _: None)
         assert json.loads((run / "threshold.json").read_text())["far"] == far
         rate = float((negatives <= t.value).double().mean())
         assert rate <= far  # FAR on the validation pairs within the target
         above = d[d > t.value]
         if len(above):  # the largest such threshold: accepting the next distance exceeds it
             assert float((negatives <= above.min()).double().mean()) > far
-    best = calibrate_threshold(run, progress=lambda _: None)
+    best = calibrate_threshold(run, device="cpu", progress=lambda _: None)
     assert best.far is None and best.value == _validation_threshold(run)[0]
 
 
@@ -221,7 +221,7 @@ def test_no_validation_split_no_threshold_and_a_clear_error(runs, tmp_path):
 
 
 def test_verify_decides_distance_at_most_threshold(runs, run):
-    emb = Embedder.from_run(run, progress=lambda _: None)
+    emb = Embedder.from_run(run, device="cpu", progress=lambda _: None)  # a self-distance < 1e-5
     files = _files(runs)
     a, b = files[:6], files[6:]
     results = emb.verify(a, b)
@@ -265,13 +265,14 @@ def _one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None
 def test_cli_embed_writes_npy_and_the_input_list(runs, tmp_path):
     out = tmp_path / "emb.npy"
     files = _files(runs)
-    done = _cli("embed", runs["val"], runs["pngs"], "--out", out, "--batch-size", "5")
+    args = ("--out", out, "--batch-size", "5", "--device", "cpu")  # 1e-6 from batches of 256
+    done = _cli("embed", runs["val"], runs["pngs"], *args)
     assert done.returncode == 0, done.stderr
     assert "embedded 12 images" in done.stdout
     array = np.load(out, allow_pickle=False)
     listing = json.loads(out.with_suffix(".json").read_text())
     assert listing["inputs"] == [str(f) for f in files] and listing["shape"] == [12, 16]
-    emb = Embedder.from_run(runs["val"], calibrate=False)
+    emb = Embedder.from_run(runs["val"], device="cpu", calibrate=False)
     assert listing["model"] == emb.identity()
     assert np.allclose(array, emb.embed(files).numpy(), atol=1e-6)
 

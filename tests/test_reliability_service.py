@@ -322,7 +322,7 @@ def test_concurrent_mixed_load_loses_nothing_and_answers_consistently(env) -> No
 
     # every identify answer: only identities that existed during the request, at their true
     # distance; none that existed all through it missing from the k nearest
-    embedder = Embedder.from_run(env["run"], calibrate=False)
+    embedder = Embedder.from_run(env["run"], device="cpu", calibrate=False)  # as the server
     paths = sorted(set(owner.values()) | {Path(c.name) for c in calls if c.kind == "identify"})
     vectors = dict(zip(paths, embedder.embed(paths)))
 

@@ -55,7 +55,7 @@ def make_run(root: Path) -> tuple[Path, dict[int, list[Path]]]:
             folder.mkdir(parents=True, exist_ok=True)
             pixels = (test.x[i, 0] * 255).round().to(torch.uint8).numpy()
             Image.fromarray(pixels).save(folder / f"{i:03d}.png")
-        Embedder.from_run(run, progress=lambda _: None)  # chooses and saves its threshold
+        Embedder.from_run(run, device="cpu", progress=lambda _: None)  # + its threshold
         (run / "done").write_text("")
     for c in range(CLASSES):
         files[c] = sorted((root / "pngs" / f"class_{c}").glob("*.png"))
@@ -71,7 +71,7 @@ def shared_run(factory: pytest.TempPathFactory) -> tuple[Path, dict[int, list[Pa
 
 def new_gallery(run: Path, path: Path) -> Path:
     """An empty gallery for ``run`` at ``path``."""
-    Gallery.create(path, Embedder.from_run(run, calibrate=False), source=run).close()
+    Gallery.create(path, Embedder.from_run(run, device="cpu", calibrate=False), source=run).close()
     return path
 
 
@@ -96,7 +96,9 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 class Server:
-    """``deepmetric serve`` in a subprocess on a free loopback port, up once /health answers.
+    """``deepmetric serve`` in a subprocess on a free loopback port, up once /health answers;
+    on the CPU (``--device cpu``), as the tests' own embeddings (tests/test_cuda.py serves on
+    CUDA).
 
     ``stop()`` sends SIGINT (Ctrl-C) and returns the exit code and everything it printed.
     """
@@ -109,6 +111,7 @@ class Server:
             env[KEY_ENV] = key
             extra = (*extra, "--api-key-env", KEY_ENV)
         argv = [sys.executable, "-m", "deepmetric", "serve", str(run), "--gallery", str(gallery)]
+        argv += ["--device", "cpu"]
         self.log = gallery.with_name(gallery.name + f".{self.port}.log")
         self._log = open(self.log, "w")  # noqa: SIM115 - open while the server runs
         self.process = subprocess.Popen(
@@ -209,7 +212,7 @@ def assert_alive(http: httpx.Client) -> None:
 
 def test_health_page_and_docs(env: dict, http: httpx.Client) -> None:
     health = http.get("/health").json()
-    embedder = Embedder.from_run(env["run"], calibrate=False)
+    embedder = Embedder.from_run(env["run"], device="cpu", calibrate=False)
     assert health["status"] == "ok"
     assert health["model"] == embedder.identity()
     assert health["auth"] == {"writes": True, "reads": False}
@@ -242,7 +245,9 @@ def test_endpoints_answer_as_the_command_line(env: dict, http: httpx.Client) -> 
     r = http.post("/identify", files=files_field(*queries), data={"k": "2"})
     assert r.status_code == 200, r.text
     served = r.json()
-    done = cli("gallery", "identify", gallery, *map(str, queries), "--k", "2", "--json")
+    done = cli(
+        "gallery", "identify", gallery, *map(str, queries), "--k", "2", "--json", "--device", "cpu"
+    )
     by_cli = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(served) == len(by_cli) == 3
     for s, c, q in zip(served, by_cli, queries):
@@ -259,7 +264,7 @@ def test_endpoints_answer_as_the_command_line(env: dict, http: httpx.Client) -> 
 
     # verify: the record of `deepmetric verify --json`, by the run's Embedder (the run's
     # threshold is the gallery's here); a pair of one class and a pair of two
-    embedder = Embedder.from_run(env["run"])
+    embedder = Embedder.from_run(env["run"], device="cpu")
     for a, b in ((files[0][4], files[0][5]), (files[0][4], files[3][5])):
         r = http.post("/verify", files=[*files_field(a, name="a"), *files_field(b, name="b")])
         assert r.status_code == 200, r.text
@@ -508,11 +513,13 @@ def test_serve_refuses_bad_settings(env: dict) -> None:
 
 def test_cli_enroll_is_seen_by_the_running_server(env: dict, http: httpx.Client) -> None:
     files, gallery = env["files"], str(env["gallery"])
-    cli("gallery", "enroll", gallery, "from the cli", *map(str, files[4][:2]))
+    cli("gallery", "enroll", gallery, "from the cli", *map(str, files[4][:2]), "--device", "cpu")
     assert "from the cli" in [x["identity"] for x in http.get("/identities").json()]
     r = http.post("/identify", files=files_field(files[4][4]), data={"k": "1"})
     assert r.json()[0]["candidates"][0]["identity"] == "from the cli"
-    with Gallery.open(gallery, Embedder.from_run(env["run"], calibrate=False)) as other:
+    with Gallery.open(
+        gallery, Embedder.from_run(env["run"], device="cpu", calibrate=False)
+    ) as other:
         other.remove("from the cli")  # and a remove by another process (this one)
     r = http.post("/identify", files=files_field(files[4][4]), data={"k": "5"})
     assert "from the cli" not in [c["identity"] for c in r.json()[0]["candidates"]]

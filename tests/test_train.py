@@ -35,6 +35,7 @@ def _config(idx_dir: Path, out: Path, *overrides: str):
     base = [
         f"data=idx:{idx_dir}",
         f"out={out}",
+        "train.device=cpu",  # bit-for-bit resumes, CPU bfloat16: the CPU's (test_cuda: CUDA)
         "mode=batch",
         "epochs=5",
         "model.dim=16",
@@ -119,6 +120,7 @@ def test_a_stop_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(idx_dir
         "train.log_every=1",
         "train.augment=true",
         "epochs=3",
+        "train.device=cpu",  # bit for bit: one device's kernels
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "deepmetric.cli", "train", *args]
