@@ -301,12 +301,22 @@ def test_gallery_check_method_on_an_open_gallery(tmp_path):
 # Imports torch and the gallery once, then per line of stdin ("enroll FIRST DELAY", "remove 0
 # DELAY" or "reindex 0 DELAY") forks a child that opens the gallery and enrolls (person FIRST,
 # FIRST + 1, ...) or removes (sorted by name) identities one at a time, printing each
-# acknowledged write at once, or rebuilds and saves the index in a loop;
-# SIGKILLs it DELAY seconds (chosen at random by the test) after the fork, reaps it and says
+# acknowledged write at once, or rebuilds and saves the index in a loop; SIGKILLs it DELAY
+# seconds (chosen at random by the test) after its first acknowledged write, reaps it and says
 # how it died. (The parent kills: a child not yet reaped keeps its pid, so no other process
 # can be hit.)
+# The delay runs from the first acknowledged write, not from the fork: the fork, opening the
+# gallery (rebuilding its index when a kill left it stale) and the first write take a time of
+# their own that grows with the machine's load, and the reindex rounds' delays (59, 158 and
+# 67 ms) once all ran out before the first rebuild was saved, on a 16-core machine running 12
+# pytest workers: 0 reindexes acknowledged in 3 rounds. (On a loaded 2-core machine, counted
+# from the fork: 64 enrolls, 55 removes and 6 reindexes acknowledged; from the first write:
+# 793, 574 and 37.) Counted from the first write, every round acknowledges at least one, and
+# the kill still lands at a random instant of a later write (a save of the index, for
+# reindex). A child that never acknowledges (a hang) is killed after 60 s and fails the round;
+# one that dies fails it too (not SIGKILLed).
 _DRIVER = r"""
-import json, os, signal, sys, time
+import json, os, select, signal, sys, time
 sys.path.insert(0, sys.argv[2])
 import torch
 from test_reliability_gallery import inputs, make_embedder
@@ -320,28 +330,42 @@ def say(record):  # one write() of a whole line: a kill never leaves half of one
 
 while line := sys.stdin.readline():
     task, first, delay = line.split()
+    wrote, written = os.pipe()  # one byte from the child after its first acknowledged write
     pid = os.fork()
     if pid == 0:
+        os.close(wrote)
         code = 1
+
+        def acknowledge(record):
+            global written
+            say(record)
+            if written is not None:
+                os.write(written, b"1")
+                os.close(written)
+                written = None
+
         try:
             torch.set_num_threads(1)
             gallery = Gallery.open(sys.argv[1], make_embedder())
             if task == "enroll":
                 for i in range(int(first), int(first) + 1_000_000):
                     ids = gallery.enroll(f"person {i}", inputs(i))
-                    say({"enrolled": f"person {i}", "ids": ids})
+                    acknowledge({"enrolled": f"person {i}", "ids": ids})
             elif task == "remove":
                 for name in sorted(info.name for info in gallery.identities()):
                     gallery.remove(name)
-                    say({"removed": name})
+                    acknowledge({"removed": name})
             else:  # rebuild and save the index again and again: kills land in saves
                 while True:
-                    say({"reindexed": gallery.reindex()})
+                    acknowledge({"reindexed": gallery.reindex()})
             gallery.close()
             say({"finished": True})
             code = 0
         finally:
             os._exit(code)
+    os.close(written)
+    select.select([wrote], [], [], 60)  # the first acknowledged write, or the child's end
+    os.close(wrote)
     time.sleep(float(delay))
     os.kill(pid, signal.SIGKILL)  # not reaped yet, so the pid is still the child's
     _, status = os.waitpid(pid, 0)
@@ -374,7 +398,7 @@ def _round(lines: queue.Queue, driver: subprocess.Popen, task: str) -> list[dict
     driver.stdin.flush()
     got = []
     while not got or "reaped" not in got[-1]:
-        got.append(lines.get(timeout=30))
+        got.append(lines.get(timeout=90))
         assert got[-1] is not None, "the driver died"
         assert "garbled" not in got[-1], got[-1]
     return got
@@ -444,6 +468,7 @@ def test_sigkill_during_bulk_enroll_and_bulk_remove(tmp_path, capsys, request):
             end = got[-1]
             finished = any("finished" in g for g in got)
             assert finished or end["signal"] == signal.SIGKILL, end
+            assert len(got) >= 2, f"round {r} ({task}): no write acknowledged within 60 s"
             kills[task] += not finished
             before = acknowledged
             state = _state(path)
