@@ -560,8 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=1,
         metavar="N",
-        help="train in N local processes (torch.distributed, gloo on CPU / nccl on GPUs): "
-        "each takes a slice of every global P x K batch; the result does not depend on N",
+        help="train in N local processes (torch.distributed): nccl with one GPU per process "
+        "(train.device=cuda, or auto with a GPU for each), else gloo on the CPU; each takes a "
+        "slice of every global P x K batch; the result does not depend on N",
     )
     _import_option(train)
 

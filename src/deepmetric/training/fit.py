@@ -358,7 +358,9 @@ def fit(
     stream: TextIO | None = sys.stderr,
     **options: Any,
 ) -> nn.Module:
-    """Train ``model`` on ``train_data`` and return it (trained in place).
+    """Train ``model`` on ``train_data`` and return it (trained in place, and left on the
+    training device: ``device=``, by default ``auto``, CUDA when available;
+    :func:`deepmetric.models.embed` then runs it there).
 
     Args:
         model: any ``nn.Module`` mapping a batch (B, ...) to (B, D) embeddings; in
