@@ -22,9 +22,12 @@ or counts, never a loss, and carry no gradient.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal, NamedTuple, get_args
 
 import torch
+
+from deepmetric.tiles import default_tile_bytes, row_blocks
 
 Method = Literal["auto", "sort", "direct"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -86,15 +89,6 @@ def check_method(method: str) -> None:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def _checked_masks(
-    dist: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None
-) -> PairMasks:
-    """Validate a miner's inputs; the pair masks on ``dist``'s device."""
-    _check_dist(dist, labels, ref_labels)
-    ref_labels = None if ref_labels is None else ref_labels.to(dist.device)
-    return pair_masks(labels.to(dist.device), ref_labels)
-
-
 def _check_dist(dist: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None) -> None:
     if not isinstance(dist, torch.Tensor) or dist.dim() != 2:
         raise ValueError("dist must be a 2-D (B, R) tensor")
@@ -113,13 +107,37 @@ def _check_dist(dist: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tens
 
 def pair_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> PairMasks:
     """Positive and negative (B, R) masks; without ``ref_labels`` the diagonal is excluded."""
-    same_batch = ref_labels is None
-    ref = labels if ref_labels is None else ref_labels
-    same = labels[:, None] == ref[None, :]
+    if ref_labels is None:
+        return tile_masks(labels, labels, self_offset=0)
+    return tile_masks(labels, ref_labels, self_offset=None)
+
+
+def tile_masks(
+    labels: torch.Tensor, ref_labels: torch.Tensor, *, self_offset: int | None
+) -> PairMasks:
+    """Masks (T, R) of anchors labelled ``labels`` (T,) against ``ref_labels`` (R,). With
+    ``self_offset`` the references are the batch and anchor r is its item ``self_offset + r``,
+    never its own positive (rows of :func:`pair_masks` without ``ref_labels``)."""
+    same = labels[:, None] == ref_labels[None, :]
     positive = same
-    if same_batch:
-        positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    if self_offset is not None:
+        positive = same.clone()
+        positive.diagonal(offset=self_offset).fill_(False)
     return PairMasks(positive=positive, negative=~same)
+
+
+def _tiles(
+    dist: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None
+) -> Iterator[tuple[int, int, torch.Tensor, PairMasks]]:
+    """``(start, stop, dist[start:stop], masks)`` over blocks of rows of a checked ``dist``,
+    each within the device's tile budget (:func:`deepmetric.tiles.row_blocks`), so a miner's
+    (rows, R) temporaries stay bounded whatever B."""
+    labels = labels.to(dist.device)
+    ref = labels if ref_labels is None else ref_labels.to(dist.device)
+    budget = default_tile_bytes(dist.device)
+    for start, stop in row_blocks(dist.shape[0], dist.shape[1], budget):
+        offset = start if ref_labels is None else None
+        yield start, stop, dist[start:stop], tile_masks(labels[start:stop], ref, self_offset=offset)
 
 
 class Slots(NamedTuple):
@@ -226,18 +244,10 @@ class ActiveCounts(NamedTuple):
         return out.scatter_add_(1, self.slots.index, self.per_slot)
 
 
-@torch.no_grad()
-def batch_all_counts(
-    dist: torch.Tensor,
-    labels: torch.Tensor,
-    ref_labels: torch.Tensor | None = None,
-    *,
-    margin: float,
-    method: Method = "auto",
+def active_counts_tile(
+    dist: torch.Tensor, masks: PairMasks, *, margin: float, method: Method = "auto"
 ) -> ActiveCounts:
-    """Count the batch-all active triplets through each positive and each negative pair,
-    without listing them (see :class:`ActiveCounts`)."""
-    masks = _checked_masks(dist, labels, ref_labels)
+    """:class:`ActiveCounts` of rows of a distance matrix (T, R) with their masks."""
     slots = positive_slots(masks.positive)
     per_slot, per_neg = _count_below(
         dist,
@@ -253,6 +263,52 @@ def batch_all_counts(
 
 
 @torch.no_grad()
+def batch_all_counts(
+    dist: torch.Tensor,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None = None,
+    *,
+    margin: float,
+    method: Method = "auto",
+) -> ActiveCounts:
+    """Count the batch-all active triplets through each positive and each negative pair,
+    without listing them (see :class:`ActiveCounts`). Computed in blocks of rows."""
+    _check_dist(dist, labels, ref_labels)
+    check_method(method)
+    parts = [
+        active_counts_tile(d, masks, margin=margin, method=method)
+        for _, _, d, masks in _tiles(dist, labels, ref_labels)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.slots.index.shape[1] for p in parts)
+    parts = [_widen(p, width) for p in parts]
+    dtype = max((p.per_negative.dtype for p in parts), key=lambda d: torch.iinfo(d).bits)
+    return ActiveCounts(
+        Slots(torch.cat([p.slots.index for p in parts]), torch.cat([p.slots.valid for p in parts])),
+        torch.cat([p.per_slot for p in parts]),
+        torch.cat([p.per_negative.to(dtype) for p in parts]),
+    )
+
+
+def _widen(part: ActiveCounts, width: int) -> ActiveCounts:
+    """``part`` with its slots padded to ``width`` (padding repeats a row's first positive)."""
+    index, valid = part.slots
+    extra = width - index.shape[1]
+    if extra == 0:
+        return part
+    first = index[:, :1] if index.shape[1] else index.new_zeros(len(index), 1)
+    return ActiveCounts(
+        Slots(
+            torch.cat([index, first.expand(-1, extra)], dim=1),
+            torch.cat([valid, valid.new_zeros(len(valid), extra)], dim=1),
+        ),
+        torch.cat([part.per_slot, part.per_slot.new_zeros(len(index), extra)], dim=1),
+        part.per_negative,
+    )
+
+
+@torch.no_grad()
 def batch_all(
     dist: torch.Tensor,
     labels: torch.Tensor,
@@ -265,15 +321,16 @@ def batch_all(
     The output has one entry per active triplet (up to B * R^2 of them in the worst case), so use
     this to inspect a batch; the loss uses :func:`batch_all_counts`, which never lists them.
     """
-    masks = _checked_masks(dist, labels, ref_labels)
-    slots = positive_slots(masks.positive)
+    _check_dist(dist, labels, ref_labels)
     found = []
-    for j in range(slots.index.shape[1]):
-        positive = slots.index[:, j]
-        t = dist.gather(1, positive[:, None])[:, 0] + margin
-        t = torch.where(slots.valid[:, j], t, -torch.inf)
-        a, n = ((dist < t[:, None]) & masks.negative).nonzero(as_tuple=True)
-        found.append(torch.stack([a, positive[a], n]))
+    for start, _, d, masks in _tiles(dist, labels, ref_labels):
+        slots = positive_slots(masks.positive)
+        for j in range(slots.index.shape[1]):
+            positive = slots.index[:, j]
+            t = d.gather(1, positive[:, None])[:, 0] + margin
+            t = torch.where(slots.valid[:, j], t, -torch.inf)
+            a, n = ((d < t[:, None]) & masks.negative).nonzero(as_tuple=True)
+            found.append(torch.stack([a + start, positive[a], n]))
     triplets = (
         torch.cat(found, dim=1)
         if found
@@ -283,18 +340,42 @@ def batch_all(
     return Triplets(triplets[0], triplets[1], triplets[2])
 
 
+def batch_hard_tile(dist: torch.Tensor, masks: PairMasks) -> Triplets:
+    """:func:`batch_hard` on rows of a distance matrix (T, R) with their masks; ``anchor``
+    indexes the rows."""
+    inf = _inf(dist)
+    positive = torch.where(masks.positive, dist, -inf).argmax(dim=1)
+    negative = torch.where(masks.negative, dist, inf).argmin(dim=1)
+    anchor = (masks.positive.any(dim=1) & masks.negative.any(dim=1)).nonzero().flatten()
+    return Triplets(anchor, positive[anchor], negative[anchor])
+
+
 @torch.no_grad()
 def batch_hard(
     dist: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None = None
 ) -> Triplets:
     """For each anchor with a positive and a negative: its farthest positive and its nearest
     negative (Hermans et al. 2017). O(B R)."""
-    masks = _checked_masks(dist, labels, ref_labels)
-    inf = _inf(dist)
-    positive = torch.where(masks.positive, dist, -inf).argmax(dim=1)
-    negative = torch.where(masks.negative, dist, inf).argmin(dim=1)
-    anchor = (masks.positive.any(dim=1) & masks.negative.any(dim=1)).nonzero().flatten()
-    return Triplets(anchor, positive[anchor], negative[anchor])
+    _check_dist(dist, labels, ref_labels)
+    parts = [
+        (start, batch_hard_tile(d, masks))
+        for start, _, d, masks in _tiles(dist, labels, ref_labels)
+    ]
+    return _concat([p._replace(anchor=p.anchor + s) for s, p in parts], dist)
+
+
+def semi_hard_tile(dist: torch.Tensor, masks: PairMasks, *, method: Method = "auto") -> Triplets:
+    """:func:`semi_hard` on rows of a distance matrix (T, R) with their masks; ``anchor``
+    indexes the rows."""
+    slots = positive_slots(masks.positive)
+    d_pos = dist.gather(1, slots.index)  # (T, P)
+    if _resolve_method(method, slots) == "sort":
+        chosen = _semi_hard_sort(dist, masks, d_pos)
+    else:
+        chosen = _semi_hard_direct(dist, masks, d_pos)
+    has_negative = masks.negative.any(dim=1)
+    anchor, slot = (slots.valid & has_negative[:, None]).nonzero(as_tuple=True)
+    return Triplets(anchor, slots.index[anchor, slot], chosen[anchor, slot])
 
 
 @torch.no_grad()
@@ -310,18 +391,22 @@ def semi_hard(
     ``d_an`` (FaceNet, Schroff et al. 2015; TensorFlow Addons' ``triplet_semihard_loss``).
 
     Triplets come ordered by anchor, then positive. Ties between equal negative distances go to
-    the lowest index. O(B R log R) (sort) or O(P B R) (direct).
+    the lowest index. O(B R log R) (sort) or O(P B R) (direct), in blocks of rows.
     """
-    masks = _checked_masks(dist, labels, ref_labels)
-    slots = positive_slots(masks.positive)
-    d_pos = dist.gather(1, slots.index)  # (B, P)
-    if _resolve_method(method, slots) == "sort":
-        chosen = _semi_hard_sort(dist, masks, d_pos)
-    else:
-        chosen = _semi_hard_direct(dist, masks, d_pos)
-    has_negative = masks.negative.any(dim=1)
-    anchor, slot = (slots.valid & has_negative[:, None]).nonzero(as_tuple=True)
-    return Triplets(anchor, slots.index[anchor, slot], chosen[anchor, slot])
+    _check_dist(dist, labels, ref_labels)
+    check_method(method)
+    parts = [
+        (start, semi_hard_tile(d, masks, method=method))
+        for start, _, d, masks in _tiles(dist, labels, ref_labels)
+    ]
+    return _concat([p._replace(anchor=p.anchor + s) for s, p in parts], dist)
+
+
+def _concat(parts: list[Triplets], dist: torch.Tensor) -> Triplets:
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=dist.device)
+        return Triplets(empty, empty, empty)
+    return Triplets(*(torch.cat([getattr(p, f) for p in parts]) for f in Triplets._fields))
 
 
 def _semi_hard_sort(dist: torch.Tensor, masks: PairMasks, d_pos: torch.Tensor) -> torch.Tensor:
@@ -366,24 +451,26 @@ def triplet_categories(
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    masks = _checked_masks(dist, labels, ref_labels)
-    slots = positive_slots(masks.positive)
-    method = _resolve_method(method, slots)
-    d_pos = dist.gather(1, slots.index)
-    hard, _ = _count_below(
-        dist, masks, slots, d_pos, inclusive=True, with_negative_counts=False, method=method
-    )
-    below_margin, _ = _count_below(
-        dist,
-        masks,
-        slots,
-        d_pos + margin,
-        inclusive=False,
-        with_negative_counts=False,
-        method=method,
-    )
-    not_easy = torch.maximum(hard, below_margin)
-    total = int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
-    n_hard = int(hard.sum())
-    n_not_easy = int(not_easy.sum())
+    _check_dist(dist, labels, ref_labels)
+    check_method(method)
+    total = n_hard = n_not_easy = 0
+    for _, _, d, masks in _tiles(dist, labels, ref_labels):
+        slots = positive_slots(masks.positive)
+        tile_method = _resolve_method(method, slots)
+        d_pos = d.gather(1, slots.index)
+        hard, _ = _count_below(
+            d, masks, slots, d_pos, inclusive=True, with_negative_counts=False, method=tile_method
+        )
+        below_margin, _ = _count_below(
+            d,
+            masks,
+            slots,
+            d_pos + margin,
+            inclusive=False,
+            with_negative_counts=False,
+            method=tile_method,
+        )
+        total += int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
+        n_hard += int(hard.sum())
+        n_not_easy += int(torch.maximum(hard, below_margin).sum())
     return TripletCategories(easy=total - n_not_easy, semi_hard=n_not_easy - n_hard, hard=n_hard)

@@ -12,9 +12,10 @@ from deepmetric.losses._common import (
     check_finite,
     check_nonnegative,
     check_positive,
-    cosine_similarity,
     log1p_sum_exp,
+    zero,
 )
+from deepmetric.tiles import RowTiles, check_tile_bytes
 
 
 class MultiSimilarityLoss(nn.Module):
@@ -37,8 +38,8 @@ class MultiSimilarityLoss(nn.Module):
     and the loss is the mean of ``L_i`` over **all** B anchors (the paper's ``1/m``): an anchor
     with nothing kept adds 0 but still counts. (pytorch-metric-learning averages over the anchors
     with a non-zero term instead: a larger value when some anchor has nothing kept.) Each sum is
-    a logsumexp, so large ``beta`` does not overflow. Mining carries no gradient. O(B R) time and
-    memory.
+    a logsumexp, so large ``beta`` does not overflow. Mining carries no gradient. O(B R) time;
+    memory bounded by ``tile_bytes`` per tile of rows (:mod:`deepmetric.tiles`), never (B, R).
 
     Call ``loss(embeddings (B, D), labels (B,))``: the pairs come from the batch, an item never
     paired with itself (the diagonal is excluded by index, not by similarity). With
@@ -65,12 +66,14 @@ class MultiSimilarityLoss(nn.Module):
         beta: float = 50.0,
         base: float = 0.5,
         epsilon: float = 0.1,
+        tile_bytes: int | None = None,
     ) -> None:
         super().__init__()
         self.alpha = check_positive("alpha", alpha)
         self.beta = check_positive("beta", beta)
         self.base = check_finite("base", base)
         self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.tile_bytes = check_tile_bytes(tile_bytes)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, base={self.base}, epsilon={self.epsilon}"
@@ -83,16 +86,35 @@ class MultiSimilarityLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         labels, ref_labels = check_batch(embeddings, labels, ref_embeddings, ref_labels)
-        sim = cosine_similarity(embeddings, ref_embeddings)  # (B, R)
-        if sim.shape[1] == 0:
-            return sim.sum()  # an empty reference set: 0, still connected to the embeddings
-        masks = miners.pair_masks(labels, ref_labels)
-        with torch.no_grad():
-            s = sim.detach()
-            hardest_pos = torch.where(masks.positive, s, torch.inf).amin(dim=1, keepdim=True)
-            hardest_neg = torch.where(masks.negative, s, -torch.inf).amax(dim=1, keepdim=True)
-            keep_neg = masks.negative & (s + self.epsilon > hardest_pos)
-            keep_pos = masks.positive & (s - self.epsilon < hardest_neg)
-        pos = log1p_sum_exp(-self.alpha * (sim - self.base), keep_pos, dim=1) / self.alpha
-        neg = log1p_sum_exp(self.beta * (sim - self.base), keep_neg, dim=1) / self.beta
-        return (pos + neg).mean()
+        tiles = RowTiles(embeddings, ref_embeddings, "cosine", tile_bytes=self.tile_bytes)
+        if tiles.shape[1] == 0:
+            return zero(embeddings)  # an empty reference set
+        ref = labels if ref_labels is None else ref_labels
+        total = tiles.x.new_zeros(())
+        for tile in tiles:
+            with torch.no_grad():
+                offset = tile.start if ref_labels is None else None
+                masks = miners.tile_masks(labels[tile.start : tile.stop], ref, self_offset=offset)
+                value, grad = self._tile_sum(1.0 - tile.dist, masks)
+                total += value
+            tiles.backprop(tile, grad)
+        return tiles.loss(total / len(labels), scale=1.0 / len(labels))
+
+    def _tile_sum(
+        self, s: torch.Tensor, masks: miners.PairMasks
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sum_i L_i`` over rows of the similarity matrix (T, R), and its gradient with
+        respect to the distances ``1 - s``: ``w+_ij - w-_ij``, with ``w+_ij`` the share of
+        entry j in the positive term's ``log(1 + sum exp)`` (0 where not kept), ``w-_ij``
+        the same in the negative term."""
+        hardest_pos = torch.where(masks.positive, s, torch.inf).amin(dim=1, keepdim=True)
+        hardest_neg = torch.where(masks.negative, s, -torch.inf).amax(dim=1, keepdim=True)
+        keep_neg = masks.negative & (s + self.epsilon > hardest_pos)
+        keep_pos = masks.positive & (s - self.epsilon < hardest_neg)
+        a_pos = torch.where(keep_pos, -self.alpha * (s - self.base), -torch.inf)
+        a_neg = torch.where(keep_neg, self.beta * (s - self.base), -torch.inf)
+        lse_pos = log1p_sum_exp(a_pos, keep_pos, dim=1)
+        lse_neg = log1p_sum_exp(a_neg, keep_neg, dim=1)
+        value = lse_pos.sum() / self.alpha + lse_neg.sum() / self.beta
+        grad = a_pos.sub_(lse_pos[:, None]).exp_().sub_(a_neg.sub_(lse_neg[:, None]).exp_())
+        return value, grad

@@ -7,7 +7,8 @@ from torch import nn
 
 from deepmetric import mining as miners
 from deepmetric.distances import check_embeddings
-from deepmetric.losses._common import check_positive, cosine_similarity
+from deepmetric.losses._common import check_positive
+from deepmetric.tiles import RowTiles, check_tile_bytes
 
 
 class NTXentLoss(nn.Module):
@@ -30,7 +31,8 @@ class NTXentLoss(nn.Module):
     a negative.
 
     ``temperature=0.1`` (SimCLR's ImageNet setting; its CIFAR-10 runs use 0.5): lower values
-    weigh the hardest negatives more. O(B^2) time and memory.
+    weigh the hardest negatives more. O(B^2) time; memory bounded by ``tile_bytes`` per tile of
+    rows (:mod:`deepmetric.tiles`), never (2B, 2B).
 
     Returns a scalar, >= 0. With no negative at all (B = 1, or a single class in ``labels``)
     every ``l_i`` is exactly 0, with a zero gradient. Identical embeddings give ``log(2B - 1)``.
@@ -40,9 +42,10 @@ class NTXentLoss(nn.Module):
         loss = NTXentLoss(temperature=0.2)(model(augment(x)), model(augment(x)))
     """
 
-    def __init__(self, *, temperature: float = 0.1) -> None:
+    def __init__(self, *, temperature: float = 0.1, tile_bytes: int | None = None) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
+        self.tile_bytes = check_tile_bytes(tile_bytes)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -62,15 +65,27 @@ class NTXentLoss(nn.Module):
             raise ValueError("empty batch: z1 and z2 have 0 rows")
         if labels is not None:
             miners.check_labels(labels, b)
-        sim = cosine_similarity(torch.cat([z1, z2])) / self.temperature  # (2B, 2B)
         n = 2 * b
-        anchor = torch.arange(n, device=sim.device)
-        partner = (anchor + b) % n
-        if labels is None:
-            left_out = torch.eye(n, dtype=torch.bool, device=sim.device)
-        else:
-            both = labels.to(sim.device).repeat(2)
-            left_out = both[:, None] == both[None, :]  # self, the other view, same-class items
-            left_out[anchor, partner] = False  # the other view is the positive
-        log_denominator = torch.logsumexp(sim.masked_fill(left_out, -torch.inf), dim=1)
-        return (log_denominator - sim[anchor, partner]).mean()
+        tiles = RowTiles(torch.cat([z1, z2]), metric="cosine", tile_bytes=self.tile_bytes)
+        both = None if labels is None else labels.to(tiles.device).repeat(2)
+        total = tiles.x.new_zeros(())
+        for tile in tiles:
+            with torch.no_grad():
+                rows = torch.arange(tile.start, tile.stop, device=tiles.device)
+                partner = ((rows + b) % n)[:, None]
+                sim = (1.0 - tile.dist) / self.temperature  # (T, n)
+                if both is None:  # only the anchor itself
+                    left_out = torch.zeros(sim.shape, dtype=torch.bool, device=sim.device)
+                    left_out.diagonal(offset=tile.start).fill_(True)
+                else:  # self, the other view and same-class items, but for the positive
+                    left_out = both[tile.start : tile.stop, None] == both[None, :]
+                    left_out.scatter_(1, partner, False)
+                masked = sim.masked_fill_(left_out, -torch.inf)
+                log_denominator = torch.logsumexp(masked, dim=1, keepdim=True)
+                total += (log_denominator - masked.gather(1, partner)).sum()
+                # d l_i / d s_ik = softmax_k - [k = i']; s = (1 - D) / t
+                grad = masked.sub_(log_denominator).exp_()
+                grad.scatter_add_(1, partner, grad.new_full(partner.shape, -1.0))
+                grad.mul_(-1.0 / self.temperature)
+            tiles.backprop(tile, grad)
+        return tiles.loss(total / n, scale=1.0 / n)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepmetric import mining as miners
-from deepmetric.distances import Metric, check_metric, paired, pairwise
-from deepmetric.losses._common import check_batch, check_margin, with_gradient, zero
+from deepmetric.distances import Metric, check_metric, paired
+from deepmetric.losses._common import check_batch, check_margin, zero
+from deepmetric.tiles import RowTiles, check_tile_bytes
 
 Mining = Literal["batch_all", "batch_hard", "semi_hard"]
 MINING: tuple[str, ...] = get_args(Mining)
@@ -23,19 +24,37 @@ def _soft_triplet_sum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum over valid (a, p, n) of softplus(d_ap - d_an)`` and its gradient w.r.t. ``dist``:
     ``sum_n sigmoid(d_ap - d_an)`` at (a, p), ``-sum_p sigmoid(d_ap - d_an)`` at (a, n).
-    One (B, R) pass per positive slot: O(P B R) time, O(B R) memory."""
+    One (T, R) pass per positive slot: O(P T R) time, O(T R) memory."""
     slots = miners.positive_slots(masks.positive)
     grad = torch.zeros_like(dist)
     total = dist.new_zeros(())
     for j in range(slots.index.shape[1]):
-        positive = slots.index[:, j : j + 1]  # (B, 1)
-        x = dist.gather(1, positive) - dist  # d_ap - d_an for every n, (B, R)
+        positive = slots.index[:, j : j + 1]  # (T, 1)
+        x = dist.gather(1, positive) - dist  # d_ap - d_an for every n, (T, R)
         keep = masks.negative & slots.valid[:, j : j + 1]
         total += torch.where(keep, F.softplus(x), 0.0).sum()
         slope = torch.where(keep, torch.sigmoid(x), 0.0)
         grad -= slope
         grad.scatter_add_(1, positive, slope.sum(dim=1, keepdim=True))
     return total, grad
+
+
+def _triplets_sum(
+    dist: torch.Tensor, triplets: miners.Triplets, hinge: str, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_t h(d_ap - d_an)`` over listed triplets (``anchor`` indexing rows of ``dist``),
+    ``h`` = ``relu(. + margin)`` or ``softplus``, and its gradient w.r.t. ``dist``: ``h'`` at
+    (a, p), ``-h'`` at (a, n), summed over triplets sharing a pair. ``relu'(0) = 0``."""
+    a, p, n = triplets
+    x = dist[a, p] - dist[a, n]
+    if hinge == "soft":
+        value, slope = F.softplus(x).sum(), torch.sigmoid(x)
+    else:
+        value, slope = F.relu(x + margin).sum(), (x + margin > 0).to(dist.dtype)
+    grad = torch.zeros_like(dist)
+    grad.index_put_((a, p), slope, accumulate=True)
+    grad.index_put_((a, n), -slope, accumulate=True)
+    return value, grad
 
 
 class TripletLoss(nn.Module):
@@ -47,7 +66,7 @@ class TripletLoss(nn.Module):
     triplets count and what is averaged:
 
     - ``"batch_all"``: every valid triplet; the mean over those with a loss > 0 (with ``soft``,
-      over all valid triplets). O(B^2 log B) or O(K B^2), O(B^2) memory.
+      over all valid triplets). O(B^2 log B) or O(K B^2).
     - ``"batch_hard"``: per anchor with a positive and a negative, its farthest positive and
       nearest negative; the mean over those anchors (Hermans et al. 2017). O(B^2).
     - ``"semi_hard"``: per positive pair, the nearest negative farther than the positive, or the
@@ -57,6 +76,11 @@ class TripletLoss(nn.Module):
     Call ``loss(embeddings (B, D), labels (B,))``, or with ``ref_embeddings (R, D)`` and
     ``ref_labels (R,)`` to take positives and negatives from a reference set (a memory bank)
     instead of the batch. Returns a scalar; 0 when there is no valid triplet.
+
+    Memory is bounded at any B: the (B, R) distances are visited in tiles of rows of
+    ``tile_bytes`` each (default 64 MiB on the CPU, 512 MiB on a GPU) and the gradient with
+    respect to the embeddings is gathered tile by tile (:mod:`deepmetric.tiles`), so a few
+    tiles and the (B, D) gradients are all that is held, never a (B, R) matrix.
 
     Example::
 
@@ -72,6 +96,7 @@ class TripletLoss(nn.Module):
         metric: Metric = "euclidean",
         soft: bool = False,
         method: miners.Method = "auto",
+        tile_bytes: int | None = None,
     ) -> None:
         super().__init__()
         if mining not in MINING:
@@ -83,6 +108,7 @@ class TripletLoss(nn.Module):
         self.metric = metric
         self.soft = bool(soft)
         self.method = method
+        self.tile_bytes = check_tile_bytes(tile_bytes)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mining={self.mining!r}, metric={self.metric!r}, " + (
@@ -101,45 +127,51 @@ class TripletLoss(nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         labels, ref_labels = check_batch(embeddings, labels, ref_embeddings, ref_labels)
-        dist = pairwise(embeddings, ref_embeddings, self.metric)
-        if self.mining == "batch_all":
-            return self._batch_all(embeddings, dist, labels, ref_labels)
-        if self.mining == "batch_hard":
-            triplets = miners.batch_hard(dist, labels, ref_labels)
-        else:
-            triplets = miners.semi_hard(dist, labels, ref_labels, method=self.method)
-        if len(triplets.anchor) == 0:
-            return zero(embeddings)
-        d_ap = dist[triplets.anchor, triplets.positive]
-        d_an = dist[triplets.anchor, triplets.negative]
-        return self._hinge(d_ap - d_an).mean()
-
-    def _batch_all(
-        self,
-        embeddings: torch.Tensor,
-        dist: torch.Tensor,
-        labels: torch.Tensor,
-        ref_labels: torch.Tensor | None,
-    ) -> torch.Tensor:
-        if self.soft:
-            masks = miners.pair_masks(labels, ref_labels)
-            count = int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
-            if count == 0:
-                return zero(embeddings)
-            return with_gradient(dist, *_soft_triplet_sum(dist, masks)) / count
-        # Given the active set, the hinge sum is linear in dist:
-        # sum_(a,p) c_ap (d_ap + m) - sum_(a,n) c_an d_an, with the counts c from the miner.
-        active = miners.batch_all_counts(
-            dist, labels, ref_labels, margin=self.margin, method=self.method
-        )
-        count = int(active.per_slot.sum())
+        tiles = RowTiles(embeddings, ref_embeddings, self.metric, tile_bytes=self.tile_bytes)
+        ref = labels if ref_labels is None else ref_labels
+        total, count = tiles.x.new_zeros(()), 0
+        for tile in tiles:
+            offset = tile.start if ref_labels is None else None
+            masks = miners.tile_masks(labels[tile.start : tile.stop], ref, self_offset=offset)
+            value, n, grad = self._tile_sum(tile.dist, masks)
+            total += value
+            count += n
+            tiles.backprop(tile, grad)
         if count == 0:
             return zero(embeddings)
-        with torch.no_grad():
-            grad = active.per_negative.to(dist.dtype).neg_()
-            grad.scatter_add_(1, active.slots.index, active.per_slot.to(dist.dtype))
-            value = torch.vdot(grad.flatten(), dist.flatten()) + self.margin * count
-        return with_gradient(dist, value, grad) / count
+        return tiles.loss(total / count, scale=1.0 / count)
+
+    @torch.no_grad()
+    def _tile_sum(
+        self, dist: torch.Tensor, masks: miners.PairMasks
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """The loss's sum over the triplets of rows of the distance matrix (T, R), how many
+        terms it averages over, and the sum's gradient w.r.t. ``dist``."""
+        if self.mining == "batch_hard":
+            triplets = miners.batch_hard_tile(dist, masks)
+        elif self.mining == "semi_hard":
+            triplets = miners.semi_hard_tile(dist, masks, method=self.method)
+        elif self.soft:  # batch-all, soft: every valid triplet counts
+            count = int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
+            value, grad = _soft_triplet_sum(dist, masks)
+            return value, count, grad
+        else:
+            return self._batch_all_sum(dist, masks)
+        hinge = "soft" if self.soft else "margin"
+        value, grad = _triplets_sum(dist, triplets, hinge, self.margin)
+        return value, len(triplets.anchor), grad
+
+    def _batch_all_sum(
+        self, dist: torch.Tensor, masks: miners.PairMasks
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        # Given the active set, the hinge sum is linear in dist:
+        # sum_(a,p) c_ap (d_ap + m) - sum_(a,n) c_an d_an, with the counts c from the miner.
+        active = miners.active_counts_tile(dist, masks, margin=self.margin, method=self.method)
+        count = int(active.per_slot.sum())
+        grad = active.per_negative.to(dist.dtype).neg_()
+        grad.scatter_add_(1, active.slots.index, active.per_slot.to(dist.dtype))
+        value = torch.vdot(grad.flatten(), dist.flatten()) + self.margin * count
+        return value, count, grad
 
 
 def triplet_margin_loss(
