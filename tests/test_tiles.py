@@ -320,3 +320,37 @@ def test_every_batch_loss_holds_tiles_not_the_b_by_b_matrix():
     assert out.returncode == 0, out.stderr
     growth_mib = int(out.stdout.split()[-1]) / 1024
     assert growth_mib < 128, f"the peak grew by {growth_mib:.0f} MiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_every_loss_in_tiles_on_cuda_matches_the_cpu_in_float64(device):
+    """B = 2,000 in tiles of 64 rows on the GPU (float32, TF32 off) against one tile on the
+    CPU in float64: values and gradients agree to float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(2000, 16, generator=g), dim=1)
+    labels = torch.arange(500).repeat_interleave(4)
+    made = [
+        lambda t: TripletLoss(mining="batch_all", tile_bytes=t),
+        lambda t: TripletLoss(mining="batch_hard", tile_bytes=t),
+        lambda t: TripletLoss(mining="semi_hard", tile_bytes=t),
+        lambda t: TripletLoss(mining="batch_all", soft=True, tile_bytes=t),
+        lambda t: ContrastiveLoss(tile_bytes=t),
+        lambda t: LiftedStructuredLoss(tile_bytes=t),
+        lambda t: MultiSimilarityLoss(tile_bytes=t),
+    ]
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for make in made:
+            cpu = x.double().requires_grad_(True)
+            expected = make(None)(cpu, labels)
+            expected.backward()
+            gpu = x.to(device).requires_grad_(True)
+            value = make(4 * 2000 * 64)(gpu, labels.to(device))
+            value.backward()
+            assert value.device.type == "cuda"
+            torch.testing.assert_close(value.double().cpu(), expected, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(gpu.grad.double().cpu(), cpu.grad, rtol=1e-3, atol=1e-6)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
