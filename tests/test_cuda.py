@@ -425,7 +425,9 @@ def test_embedder_and_gallery_apis_on_cuda(device, run, pngs, cpu_embedder, tmp_
             if model is emb:
                 gallery.reindex()
                 assert gallery.index.device.type == "cuda"
-                assert gallery.identify(files, k=CLASSES) == answers[0]
+                # rebuilt on the GPU: the same answers up to float rounding (a matrix product
+                # of another shape; seen on an H200: 0.51147 -> another last digit)
+                _same_answers(gallery.identify(files, k=CLASSES), answers[0], emb.threshold.value)
     _same_answers(answers[0], answers[1], cpu_embedder.threshold.value)
     with Gallery.open(tmp_path / "g.db", device=device) as gallery:  # loaded, on the device
         assert gallery.embedder.device == torch.device(device)
