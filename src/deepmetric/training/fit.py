@@ -233,8 +233,9 @@ def train_loop(
     each global batch; rank 0 alone validates, logs and writes checkpoints, and all ranks stop
     at the same batch when any receives Ctrl-C / SIGTERM."""
     t = config.train
-    amp_dtype = autocast_dtype(t.amp, device)
-    use_amp = amp_dtype == torch.float16  # float16 needs a gradient scaler, bfloat16 does not
+    # float16 (CUDA) needs a gradient scaler, bfloat16 does not; the dtype itself (with its
+    # warning where a CPU has no bfloat16) is chosen once a resumed run's checkpoint loaded
+    use_amp = t.amp and device.type == "cuda"
     loss_fn = getattr(mode, "loss_fn", None)
     state = RunState(
         model,
@@ -253,6 +254,7 @@ def train_loop(
             print(
                 f"note: {run_dir} has no complete checkpoint: training from the start", file=stream
             )
+    amp_dtype = autocast_dtype(t.amp, device)
     net = _parallel(model, device)
     n_views = mode.n_views if isinstance(mode, PKMode) else 1
     pos, plan, config_yaml = (
