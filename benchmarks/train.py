@@ -43,26 +43,9 @@ from deepmetric.training.builders import (
     embedding_part,
     resolve_device,
 )
+from deepmetric.training.fit import _optimizer_step as optimizer_step  # the loop's own step
+from deepmetric.training.fit import autocast_dtype
 from deepmetric.training.state import RunState
-
-try:  # the training loop's own step: scaled backward, optional clipping, update
-    from deepmetric.training.fit import _optimizer_step as optimizer_step
-except ImportError:  # pragma: no cover - the same three lines, should the loop rename it
-
-    def optimizer_step(state: RunState, loss: torch.Tensor, grad_clip: float) -> None:
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        if grad_clip > 0:
-            state.scaler.unscale_(state.optimizer)
-            nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-
-
-try:
-    from deepmetric.training.fit import autocast_dtype
-except ImportError:  # pragma: no cover
-    autocast_dtype = None  # type: ignore[assignment]
 
 #: loss name -> config overrides (contrastive and lifted with margin 1.0, as in losses.py)
 LOSSES: dict[str, list[str]] = {
@@ -209,8 +192,6 @@ def cpu_model() -> str:
 
 def amp_note(device: torch.device) -> str:
     """What ``train.amp=true`` computes in on this device, from the loop's own rule."""
-    if autocast_dtype is None:
-        return ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dtype = autocast_dtype(True, device)

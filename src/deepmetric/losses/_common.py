@@ -1,6 +1,6 @@
-"""What the losses share: argument checks, a zero loss that keeps the graph, a scalar whose
-gradient with respect to the distance matrix the caller computed in closed form, cosine
-similarities and a stable ``log(1 + sum exp)``."""
+"""What the losses share: argument checks, a zero loss that keeps the graph, cosine
+similarities and a stable ``log(1 + sum exp)``. (A loss's gradient computed in closed form
+reaches autograd through :meth:`deepmetric.tiles.RowTiles.loss`.)"""
 
 from __future__ import annotations
 
@@ -48,33 +48,6 @@ def check_batch(
 def zero(embeddings: torch.Tensor) -> torch.Tensor:
     """A zero loss still connected to the graph, so ``backward()`` works and gives zeros."""
     return embeddings.sum() * 0.0
-
-
-class _ScalarWithGradient(torch.autograd.Function):
-    """A scalar ``value`` of ``dist`` whose gradient ``grad`` (same shape as ``dist``) the caller
-    computed in closed form, without building an autograd graph of (B, R) intermediates.
-    No double backward."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        dist: torch.Tensor,
-        value: torch.Tensor,
-        grad: torch.Tensor,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(grad)
-        return value
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor, None, None]:
-        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad_output * grad, None, None
-
-
-def with_gradient(dist: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return _ScalarWithGradient.apply(dist, value.detach(), grad.detach())
 
 
 def check_positive(name: str, value: float) -> float:
