@@ -134,7 +134,7 @@ class TrainConfig:
 @dataclass
 class Config:
     """A whole run. ``data`` is a data set spec: ``fashion-mnist``, ``mnist``, ``kmnist``,
-    ``idx:DIR``, ``folder:DIR`` or ``npz:FILE``."""
+    ``omniglot``, ``idx:DIR``, ``folder:DIR`` or ``npz:FILE``."""
 
     name: str = "run"
     data: str = "fashion-mnist"

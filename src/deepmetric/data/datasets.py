@@ -40,6 +40,7 @@ SPEC_FORMS = (
     "mnist",
     "fashion-mnist",
     "kmnist",
+    "omniglot",
     "idx:DIR",
     "folder:DIR",
     "npz:FILE",
@@ -651,17 +652,22 @@ def load_dataset(
     root: str | os.PathLike[str] | None = None,
     **opts: object,
 ) -> ArrayDataset:
-    """Load a dataset by spec: ``mnist``, ``fashion-mnist``, ``kmnist``, ``idx:DIR``,
-    ``folder:DIR`` or ``npz:FILE``.
+    """Load a dataset by spec: ``mnist``, ``fashion-mnist``, ``kmnist``, ``omniglot``,
+    ``idx:DIR``, ``folder:DIR`` or ``npz:FILE``.
 
     ``root`` is the download cache of the named datasets (see :func:`data_home`); path
     specs ignore it. ``opts`` go to the loader: :func:`fetch_mnist_family` (``download``,
-    ``mirrors``, ``search_dirs``, ``fetch``) or :func:`load_image_folder` (``mode``,
-    ``size``). See each loader for what ``split="test"`` means for it.
+    ``mirrors``, ``search_dirs``, ``fetch``), :func:`~deepmetric.data.omniglot.load_omniglot`
+    (the same, with ``md5`` and ``size``) or :func:`load_image_folder` (``mode``, ``size``).
+    See each loader for what ``split="test"`` means for it.
     """
     kind, sep, arg = spec.partition(":")
     if not sep and spec in MNIST_FAMILY:
         return load_mnist_family(spec, split, root=root, **opts)
+    if spec == "omniglot":
+        from deepmetric.data.omniglot import load_omniglot  # it imports this module
+
+        return load_omniglot(split, root=root, **opts)  # type: ignore[arg-type]
     loaders: dict[str, Callable[..., ArrayDataset]] = {
         "idx": load_idx_dir,
         "folder": load_image_folder,
