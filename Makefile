@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install data browser test lint demo demo-synthetic demo-oneshot bench fuzz clean
+.PHONY: install data data-glyphs fonts browser test lint demo demo-synthetic demo-oneshot bench fuzz clean
 
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -33,6 +33,20 @@ data:
 	@( for f in $(IDX_FILES); do [ -f $(FASHION_CACHE)/$$f ] || [ -f $(FASHION_CACHE)/$$f.gz ] || exit 1; done ) \
 	|| [ -d $(FASHION) ] \
 	|| { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+# A many-class glyph set (characters as classes, font faces as examples; see
+# src/deepmetric/data/glyphs.py): the preset's Debian font packages, installed when missing,
+# then GLYPHS/glyphs.npz, idx/, folder/ and manifest.json, unless GLYPHS already holds them.
+GLYPH_PRESET ?= cjk
+GLYPHS ?= $(or $(DEEPMETRIC_DATA),$(HOME)/.cache/deepmetric)/glyphs-$(GLYPH_PRESET)
+fonts: install
+	@pkgs="$$($(BIN)/python -m deepmetric.data.glyphs --preset $(GLYPH_PRESET) --packages)" \
+	&& { dpkg -s $$pkgs >/dev/null 2>&1 \
+	     || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$pkgs; }; }
+
+data-glyphs: fonts
+	@[ -f $(GLYPHS)/manifest.json ] \
+	|| $(BIN)/python -m deepmetric.data.glyphs --preset $(GLYPH_PRESET) --out $(GLYPHS) $(ARGS)
 
 # Debian's Chromium and its WebDriver, for the page test (tests/test_page.py): installed
 # only when missing.

@@ -231,6 +231,23 @@ def load_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read ({e})") from e
 
 
+def save_idx(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Write ``array`` as one IDX file (the inverse of :func:`load_idx`): uint8 (type 0x08)
+    or int32 (0x0C, big-endian; labels beyond 255). Written to a temporary file, then renamed."""
+    path = Path(path)
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
+    if array.dtype not in codes or array.ndim == 0 or array.ndim > 255:
+        raise ValueError(f"IDX arrays here are uint8 or int32, 1-D or more, got {array.dtype}")
+    header = struct.pack(">HBB", 0, codes[array.dtype], array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(
+        header + np.ascontiguousarray(array, dtype=array.dtype.newbyteorder(">")).tobytes()
+    )
+    tmp.replace(path)
+    return path
+
+
 def _find_file(directory: Path, name: str) -> Path:
     """``directory/name`` or ``directory/name.gz``, whichever exists."""
     for candidate in (directory / name, directory / f"{name}.gz"):
@@ -254,11 +271,13 @@ def load_idx_dir(
     labels = load_idx(label_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DatasetError(f"{image_path}: expected uint8 (N, H, W) images, got {images.shape}")
-    if labels.ndim != 1 or labels.dtype != np.uint8:
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DatasetError(
-            f"{label_path}: expected 1-D unsigned-byte labels (IDX type 0x08), got "
-            f"{labels.dtype} {labels.shape}"
+            f"{label_path}: expected 1-D integer labels (IDX type 0x08 bytes, or 0x0C int32 "
+            f"beyond 255), got {labels.dtype} {labels.shape}"
         )
+    if len(labels) and labels.min() < 0:
+        raise DatasetError(f"{label_path}: negative labels ({int(labels.min())})")
     if len(images) != len(labels):
         raise DatasetError(
             f"{directory}: {image_path.name} has {len(images)} images but "
