@@ -116,8 +116,10 @@ class TrainConfig:
     classes: list[int] | None = None  # train on these classes only (open-set protocol)
     #: class-disjoint validation (Musgrave et al. 2020): these classes (of ``classes``, or of
     #: all when unset) are held out of training and ARE the validation split; replaces
-    #: val_fraction, so validation measures classes the network never trained on
-    val_classes: list[int] | None = None
+    #: val_fraction, so validation measures classes the network never trained on. A list of
+    #: ids, or a count (an int: 300) or a fraction in (0, 1) (0.1) of the training classes,
+    #: drawn with ``seed`` (deepmetric.data.datasets.draw_val_classes)
+    val_classes: list[int] | int | float | None = None
     offline_every: int = 100  # offline mode: re-mine triplets every N steps
     offline_p: int = 32
     offline_k: int = 16
@@ -453,7 +455,8 @@ def validate(config: Config) -> None:
             f"train.device must be auto, cpu, cuda, cuda:N or mps, got {config.train.device!r}"
         )
     t = config.train
-    for key, ids in (("train.classes", t.classes), ("train.val_classes", t.val_classes)):
+    val_ids = t.val_classes if isinstance(t.val_classes, list) else None
+    for key, ids in (("train.classes", t.classes), ("train.val_classes", val_ids)):
         if ids is not None and any(i < 0 for i in ids):
             raise ConfigError(f"{key} must hold class ids >= 0, got {_show(ids)}")
     if t.classes is not None and len(set(t.classes)) < 2:
@@ -461,7 +464,9 @@ def validate(config: Config) -> None:
             f"train.classes needs at least 2 classes (metric learning compares classes), "
             f"got {_show(t.classes)}"
         )
-    if t.val_classes is not None:
+    if t.val_classes is not None and not isinstance(t.val_classes, list):
+        _check_val_class_number(t.val_classes, t.classes)
+    elif t.val_classes is not None:
         if len(set(t.val_classes)) < 2:
             raise ConfigError("train.val_classes needs at least 2 classes (to compare them)")
         if t.classes is not None and not set(t.val_classes) <= set(t.classes):
@@ -478,6 +483,27 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"train.offline_p and train.offline_k must be >= 2 (mining needs positive pairs and "
             f"negatives), got {t.offline_p} and {t.offline_k}"
+        )
+
+
+def _check_val_class_number(spec: int | float, classes: list[int] | None) -> None:
+    """``train.val_classes`` as a count (an int) or a fraction (a float): the checks that need
+    no data (the count against the training classes is checked where they are known, and
+    here too when ``train.classes`` lists them)."""
+    if isinstance(spec, float) and not 0.0 < spec < 1.0:
+        raise ConfigError(
+            f"train.val_classes={spec}: a fraction of the training classes must be in (0, 1) "
+            "(a count is an integer, a list of ids is [..])"
+        )
+    if isinstance(spec, int) and spec < 2:
+        raise ConfigError(
+            f"train.val_classes={spec}: a count of validation classes must be >= 2 (to compare "
+            "them); a list of class ids is written [..]"
+        )
+    if isinstance(spec, int) and classes is not None and len(set(classes)) - spec < 2:
+        raise ConfigError(
+            f"train.val_classes={spec}: of the {len(set(classes))} classes of train.classes, "
+            f"{len(set(classes)) - spec} would be left to train on; at least 2 are needed"
         )
 
 

@@ -727,6 +727,65 @@ def train_val_split(
     return ds.subset(np.flatnonzero(~val_mask)), ds.subset(np.flatnonzero(val_mask))
 
 
+def val_class_count(n_classes: int, spec: int | float) -> int:
+    """How many of ``n_classes`` training classes ``spec`` holds out for validation: an int is
+    the count itself, a float in (0, 1) the fraction ``round(spec * n_classes)`` (halves up).
+
+    ``ValueError`` (one line, naming the numbers) unless the count is at least 2 (validation
+    compares classes) and leaves at least 2 classes to train on.
+    """
+    if isinstance(spec, bool) or not isinstance(spec, int | float):
+        raise ValueError(f"expected a count or a fraction, got {spec!r}")
+    if isinstance(spec, float):
+        if not (math.isfinite(spec) and 0.0 < spec < 1.0):
+            raise ValueError(
+                f"a fraction of the training classes must be in (0, 1), got {spec} "
+                "(a count is an integer)"
+            )
+        count = math.floor(spec * n_classes + 0.5)
+        what = f"{spec} of {n_classes} training classes is {count}"
+    else:
+        count = spec
+        what = f"{count} of {n_classes} training classes"
+    if count < 2:
+        raise ValueError(f"{what}: at least 2 validation classes are needed (to compare them)")
+    if n_classes - count < 2:
+        raise ValueError(f"{what}: leaves {n_classes - count} to train on, at least 2 are needed")
+    return count
+
+
+def draw_val_classes(
+    class_ids: Iterable[int], spec: Sequence[int] | int | float, seed: int
+) -> list[int]:
+    """The class-disjoint validation classes ``spec`` names among the training classes
+    ``class_ids`` (``train.val_classes``), as sorted ids.
+
+    - a list (or tuple) of ids: those ids themselves, sorted, without repeats (they are not
+      checked against ``class_ids``: the caller says whether they have items);
+    - an int ``n``: ``n`` classes drawn at random (a count, so ``1`` means one class, not the
+      list ``[1]``);
+    - a float in (0, 1): that fraction of the classes, ``round(spec * len(class_ids))``
+      (see :func:`val_class_count`).
+
+    A draw is a pure function of the *set* of ``class_ids`` (their order and repeats do not
+    matter), ``spec`` and ``seed``: the first ``n`` of a seeded permutation of the sorted ids,
+    so a larger count with the same seed holds out a superset of a smaller one. Training and
+    evaluation both call this, so they agree on the classes. ``ValueError`` when the count is
+    under 2 or leaves under 2 classes to train on.
+
+    Example::
+
+        draw_val_classes(range(10), 3, seed=0)    # three of the ten ids, e.g. [1, 4, 8]
+        draw_val_classes(range(1000), 0.1, seed=0)  # 100 ids
+    """
+    if isinstance(spec, list | tuple):
+        return sorted({int(c) for c in spec})
+    ids = np.unique(np.fromiter((int(c) for c in class_ids), dtype=np.int64))
+    count = val_class_count(len(ids), spec)
+    drawn = np.random.default_rng(seed).permutation(ids)[:count]
+    return sorted(int(c) for c in drawn)
+
+
 def class_split(
     ds: ArrayDataset, classes: Iterable[int | str]
 ) -> tuple[ArrayDataset, ArrayDataset]:

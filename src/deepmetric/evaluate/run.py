@@ -73,7 +73,8 @@ from deepmetric.evaluate.roc import (
     verification_metrics,
 )
 from deepmetric.models import embed
-from deepmetric.training import load_data, load_trained, resolve_device, untrained_network
+from deepmetric.training import load_trained, resolve_device, untrained_network
+from deepmetric.training.builders import load_training_data, resolve_val_classes
 
 Progress = Callable[[str], None]
 
@@ -167,16 +168,19 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _class_tags(config: Config, ds: ArrayDataset) -> dict[int, str]:
-    """Label id -> "unseen" (not in ``train.classes``) or "validation" (in
-    ``train.val_classes``: held out of training, chose the settings); no tags without
-    ``train.classes`` and ``train.val_classes``."""
+def _class_tags(
+    config: Config, ds: ArrayDataset, val_classes: list[int] | None = None
+) -> dict[int, str]:
+    """Label id -> "unseen" (not in ``train.classes``) or "validation" (in the resolved
+    ``train.val_classes``, given or resolved here: held out of training, chose the settings);
+    no tags without ``train.classes`` and ``train.val_classes``."""
     tags: dict[int, str] = {}
     if config.train.classes is not None:
         seen = set(_class_ids(config.train.classes, ds))
         tags |= {c: "unseen" for c in torch.unique(ds.y).tolist() if c not in seen}
-    if config.train.val_classes is not None:
-        tags |= dict.fromkeys(_class_ids(config.train.val_classes, ds), "validation")
+    val_ids = val_classes if val_classes is not None else resolve_val_classes(config)
+    if val_ids is not None:
+        tags |= dict.fromkeys(val_ids, "validation")
     return tags
 
 
@@ -199,14 +203,18 @@ def _scored_and_validation(
     """``(scored set, validation set or None, notes for metrics.json["data"])``.
 
     The validation set is the run's own (:func:`~deepmetric.training.load_data`), only when the
-    run's own data is evaluated; on its train split, the scored set leaves it out.
+    run's own data is evaluated; on its train split, the scored set leaves it out. The notes
+    hold the resolved ``train.val_classes`` (``"val_classes"``: spec, count, ids) when set.
     """
     if not own:
-        return load_dataset(spec, split, **opts), None, {}
+        return load_dataset(spec, split, **opts), None, _val_notes(config, None)
     if split == "test":
-        val_set = load_data(config)[1] if config.train.val_fraction > 0 else None
-        return load_dataset(spec, split, **opts), val_set, {}
-    train_part, val_set = load_data(config)  # after the train.classes filter
+        if config.train.val_fraction == 0 and config.train.val_classes is None:
+            return load_dataset(spec, split, **opts), None, {}
+        run = load_training_data(config)
+        return load_dataset(spec, split, **opts), run.val, _val_notes(config, run.val_classes)
+    run = load_training_data(config)  # after the train.classes filter
+    train_part, val_set = run.train, run.val
     scored = train_part
     if config.train.classes is not None:  # the other classes: never trained on, not in val
         _, unseen = class_split(load_dataset(spec, "train", **opts), config.train.classes)
@@ -216,8 +224,19 @@ def _scored_and_validation(
     about = {
         "excluded_validation_items": len(val_set),
         "note": "the train split without the validation items (the threshold's own data)",
+        **_val_notes(config, run.val_classes),
     }
     return scored, val_set, about
+
+
+def _val_notes(config: Config, val_classes: list[int] | None) -> dict[str, Any]:
+    """``{"val_classes": {"spec", "count", "ids"}}``: the run's ``train.val_classes`` as
+    written and resolved (:func:`~deepmetric.training.builders.resolve_val_classes`; resolved
+    here when not given); ``{}`` when unset."""
+    ids = val_classes if val_classes is not None else resolve_val_classes(config)
+    if ids is None:
+        return {}
+    return {"val_classes": {"spec": config.train.val_classes, "count": len(ids), "ids": ids}}
 
 
 def evaluate_run(
@@ -308,7 +327,7 @@ def evaluate_run(
             metrics["unseen_classes"] = unseen_metrics
 
     progress("figures")
-    tags = _class_tags(config, test_set)
+    tags = _class_tags(config, test_set, about.get("val_classes", {}).get("ids"))
     figs = _figures(
         run_dir,
         out_dir,
