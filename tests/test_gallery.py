@@ -426,3 +426,39 @@ def test_demo_oneshot_config_must_name_the_seen_classes(tmp_path):
     done = _cli("demo-oneshot", "--config", config, "--run", tmp_path / "run")
     assert done.returncode == 2 and "set train.classes" in done.stderr, done.stderr
     assert done.stderr.strip().count("\n") == 0
+
+
+def test_demo_oneshot_on_a_glyph_set_enrolls_a_named_face_and_unseen_strangers(tmp_path):
+    from deepmetric.data.glyphs import make_glyph_set
+
+    make_glyph_set(
+        tmp_path / "g", preset="latin", classes=40, faces=4, folder=False, progress=lambda _: None
+    )
+    data = f"data=npz:{tmp_path / 'g' / 'glyphs.npz'}"  # 32 training, 8 test characters
+    run = tmp_path / "run"
+    common = ["--run", run, data, "epochs=1", "model.dim=16", "train.p=8", "train.k=4"]
+    args = [*common, "train.val_classes=4", "mode=batch", "loss.name=multi_similarity"]
+    done = _cli(
+        "demo-oneshot",
+        *args,
+        "--enroll",
+        "5",
+        "--stranger-classes",
+        "3",
+        "--enroll-face",
+        "dejavu-serif",
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "5 classes never trained on" in out and "(face dejavu-serif)" in out
+    assert "15 genuine queries" in out  # 5 classes x (4 faces - 1 enrolled)
+    assert "12 strangers (every test image of 3 other unseen classes)" in out
+    with GalleryStore.open(run / "oneshot" / "gallery.db") as store:
+        assert store.num_examples == 5
+    for extra, message in (
+        (["--enroll-face", "comic-sans"], "no face 'comic-sans'"),
+        (["--enroll", "6", "--stranger-classes", "3"], "8 unseen test classes: too few"),
+    ):
+        bad = _cli("demo-oneshot", *args, *extra)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert bad.stderr.strip().count("\n") == 0

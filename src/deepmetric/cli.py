@@ -513,6 +513,9 @@ def _demo_oneshot(args: argparse.Namespace) -> int:
         strangers=args.strangers,
         config=args.config,
         device=args.device,
+        enroll=args.enroll,
+        stranger_classes=args.stranger_classes,
+        enroll_face=args.enroll_face,
     )
     return 0
 
@@ -771,6 +774,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     oneshot.add_argument(
         "--strangers", type=int, default=1000, help="test images of the seen classes to query"
+    )
+    oneshot.add_argument(
+        "--enroll", type=int, help="enroll this many unseen test classes (default: all)"
+    )
+    oneshot.add_argument(
+        "--stranger-classes",
+        type=int,
+        help="strangers: every image of this many other unseen test classes (for data whose "
+        "test classes are all unseen, e.g. the glyph set) instead of --strangers",
+    )
+    oneshot.add_argument(
+        "--enroll-face", help="enroll the image of this face of each class (npz glyph sets)"
     )
     oneshot.add_argument(
         "--device",

@@ -10,6 +10,13 @@ validation split, never on the gallery's data), enroll ONE test image of each un
 - every other test image of classes 6-9 (genuine queries: their class is enrolled), and
 - ``strangers`` test images of classes 0-5 (never enrolled: the right answer is "unknown").
 
+On a data set whose test classes are all unseen (a class-disjoint split such as the glyph set,
+``make demo-oneshot``: ``configs/glyphs.yaml``, see :mod:`deepmetric.data.glyphs`), pass
+``enroll=N`` and ``stranger_classes=M`` instead: ONE image of each of N test classes is
+enrolled (the face ``enroll_face`` where the data names its faces: one font for every
+character), every other image of those classes is a genuine query, and every image of M
+other test classes is a stranger, so strangers are as new to the network as the enrolled.
+
 Printed: the one-shot accuracy (the nearest of the enrolled identities is the right one,
 threshold ignored; chance is 1 / the number enrolled), the accuracy of accepted answers
 (genuine queries whose distance is within the threshold), the acceptance rate of genuine
@@ -38,6 +45,7 @@ from deepmetric.training.fit import has_checkpoint
 
 SEEN = [0, 1, 2, 3, 4, 5]
 RIGHT, WRONG, UNKNOWN = "#2ca02c", "#d62728", "#7f7f7f"
+FIGURE_CLASSES = 8  # the figure shows the first few enrolled classes and their queries
 
 
 def _rate(hits: np.ndarray) -> float:
@@ -99,6 +107,37 @@ def _figure(
     return path
 
 
+def _face_of_items(spec: str, split: str) -> tuple[list[str], np.ndarray] | None:
+    """``(face names, face index of each item)`` of an ``npz:`` glyph set's ``split``, or None
+    when the data does not name its faces (see :mod:`deepmetric.data.glyphs`)."""
+    if not spec.startswith("npz:"):
+        return None
+    key = "face" if split == "train" else "face_test"
+    with np.load(spec.removeprefix("npz:"), allow_pickle=False) as arrays:
+        if "faces" not in arrays.files or key not in arrays.files:
+            return None
+        return [str(f) for f in arrays["faces"]], arrays[key].astype(np.int64)
+
+
+def _enrolled_items(
+    labels: np.ndarray,
+    classes: Sequence[int],
+    rng: np.random.Generator,
+    face: int | None,
+    faces: np.ndarray | None,
+) -> dict[int, int]:
+    """Class -> the item enrolled for it: the one drawn by ``face`` when given, else random."""
+    if face is None or faces is None:
+        return {c: int(rng.choice(np.flatnonzero(labels == c))) for c in classes}
+    out = {}
+    for c in classes:
+        hit = np.flatnonzero((labels == c) & (faces == face))
+        if not len(hit):
+            raise ValueError(f"class {c} has no image of the face asked to enroll")
+        out[c] = int(hit[0])
+    return out
+
+
 def main(
     overrides: Sequence[str] = (),
     *,
@@ -106,6 +145,9 @@ def main(
     strangers: int = 1000,
     config: str | Path | None = None,
     device: str = "auto",
+    enroll: int | None = None,
+    stranger_classes: int | None = None,
+    enroll_face: str | None = None,
 ) -> dict[str, float]:
     """Run the protocol of the module docstring; print and return the figures.
 
@@ -119,21 +161,37 @@ def main(
             one: the defaults with ``train.classes=[0,1,2,3,4,5]``.
         device: where the network trains (``train.device``, unless ``overrides`` set it) and
             then embeds the gallery and the queries (and the gallery's index lives).
+        enroll: enroll this many unseen test classes (drawn with the seed; default all).
+        stranger_classes: strangers are every image of this many other unseen test classes
+            (default: ``strangers`` images of the trained classes); for data whose test classes
+            are all unseen, train.classes need not be set then.
+        enroll_face: enroll each class's image of this face (npz glyph sets name their faces).
 
     Returns:
         ``one_shot_accuracy``, ``accepted_accuracy``, ``genuine_acceptance``,
         ``stranger_rejection``, ``accepted_precision`` (strangers' accepted answers counted
         wrong), ``threshold``, and the counts ``genuine`` / ``strangers`` / ``enrolled``.
     """
-    if strangers < 0:
-        raise ValueError(f"strangers must be >= 0, got {strangers}")
+    for name, value in (("strangers", strangers), ("stranger_classes", stranger_classes)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if enroll is not None and enroll < 2:
+        raise ValueError(f"enroll must be at least 2 classes, got {enroll}")
     resolve_device(device)  # a bad or absent device: said before any training
     run = Path(run)
     seen = [] if config is not None else [f"train.classes={SEEN}".replace(" ", "")]
     config_path = config
     config = load_config(config_path, [*seen, f"out={run}", f"train.device={device}", *overrides])
-    if config.train.classes is None:
+    if config.train.classes is None and stranger_classes is None:
         raise ValueError(f"{config_path}: set train.classes (the classes trained on, 'seen')")
+    faces = _face_of_items(config.data, "test")
+    face = None
+    if enroll_face is not None:
+        if faces is None:
+            raise ValueError(f"{config.data} does not name its faces: drop --enroll-face")
+        if enroll_face not in faces[0]:
+            raise ValueError(f"no face {enroll_face!r} in {config.data}; faces: {faces[0]}")
+        face = faces[0].index(enroll_face)
     if has_checkpoint(run):  # a run killed before its first save is trained again
         print(f"reusing the trained run {run} (delete it to train again)")
     else:
@@ -143,21 +201,45 @@ def main(
     threshold = embedder.threshold
 
     test = load_dataset(config.data, "test", **load_options(config))  # type: ignore[arg-type]
-    seen = sorted(set(config.train.classes or []))
     labels = test.y.numpy()
+    if config.train.classes is not None:
+        seen = sorted(set(config.train.classes))
+    else:  # no train.classes: the test classes must be disjoint from the trained ones
+        trained = load_dataset(config.data, "train", **load_options(config))  # type: ignore[arg-type]
+        seen = sorted(set(trained.y.unique().tolist()))
+        if set(seen) & set(labels.tolist()):
+            raise ValueError(
+                f"{config.data}: its test classes are also training classes; set train.classes"
+            )
     unseen = sorted(set(np.unique(labels).tolist()) - set(seen))
     if not unseen:
         raise ValueError(f"{config.data}: no test class outside train.classes {seen}")
-    names = _names(test.classes, sorted(set(seen) | set(unseen)))
     rng = np.random.default_rng(config.seed)
+    wanted = len(unseen) if enroll is None else enroll
+    if wanted + (stranger_classes or 0) > len(unseen):
+        raise ValueError(
+            f"{config.data} has {len(unseen)} unseen test classes: too few to enroll {wanted} "
+            f"and keep {stranger_classes or 0} as strangers"
+        )
+    drawn = rng.permutation(unseen).tolist()
+    enrolled_classes = sorted(drawn[:wanted])
+    names = _names(test.classes, sorted(set(seen) | set(unseen)))
 
-    enrolled = {c: int(rng.choice(np.flatnonzero(labels == c))) for c in unseen}
+    face_ids = faces[1] if faces is not None else None
+    enrolled = _enrolled_items(labels, enrolled_classes, rng, face, face_ids)
     genuine = np.array(
         [i for i in range(len(labels)) if labels[i] in enrolled and i != enrolled[labels[i]]],
         dtype=np.int64,
     )
-    pool = np.flatnonzero(np.isin(labels, seen))
-    stranger_ids = np.sort(rng.choice(pool, size=min(strangers, len(pool)), replace=False))
+    if stranger_classes is not None:
+        stranger_pool = sorted(drawn[wanted : wanted + stranger_classes])
+        stranger_ids = np.flatnonzero(np.isin(labels, stranger_pool))
+        stranger_note = f"every test image of {len(stranger_pool)} other unseen classes"
+    else:
+        pool = np.flatnonzero(np.isin(labels, seen))
+        stranger_ids = np.sort(rng.choice(pool, size=min(strangers, len(pool)), replace=False))
+        stranger_note = f"test images of the trained classes {seen}, never enrolled"
+    unseen = enrolled_classes
 
     folder = run / "oneshot"
     gallery_file = folder / "gallery.db"
@@ -192,7 +274,7 @@ def main(
 
     shown: list[tuple[torch.Tensor, str, Identification]] = []
     per_class = 6
-    for c in unseen:  # the first few genuine queries of each class, then some strangers
+    for c in unseen[:FIGURE_CLASSES]:  # a few genuine queries of each class, then strangers
         for j in np.flatnonzero(labels[genuine] == c)[:per_class]:
             shown.append((test.inputs[genuine[j]], names[c], got[j]))
     spread = np.unique(np.linspace(0, len(stranger_ids) - 1, 2 * per_class).round().astype(int))
@@ -201,18 +283,22 @@ def main(
         shown.append(
             (test.inputs[i], f"stranger ({names[int(labels[i])]})", answers[len(genuine) + j])
         )
+    shown_enrolled = [(names[c], test.inputs[enrolled[c]]) for c in unseen[:FIGURE_CLASSES]]
     figure = _figure(
         folder / "oneshot.png",
-        [(names[c], test.inputs[i]) for c, i in enrolled.items()],
+        shown_enrolled,
         shown,
-        columns=max(per_class, len(enrolled)),
+        columns=max(per_class, len(shown_enrolled)),
     )
 
-    listed = ", ".join(names[c] for c in unseen)
+    listed = ", ".join(names[c] for c in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+    how = "one enrolled test image each" + (
+        f" (face {enroll_face})" if enroll_face is not None else ""
+    )
     print(
         f"one-shot identification of {len(unseen)} classes never trained on ({listed}), "
-        f"one enrolled test image each; {len(genuine)} genuine queries, {len(stranger_ids)} "
-        f"strangers (test images of the trained classes {seen}, never enrolled)"
+        f"{how}; {len(genuine)} genuine queries, {len(stranger_ids)} strangers "
+        f"({stranger_note})"
     )
     print(f"threshold {threshold.value:.4f} ({threshold.metric}): {threshold.protocol}")
     print(
