@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install data data-glyphs fonts browser test lint demo demo-synthetic demo-oneshot bench fuzz clean
+.PHONY: install data data-glyphs fonts browser test lint demo demo-synthetic demo-oneshot demo-oneshot-fashion bench fuzz clean
 
 FASHION := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -36,9 +36,10 @@ data:
 
 # A many-class glyph set (characters as classes, font faces as examples; see
 # src/deepmetric/data/glyphs.py): the preset's Debian font packages, installed when missing,
-# then GLYPHS/glyphs.npz, idx/, folder/ and manifest.json, unless GLYPHS already holds them.
+# then GLYPHS/glyphs.npz, idx/, folder/ and manifest.json, unless GLYPHS already holds them
+# (configs/glyphs.yaml reads data/glyphs-cjk/glyphs.npz); GLYPH_ARGS go to the generator.
 GLYPH_PRESET ?= cjk
-GLYPHS ?= $(or $(DEEPMETRIC_DATA),$(HOME)/.cache/deepmetric)/glyphs-$(GLYPH_PRESET)
+GLYPHS ?= data/glyphs-$(GLYPH_PRESET)
 fonts: install
 	@pkgs="$$($(BIN)/python -m deepmetric.data.glyphs --preset $(GLYPH_PRESET) --packages)" \
 	&& { dpkg -s $$pkgs >/dev/null 2>&1 \
@@ -46,7 +47,7 @@ fonts: install
 
 data-glyphs: fonts
 	@[ -f $(GLYPHS)/manifest.json ] \
-	|| $(BIN)/python -m deepmetric.data.glyphs --preset $(GLYPH_PRESET) --out $(GLYPHS) $(ARGS)
+	|| $(BIN)/python -m deepmetric.data.glyphs --preset $(GLYPH_PRESET) --out $(GLYPHS) $(GLYPH_ARGS)
 
 # Debian's Chromium and its WebDriver, for the page test (tests/test_page.py): installed
 # only when missing.
@@ -65,13 +66,24 @@ demo: install data
 demo-synthetic: install
 	$(BIN)/deepmetric demo $(ARGS)
 
-# One-shot identification of classes never trained on: train configs/openset.yaml (Fashion-MNIST
-# classes 0, 1, 3, 5; validation and threshold on 2, 4) or reuse ONESHOT_RUN, enroll one test
-# image of each of classes 6-9, identify the rest and strangers; ARGS are training overrides
-# (e.g. data=idx:DIR epochs=1).
-ONESHOT_RUN := runs/oneshot_openset
-demo-oneshot: install data
-	$(BIN)/deepmetric demo-oneshot --config configs/openset.yaml --run $(ONESHOT_RUN) $(ARGS)
+# One-shot identification of characters never trained on: train configs/glyphs.yaml on the
+# glyph set (or reuse ONESHOT_RUN), enroll the Noto Sans SC Regular image of each of 100 unseen
+# characters, identify their 30 other faces and every image of 100 other unseen characters
+# (strangers); ARGS are training overrides (e.g. data=npz:FILE epochs=1).
+ONESHOT_RUN := runs/oneshot_glyphs
+ONESHOT_ENROLL ?= 100
+ONESHOT_STRANGERS ?= 100
+ONESHOT_FACE ?= noto-sans-sc-regular
+demo-oneshot: install data-glyphs
+	$(BIN)/deepmetric demo-oneshot --config configs/glyphs.yaml --run $(ONESHOT_RUN) \
+	  --enroll $(ONESHOT_ENROLL) --stranger-classes $(ONESHOT_STRANGERS) \
+	  --enroll-face $(ONESHOT_FACE) data=npz:$(GLYPHS)/glyphs.npz $(ARGS)
+
+# The earlier one-shot demo on Fashion-MNIST (train on 0, 1, 3, 5, validate on 2, 4, enroll one
+# test image of each of 6-9, strangers from the trained classes): a small demo, no target.
+OPENSET_RUN := runs/oneshot_openset
+demo-oneshot-fashion: install data
+	$(BIN)/deepmetric demo-oneshot --config configs/openset.yaml --run $(OPENSET_RUN) $(ARGS)
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e ".[bench]"

@@ -58,7 +58,15 @@ PLACEHOLDERS: dict[str, Callable[[Path], Path]] = {
 MAKE_ARGS: dict[str, list[str]] = {
     "demo": ["DEMO_RUN=WORK/runs/fashion_mnist_demo", "ARGS=epochs=1"],
     "demo-synthetic": ["ARGS=--steps 5"],
-    "demo-oneshot": ["ONESHOT_RUN=WORK/runs/oneshot_openset", "ARGS=epochs=1"],
+    "demo-oneshot": [  # on a small glyph set of the latin preset (its fonts: .ci/run)
+        "GLYPH_PRESET=latin",
+        "GLYPHS=WORK/glyphs",
+        "ONESHOT_RUN=WORK/runs/oneshot_glyphs",
+        "ONESHOT_ENROLL=5",
+        "ONESHOT_STRANGERS=5",
+        "ONESHOT_FACE=dejavu-sans",
+        "ARGS=epochs=1",
+    ],
 }
 
 # A path or an all-capitals word (DIR, FILE) in a command: a placeholder to substitute.
