@@ -195,8 +195,12 @@ def main(
     if has_checkpoint(run):  # a run killed before its first save is trained again
         print(f"reusing the trained run {run} (delete it to train again)")
     else:
-        which = "the training split" if config.train.classes is None else "classes"
-        print(f"training on {which} {config.train.classes or ''} of {config.data} into {run}")
+        which = (
+            "the training split"
+            if config.train.classes is None
+            else f"classes {config.train.classes}"
+        )
+        print(f"training on {which} of {config.data} into {run}")
         train(config)
     embedder = Embedder.from_run(run, device=device, progress=print)
     threshold = embedder.threshold
