@@ -69,15 +69,17 @@ demo-synthetic: install
 # One-shot identification of characters never trained on: train configs/glyphs.yaml on the
 # glyph set (or reuse ONESHOT_RUN), enroll the Noto Sans SC Regular image of each of 100 unseen
 # characters, identify their 30 other faces and every image of 100 other unseen characters
-# (strangers); ARGS are training overrides (e.g. data=npz:FILE epochs=1).
+# (strangers), with the threshold at a false accept rate of 1e-3 on the validation characters;
+# ARGS are training overrides (e.g. data=npz:FILE epochs=1).
 ONESHOT_RUN := runs/oneshot_glyphs
 ONESHOT_ENROLL ?= 100
 ONESHOT_STRANGERS ?= 100
 ONESHOT_FACE ?= noto-sans-sc-regular
+ONESHOT_FAR ?= 1e-3
 demo-oneshot: install data-glyphs
 	$(BIN)/deepmetric demo-oneshot --config configs/glyphs.yaml --run $(ONESHOT_RUN) \
 	  --enroll $(ONESHOT_ENROLL) --stranger-classes $(ONESHOT_STRANGERS) \
-	  --enroll-face $(ONESHOT_FACE) data=npz:$(GLYPHS)/glyphs.npz $(ARGS)
+	  --enroll-face $(ONESHOT_FACE) --far $(ONESHOT_FAR) data=npz:$(GLYPHS)/glyphs.npz $(ARGS)
 
 # The earlier one-shot demo on Fashion-MNIST (train on 0, 1, 3, 5, validate on 2, 4, enroll one
 # test image of each of 6-9, strangers from the trained classes): a small demo, no target.

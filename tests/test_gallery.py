@@ -447,12 +447,15 @@ def test_demo_oneshot_on_a_glyph_set_enrolls_a_named_face_and_unseen_strangers(t
         "3",
         "--enroll-face",
         "dejavu-serif",
+        "--far",
+        "0.05",
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "5 classes never trained on" in out and "(face dejavu-serif)" in out
     assert "15 genuine queries" in out  # 5 classes x (4 faces - 1 enrolled)
     assert "12 strangers (every test image of 3 other unseen classes)" in out
+    assert "at a false accept rate <= 0.05 on its pairs" in out
     with GalleryStore.open(run / "oneshot" / "gallery.db") as store:
         assert store.num_examples == 5
     for extra, message in (

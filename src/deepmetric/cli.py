@@ -516,6 +516,7 @@ def _demo_oneshot(args: argparse.Namespace) -> int:
         enroll=args.enroll,
         stranger_classes=args.stranger_classes,
         enroll_face=args.enroll_face,
+        far=args.far,
     )
     return 0
 
@@ -786,6 +787,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     oneshot.add_argument(
         "--enroll-face", help="enroll the image of this face of each class (npz glyph sets)"
+    )
+    oneshot.add_argument(
+        "--far",
+        type=float,
+        help="the gallery's threshold: the largest whose false accept rate on the run's "
+        "validation pairs is at most this (default: the run's threshold)",
     )
     oneshot.add_argument(
         "--device",

@@ -148,6 +148,7 @@ def main(
     enroll: int | None = None,
     stranger_classes: int | None = None,
     enroll_face: str | None = None,
+    far: float | None = None,
 ) -> dict[str, float]:
     """Run the protocol of the module docstring; print and return the figures.
 
@@ -166,6 +167,8 @@ def main(
             (default: ``strangers`` images of the trained classes); for data whose test classes
             are all unseen, train.classes need not be set then.
         enroll_face: enroll each class's image of this face (npz glyph sets name their faces).
+        far: the gallery's threshold is the largest with a false accept rate <= ``far`` on the
+            run's validation pairs (default: the run's threshold, best validation accuracy).
 
     Returns:
         ``one_shot_accuracy``, ``accepted_accuracy``, ``genuine_acceptance``,
@@ -202,8 +205,7 @@ def main(
         )
         print(f"training on {which} of {config.data} into {run}")
         train(config)
-    embedder = Embedder.from_run(run, device=device, progress=print)
-    threshold = embedder.threshold
+    embedder = Embedder.from_run(run, device=device, calibrate=far is None, progress=print)
 
     test = load_dataset(config.data, "test", **load_options(config))  # type: ignore[arg-type]
     labels = test.y.numpy()
@@ -252,7 +254,8 @@ def main(
         leftover.unlink(missing_ok=True)  # the demo's own gallery of a previous run
     shutil.rmtree(index_path(gallery_file), ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    with Gallery.create(gallery_file, embedder, source=run) as gallery:
+    with Gallery.create(gallery_file, embedder, source=run, far=far, progress=print) as gallery:
+        threshold = gallery.threshold
         for c, i in enrolled.items():
             gallery.enroll(names[c], test.inputs[i : i + 1], metadata={"test_index": i})
         queries = np.concatenate([genuine, stranger_ids])
