@@ -446,13 +446,15 @@ def test_class_split() -> None:
     [(0x09, ">i1"), (0x0D, ">f4"), (0x0C, ">i4")],
     ids=["int8", "float", "int32"],
 )
-def test_idx_labels_must_be_unsigned_bytes(tmp_path: Path, type_byte: int, dtype: str) -> None:
-    """-1 as int8 or 1.7 as float must not become a class: the label file is refused."""
+def test_idx_labels_must_be_non_negative_integers(
+    tmp_path: Path, type_byte: int, dtype: str
+) -> None:
+    """-1 as int8 or int32, or 1.7 as float, must not become a class: the label file is refused."""
     make_idx_dir(tmp_path)
     labels = np.array([-1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1.7][:12]).astype(dtype)
     header = struct.pack(">HBB", 0, type_byte, 1) + struct.pack(">I", 12)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
-    with pytest.raises(DatasetError, match="unsigned-byte labels"):
+    with pytest.raises(DatasetError, match="negative labels|expected 1-D integer labels"):
         load_idx_dir(tmp_path, "train")
 
 
