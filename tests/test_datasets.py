@@ -454,7 +454,7 @@ def test_idx_labels_must_be_non_negative_integers(
     labels = np.array([-1, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1.7][:12]).astype(dtype)
     header = struct.pack(">HBB", 0, type_byte, 1) + struct.pack(">I", 12)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
-    with pytest.raises(DatasetError, match="negative labels|expected 1-D integer labels"):
+    with pytest.raises(DatasetError, match=r"negative labels|expected 1-D integer labels"):
         load_idx_dir(tmp_path, "train")
 
 
