@@ -139,6 +139,13 @@ def test_evaluate_writes_metrics_figures_report_and_threshold(trained, tmp_path,
                 assert g["map_at_r"] == pytest.approx(w["map_at_r"], abs=1e-6)
                 assert g["confused_with"] == w["confused_with"]
     assert [r["class"] for r in unseen["by_class"]] == [4, 5]
+    # which scored classes training saw; few-shot and open-set blocks for both
+    assert saved["data"]["classes"] == 6 and saved["data"]["classes_seen_in_training"] == 4
+    assert set(saved["one_shot"]) == {"5-way", "all-way", "skipped"}
+    assert set(unseen["one_shot"]) == {"all-way", "skipped"}  # two unseen classes
+    assert unseen["one_shot"]["all-way"]["ways"] == 2
+    assert unseen["open_set"]["enrolled"] == 1 and unseen["open_set"]["strangers"] == 1
+    assert set(unseen["threshold_transfer"]) == {"1e-02", "1e-03"}
     # Beside the validation threshold's accuracy: the 10-fold cross-validated one on the same
     # pairs (what carrying the threshold over costs), for all classes and the unseen ones.
     for block, keep in ((saved, slice(None)), (unseen, ~torch.isin(test_set.y, seen_ids))):

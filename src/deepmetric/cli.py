@@ -92,6 +92,88 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _few_shot_plan(args: argparse.Namespace) -> Any:
+    """The ``--ways/--shots/--episodes`` of ``deepmetric evaluate`` as a FewShotPlan (the
+    defaults when none is given; ways that are given must be possible on the data)."""
+    from deepmetric.evaluate.fewshot import FewShotPlan, parse_counts, parse_ways
+
+    plan = FewShotPlan()
+    if args.ways is not None:
+        plan = plan._replace(ways=parse_ways(args.ways), explicit=True)
+    if args.shots is not None:
+        plan = plan._replace(shots=parse_counts(args.shots, "--shots"))
+    if args.episodes is not None:
+        (episodes,) = parse_counts(args.episodes, "--episodes")
+        plan = plan._replace(episodes=episodes)
+    return plan
+
+
+def _fars(text: str) -> tuple[float, ...]:
+    """``"1e-2,1e-3"`` -> ``(0.01, 0.001)``; a one-line ValueError otherwise."""
+    out = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"--far takes rates in (0, 1), got {part.strip()!r}") from None
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"--far takes rates in (0, 1), got {part.strip()}")
+        out.append(value)
+    return tuple(dict.fromkeys(out))
+
+
+def _few_shot_line(block: dict[str, Any]) -> str:
+    """``one-shot: 5-way 0.998 ± 0.001 (raw 0.912), 20-way ...; five-shot: ...`` of a metrics
+    block (the network's few-shot accuracies, the raw inputs' in brackets)."""
+    from deepmetric.evaluate.fewshot import shot_key
+
+    raw = block.get("raw_input_baseline", {})
+    parts = []
+    for shots in range(1, 11):
+        key = shot_key(shots)
+        if key not in block:
+            continue
+        runs = [k for k in block[key] if k != "skipped"]
+        if not runs:
+            continue
+        cells = []
+        for way in runs:
+            r = block[key][way]
+            name = f"all-way ({r['ways']})" if way == "all-way" else way
+            cell = f"{name} {r['accuracy']:.3f} ± {r['ci95']:.3f}"
+            if way in raw.get(key, {}):
+                cell += f" (raw {raw[key][way]['accuracy']:.3f})"
+            cells.append(cell)
+        parts.append(f"{key.replace('_', '-')}: " + ", ".join(cells))
+    return "; ".join(parts)
+
+
+def _transfer_lines(block: dict[str, Any]) -> list[str]:
+    """One line per FAR: the validation threshold's FAR and TAR on these classes, and the
+    open-set identification rate (DIR) at that FAR."""
+    lines = []
+    transfer = block.get("threshold_transfer", {})
+    open_set = block.get("open_set", {})
+    for key in dict.fromkeys([*transfer, *open_set.get("at_far", {})]):
+        text = f"FAR {float(key):g}:"
+        if key in transfer:
+            t = transfer[key]
+            ratio = t["far_ratio"]
+            text += (
+                f" validation threshold {t['threshold']:.4f} reaches FAR {t['far_reached']:.2e}"
+                f" here ({ratio:.2f}x the asked) at TAR {t['tar_reached']:.4f};"
+            )
+        if key in open_set.get("at_far", {}):
+            o = open_set["at_far"][key]
+            text += f" open-set DIR {o['oracle']['dir']:.4f}"
+            if "validation" in o:
+                v = o["validation"]
+                text += f" (validation threshold: DIR {v['dir']:.4f} at FAR {v['far_reached']:.2e})"
+            text += f", {open_set['enrolled']} enrolled, {open_set['strangers']} strangers"
+        lines.append("  " + text)
+    return lines
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from deepmetric.evaluate.run import evaluate_run
 
@@ -105,7 +187,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         out=args.out,
         embedding_map=not args.no_map,
         device=args.device,
+        few_shot=_few_shot_plan(args),
+        fars=_fars(args.far),
         progress=progress,
+    )
+    d = m["data"]
+    seen = d.get("classes_seen_in_training")
+    print(
+        f"{d['classes']} classes scored, "
+        + (
+            "seen in training: unknown (another data set)"
+            if seen is None
+            else "none seen in training"
+            if seen == 0
+            else f"{seen} of them seen in training"
+        )
     )
     v = m["verification"]
     print(
@@ -120,6 +216,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"MAP@R {raw['map_at_r']:.4f}; untrained network: precision@1 "
         f"{rand['precision_at_1']:.4f}  MAP@R {rand['map_at_r']:.4f}"
     )
+    print(_few_shot_line(m))
+    print("\n".join(_transfer_lines(m)))
     if "unseen_classes" in m:
         u = m["unseen_classes"]
         ur, uu = u["raw_input_baseline"], u["untrained_network_baseline"]
@@ -137,6 +235,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             + (f", 10-fold cross-validated on these pairs {cv:.4f}" if cv is not None else "")
             + f"  ROC AUC {uv['roc_auc']:.4f}  EER {uv['eer']:.4f}"
         )
+        print("  " + _few_shot_line(u))
+        print("\n".join(_transfer_lines(u)))
         if "by_class" in u:
             print("  per class, MAP@R (raw inputs): " + _by_class_line(m, u))
     return 0
@@ -589,6 +689,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     evaluate.add_argument("--out", help="output folder (default RUN_DIR/eval)")
     evaluate.add_argument("--no-map", action="store_true", help="skip the 2-D embedding map")
+    evaluate.add_argument(
+        "--ways",
+        help="N-way few-shot episodes on the scored classes, e.g. 5,20,all (default 5,20,all; "
+        "all-way is 1-shot only); a way the classes cannot give is an error",
+    )
+    evaluate.add_argument("--shots", help="K-shot of the episodes, e.g. 1,5 (default 1,5)")
+    evaluate.add_argument(
+        "--episodes", help="episodes of each numbered N-way K-shot (default 1000)"
+    )
+    evaluate.add_argument(
+        "--far",
+        default="1e-2,1e-3",
+        help="false accept rates at which the validation threshold's transfer and the open-set "
+        "identification rate (DIR@FAR) are reported (default 1e-2,1e-3)",
+    )
     evaluate.add_argument(
         "--device",
         default="auto",

@@ -102,6 +102,106 @@ def _versus_raw(metrics: dict[str, Any]) -> str:
     )
 
 
+def _few_shot(metrics: dict[str, Any]) -> str:
+    """N-way K-shot accuracies with their 95 % intervals, the network beside the raw inputs."""
+    raw = metrics.get("raw_input_baseline", {})
+    rows = []
+    for key in [k for k in metrics if k.endswith("_shot")]:
+        for way, r in metrics[key].items():
+            if way == "skipped":
+                continue
+            other = raw.get(key, {}).get(way)
+            name = f"all-way ({r['ways']} classes)" if way == "all-way" else way
+            rows.append(
+                (
+                    f"{name} {key.replace('_', '-')}",
+                    r["accuracy"],
+                    f"± {r['ci95']:.4f}",
+                    "" if other is None else other["accuracy"],
+                    r["episodes"],
+                    r["queries"],
+                )
+            )
+    if not rows:
+        return ""
+    skipped = [
+        f"{way} {key.replace('_', '-')}: {why}"
+        for key in metrics
+        if key.endswith("_shot")
+        for way, why in metrics[key].get("skipped", {}).items()
+    ]
+    return (
+        "<h3>Few-shot episodes (N-way K-shot)</h3>"
+        + _table(
+            rows, ["episodes of", "accuracy", "95 % interval", "raw inputs", "episodes", "queries"]
+        )
+        + "<p class='note'>Each episode draws N classes, K items of each as the support (their "
+        "mean is the class prototype) and queries among the others; a query is right when its "
+        "own class's prototype is the nearest. Same episodes for the network and the raw "
+        "inputs.</p>" + "".join(f"<p class='note'>skipped: {html.escape(s)}</p>" for s in skipped)
+    )
+
+
+def _thresholds(metrics: dict[str, Any]) -> str:
+    """The validation threshold at each FAR on these classes, and open-set identification."""
+    out = ""
+    transfer = metrics.get("threshold_transfer")
+    if transfer:
+        rows = [
+            (
+                f"{t['far_asked']:g}",
+                t["threshold"],
+                f"{t['far_validation']:.2e}",
+                f"{t['far_reached']:.2e}",
+                "" if t["far_ratio"] is None else f"{t['far_ratio']:.2f}x",
+                t["tar_reached"],
+                f"{t['resolution']:.1e}",
+            )
+            for t in transfer.values()
+        ]
+        header = [
+            "FAR asked",
+            "threshold",
+            "FAR on validation",
+            "FAR here",
+            "ratio",
+            "TAR here",
+            "resolution",
+        ]
+        out += "<h3>Thresholds chosen on the validation classes, measured here</h3>" + _table(
+            rows, header
+        )
+    open_set = metrics.get("open_set")
+    if open_set:
+        rows = []
+        for o in open_set["at_far"].values():
+            v = o.get("validation")
+            rows.append(
+                (
+                    f"{o['far_asked']:g}",
+                    o["oracle"]["dir"],
+                    f"{o['oracle']['far_reached']:.2e}",
+                    "" if v is None else v["dir"],
+                    "" if v is None else f"{v['far_reached']:.2e}",
+                )
+            )
+        header = [
+            "FAR asked",
+            "DIR (threshold on these strangers)",
+            "FAR reached",
+            "DIR (validation threshold)",
+            "FAR reached",
+        ]
+        out += (
+            f"<h3>Open-set identification: {open_set['enrolled']} classes enrolled with one "
+            f"item each, {open_set['strangers']} classes of strangers</h3>"
+            + _table(rows, header)
+            + f"<p class='note'>closed-set rank-1 {open_set['rank1']:.4f}. "
+            f"{html.escape(open_set['protocol'])}</p>"
+        )
+    return out
+
+
 def _misses(row: dict[str, Any], class_names: Sequence[str]) -> str:
     other = row.get("confused_with")
     if other is None:
@@ -171,11 +271,27 @@ def write_report(
         f"{metrics['map_at_r']:.4f} &middot; verification accuracy "
         f"{metrics['verification']['accuracy']:.4f}</p>"
     )
+    seen = metrics.get("data", {}).get("classes_seen_in_training")
+    classes = metrics.get("data", {}).get("classes")
+    if classes is not None:
+        parts.append(
+            f"<p>{classes} classes scored; "
+            + (
+                "whether training saw them is unknown (another data set)"
+                if seen is None
+                else "none of them seen in training"
+                if seen == 0
+                else f"{seen} of them seen in training"
+            )
+            + ".</p>"
+        )
     parts.append(_table(facts, ["", ""]))
     parts.append(
         "<h2>Metrics</h2>"
         + _headline(metrics)
         + _versus_raw(metrics)
+        + _few_shot(metrics)
+        + _thresholds(metrics)
         + _by_class_versus_raw(metrics, class_names)
     )
     parts.append(f"<p class='note'>{html.escape(metrics['verification']['protocol'])}</p>")
@@ -184,6 +300,8 @@ def write_report(
             "<h2>Classes never seen in training</h2>"
             + _headline(metrics["unseen_classes"])
             + _versus_raw(metrics["unseen_classes"])
+            + _few_shot(metrics["unseen_classes"])
+            + _thresholds(metrics["unseen_classes"])
             + _by_class_versus_raw(metrics["unseen_classes"], class_names)
         )
     cats = metrics["triplet_categories"]

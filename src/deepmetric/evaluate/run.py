@@ -45,7 +45,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ from deepmetric.data.datasets import Split
 from deepmetric.distances import paired_at
 from deepmetric.evaluate import figures
 from deepmetric.evaluate.diagnostics import JudgedPairs, per_class_table, test_triplet_categories
+from deepmetric.evaluate.fewshot import FewShotPlan, few_shot_metrics, raw_pixels
 from deepmetric.evaluate.metrics import (
     clustering_nmi,
     nearest_neighbors,
@@ -72,6 +73,7 @@ from deepmetric.evaluate.roc import (
     roc_curve,
     verification_metrics,
 )
+from deepmetric.evaluate.transfer import DEFAULT_FARS, open_set, threshold_transfer
 from deepmetric.models import embed
 from deepmetric.training import load_trained, resolve_device, untrained_network
 from deepmetric.training.builders import load_training_data, resolve_val_classes
@@ -156,6 +158,50 @@ def retrieval_and_verification(
     return out
 
 
+class _Validation(NamedTuple):
+    """The validation classes' embeddings, labels and verification pairs (distances, same)."""
+
+    emb: torch.Tensor
+    labels: torch.Tensor
+    dist: torch.Tensor
+    same: torch.Tensor
+
+
+def _one_shot_blocks(
+    out: dict[str, Any],
+    emb: torch.Tensor,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    metric: str,
+    plan: FewShotPlan,
+    fars: tuple[float, ...],
+    val: _Validation | None,
+    seed: int,
+) -> None:
+    """Add the few-shot blocks (``one_shot``, ``five_shot``, ...; the same on the raw inputs
+    under ``raw_input_baseline``), the open-set block (``open_set``: DIR@FAR) and, with a
+    validation split, ``threshold_transfer`` (thresholds chosen on the validation classes at
+    each FAR, measured on these pairs) to ``out``, the metrics of one labelled set."""
+    out.update(few_shot_metrics(emb, labels, metric=metric, plan=plan, seed=seed))
+    out["raw_input_baseline"].update(
+        few_shot_metrics(raw_pixels(inputs), labels, metric="euclidean", plan=plan, seed=seed)
+    )
+    if val is not None and fars:
+        dist, same = out["_pairs"]
+        out["threshold_transfer"] = threshold_transfer(val.dist, val.same, dist, same, fars=fars)
+    if fars and len(torch.unique(labels)) >= 2:
+        out["open_set"] = open_set(
+            emb,
+            labels,
+            metric=metric,
+            fars=fars,
+            seed=seed,
+            val_embeddings=None if val is None else val.emb,
+            val_labels=None if val is None else val.labels,
+        )
+
+
 def _device(name: str) -> torch.device:
     """The evaluation device: ``auto`` (CUDA when available, else CPU) or a torch device name,
     checked by allocating on it, so a bad or absent device is a one-line ``ConfigError``."""
@@ -204,16 +250,18 @@ def _scored_and_validation(
 
     The validation set is the run's own (:func:`~deepmetric.training.load_data`), only when the
     run's own data is evaluated; on its train split, the scored set leaves it out. The notes
-    hold the resolved ``train.val_classes`` (``"val_classes"``: spec, count, ids) when set.
+    hold the resolved ``train.val_classes`` (``"val_classes"``: spec, count, ids) when set, and
+    on the run's own data how many scored classes training saw (:func:`_seen_notes`).
     """
     if not own:
-        return load_dataset(spec, split, **opts), None, _val_notes(config, None)
+        notes = _val_notes(config, None) | {"classes_seen_in_training": None}
+        return load_dataset(spec, split, **opts), None, notes
+    run = load_training_data(config)  # after the train.classes filter, without validation
     if split == "test":
+        scored = load_dataset(spec, split, **opts)
         if config.train.val_fraction == 0 and config.train.val_classes is None:
-            return load_dataset(spec, split, **opts), None, {}
-        run = load_training_data(config)
-        return load_dataset(spec, split, **opts), run.val, _val_notes(config, run.val_classes)
-    run = load_training_data(config)  # after the train.classes filter
+            return scored, None, _seen_notes(scored, run.train)
+        return scored, run.val, _val_notes(config, run.val_classes) | _seen_notes(scored, run.train)
     train_part, val_set = run.train, run.val
     scored = train_part
     if config.train.classes is not None:  # the other classes: never trained on, not in val
@@ -225,8 +273,28 @@ def _scored_and_validation(
         "excluded_validation_items": len(val_set),
         "note": "the train split without the validation items (the threshold's own data)",
         **_val_notes(config, run.val_classes),
+        **_seen_notes(scored, train_part),
     }
     return scored, val_set, about
+
+
+def _seen_notes(scored: ArrayDataset, trained: ArrayDataset) -> dict[str, Any]:
+    """``{"classes": n, "classes_seen_in_training": m}``: how many of the scored classes have
+    items in the run's training set (0: every figure is on classes never trained on). Classes
+    are matched by name when both sets name their classes (Omniglot numbers each split's
+    classes from 0), else by label id."""
+    classes = torch.unique(scored.y)
+    trained_ids = torch.unique(trained.y)
+    if scored.classes is not None and trained.classes is not None:
+        names = {trained.classes[i] for i in trained_ids.tolist() if i < len(trained.classes)}
+        seen = sum(
+            1
+            for c in classes.tolist()
+            if (scored.classes[c] if c < len(scored.classes) else None) in names
+        )
+    else:
+        seen = int(torch.isin(classes, trained_ids).sum())
+    return {"classes": len(classes), "classes_seen_in_training": seen}
 
 
 def _val_notes(config: Config, val_classes: list[int] | None) -> dict[str, Any]:
@@ -247,11 +315,18 @@ def evaluate_run(
     out: str | Path | None = None,
     embedding_map: bool = True,
     device: str = "auto",
+    few_shot: FewShotPlan | None = None,
+    fars: tuple[float, ...] = DEFAULT_FARS,
     progress: Progress = print,
 ) -> dict[str, Any]:
     """Evaluate the latest checkpoint of ``run_dir`` on ``split`` of ``data`` (default: the
     run's own data set) on ``device``; write into ``out`` (default ``RUN_DIR/eval``) and return
     the metrics written to ``metrics.json``. See the module docstring for the threshold rules.
+
+    ``few_shot``: the N-way K-shot episodes to run on the scored classes (None: the defaults of
+    :class:`~deepmetric.evaluate.fewshot.FewShotPlan`; a way asked for explicitly that the
+    classes cannot give is a ``ConfigError``). ``fars``: the false accept rates at which the
+    threshold transfer and the open-set identification rate are reported.
     """
     started = time.perf_counter()
     if split not in ("train", "test"):
@@ -269,10 +344,18 @@ def evaluate_run(
     if spec.startswith("folder:"):
         opts["size"] = (config.image_size, config.image_size)
     metric, margin = config.loss.metric, config.loss.margin
+    plan = FewShotPlan() if few_shot is None else few_shot
+    for far in fars:
+        if not 0.0 < far < 1.0:
+            raise ConfigError(f"--far takes rates in (0, 1), got {far:g}")
 
     test_set, val_set, about = _scored_and_validation(config, spec, split, own, opts)
     if len(torch.unique(test_set.y)) < 2:
         raise ConfigError(f"{spec} ({split}) has fewer than 2 classes: nothing to evaluate")
+    try:
+        plan.check(test_set.y, f"{spec} ({split})")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     names = test_set.classes or [str(c) for c in range(int(test_set.y.max()) + 1)]
     out_dir = run_dir / "eval" if out is None else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,21 +363,25 @@ def evaluate_run(
     progress(f"embedding {len(test_set):,} {split} items of {spec} on {torch_device}")
     emb = embed(net, test_set.inputs, torch_device)
 
-    threshold = None
+    threshold = val = None
     if val_set is not None and _has_pairs(val_set.y):
         val_emb = embed(net, val_set.inputs, torch_device)
         _, _, val_dist, val_same = _pairs(val_emb, val_set.y, metric, config.seed)
         threshold = choose_threshold(val_dist, val_same)
+        val = _Validation(val_emb.cpu(), val_set.y.cpu(), val_dist.cpu(), val_same.cpu())
     progress("metrics")
     metrics = retrieval_and_verification(
         emb, test_set.y, metric=metric, margin=margin, threshold=threshold, seed=config.seed
     )
-    dist, same = metrics.pop("_pairs")
     progress("raw-input baseline")
     metrics["raw_input_baseline"] = {
         **raw_input_baseline(test_set.inputs[:], test_set.y, per_class=True),
         "note": RAW_NOTE,
     }
+    progress("few-shot episodes, threshold transfer, open-set identification")
+    few = dict(metric=metric, plan=plan, fars=tuple(fars), val=val, seed=config.seed)
+    _one_shot_blocks(metrics, emb.cpu(), test_set.inputs[:], test_set.y, **few)
+    dist, same = metrics.pop("_pairs")
     progress("untrained-network baseline")
     untrained_net = untrained_network(config, test_set.inputs[:1]).to(torch_device)
     untrained = embed(untrained_net, test_set.inputs, torch_device)
@@ -314,12 +401,20 @@ def evaluate_run(
                 threshold=threshold,  # None: its own cross-validation on its own pairs
                 seed=config.seed,
             )
-            unseen_metrics.pop("_pairs")
             unseen_metrics["note"] = "classes not in train.classes: never seen in training"
             unseen_metrics["raw_input_baseline"] = {
                 **raw_input_baseline(test_set.inputs[unseen], test_set.y[unseen], per_class=True),
                 "note": RAW_NOTE,
             }
+            unseen_plan = plan._replace(explicit=False)  # checked on the whole set above
+            _one_shot_blocks(
+                unseen_metrics,
+                emb[unseen].cpu(),
+                test_set.inputs[unseen],
+                test_set.y[unseen],
+                **(few | {"plan": unseen_plan}),
+            )
+            unseen_metrics.pop("_pairs")
             unseen_metrics["untrained_network_baseline"] = {
                 **retrieval_metrics(untrained[unseen], test_set.y[unseen], metric=metric),
                 "note": UNTRAINED_NOTE,
@@ -348,6 +443,7 @@ def evaluate_run(
         "items": len(test_set),
         "metric": metric,
         "class_names": names,
+        "classes": len(torch.unique(test_set.y)),
         **about,
         "device": str(torch_device),
     }

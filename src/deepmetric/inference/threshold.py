@@ -28,7 +28,7 @@ import torch
 
 from deepmetric.distances import check_metric, paired_at
 from deepmetric.evaluate.pairs import verification_pairs
-from deepmetric.evaluate.roc import choose_threshold, roc_curve
+from deepmetric.evaluate.roc import choose_threshold, threshold_at_far
 
 THRESHOLD_FILE = "threshold.json"
 
@@ -114,32 +114,6 @@ def write_threshold(path: str | Path, threshold: Threshold) -> None:
 
 
 # ----------------------------------------------------------------------------- fitting
-
-
-def threshold_at_far(distances: torch.Tensor, same: torch.Tensor, far: float) -> float:
-    """The largest threshold whose false accept rate on these pairs is ``<= far``.
-
-    With the distinct distances ``u_1 < ... < u_m`` and FAR(t) = #{negative, d <= t} / N
-    (non-decreasing in t), let ``k`` be the last point of :func:`roc_curve` with FAR <= far.
-    Every ``t`` in ``[u_k, u_{k+1})`` decides these pairs alike, and any larger ``t`` accepts
-    ``u_{k+1}`` and exceeds ``far``; the value returned is the midpoint of that interval (kept
-    strictly below ``u_{k+1}``), as :func:`~deepmetric.evaluate.best_threshold` places its own.
-    Below the smallest distance (even it exceeds ``far``): ``u_1 - (u_2 - u_1) / 2``; above the
-    largest (``far >= 1``): ``u_m + (u_m - u_{m-1}) / 2`` (1 below / above with one value).
-    """
-    if not 0.0 <= far <= 1.0:
-        raise ValueError(f"far must be in [0, 1], got {far}")
-    rates, _, points = roc_curve(distances, same)
-    k = int(torch.searchsorted(rates, torch.tensor([far], dtype=torch.float64), right=True)) - 1
-    u = points[1:]  # distinct distances, ascending, in the distances' dtype
-    m = len(u)
-    if k == 0:
-        return float(u[0] - (u[1] - u[0]) / 2) if m > 1 else float(u[0]) - 1.0
-    if k == m:
-        return float(u[m - 1] + (u[m - 1] - u[m - 2]) / 2) if m > 1 else float(u[0]) + 1.0
-    a, b = u[k - 1], u[k]
-    t = a + (b - a) / 2
-    return float(t if t < b else a)
 
 
 def validation_pairs(

@@ -1,0 +1,151 @@
+"""Threshold transfer and open-set identification (deepmetric.evaluate.transfer) against plain
+loops over pairs and probes."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import dist as ref_dist
+
+from deepmetric.evaluate.roc import threshold_at_far
+from deepmetric.evaluate.transfer import open_set, open_set_probes, threshold_transfer
+
+
+def blobs(n_classes: int, per_class: int, dim: int, seed: int, spread: float = 0.8):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    centers = torch.randn(n_classes, dim, generator=g)
+    return centers[labels] + spread * torch.randn(len(labels), dim, generator=g), labels
+
+
+def pairs(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    dist = torch.rand(n, generator=g).double()
+    same = torch.rand(n, generator=g) < 0.4
+    dist[same] *= 0.7  # positives closer, with overlap
+    same[0], same[1] = True, False
+    return dist, same
+
+
+@given(st.integers(0, 10_000), st.sampled_from([0.0, 0.01, 0.1, 0.3, 1.0]))
+@settings(max_examples=40, deadline=None)
+def test_threshold_transfer_matches_loops(seed, far):
+    vd, vs = pairs(60, seed)
+    td, ts = pairs(80, seed + 1)
+    got = threshold_transfer(vd, vs, td, ts, fars=(far,))
+    (key,) = got
+    r = got[key]
+    t = r["threshold"]
+    assert t == threshold_at_far(vd, vs, far)
+    negatives = [float(d) for d, s in zip(td, ts) if not s]
+    positives = [float(d) for d, s in zip(td, ts) if s]
+    val_negatives = [float(d) for d, s in zip(vd, vs) if not s]
+    assert r["far_reached"] == pytest.approx(sum(d <= t for d in negatives) / len(negatives))
+    assert r["tar_reached"] == pytest.approx(sum(d <= t for d in positives) / len(positives))
+    assert r["far_validation"] == pytest.approx(
+        sum(d <= t for d in val_negatives) / len(val_negatives)
+    )
+    assert r["far_validation"] <= far  # the validation FAR never exceeds the asked one
+    assert r["resolution"] == pytest.approx(1 / len(negatives))
+    assert r["test_pairs"] == {"positive": len(positives), "negative": len(negatives)}
+    if far > 0:
+        assert r["far_ratio"] == pytest.approx(r["far_reached"] / far)
+
+
+def brute_open_set(emb, labels, metric, enrolled, t):
+    """Plain loops: each probe against each enrolled item; DIR, FAR at t and rank-1."""
+    lab = labels.tolist()
+    enrolled_classes = {lab[e] for e in enrolled}
+    hits = genuine = impostors = accepted = right = 0
+    for i in range(len(lab)):
+        if i in enrolled:
+            continue
+        d = [float(ref_dist(emb[i].double(), emb[e].double(), metric)) for e in enrolled]
+        best = min(range(len(d)), key=lambda k: (d[k], k))
+        if lab[i] in enrolled_classes:
+            genuine += 1
+            own = lab[enrolled[best]] == lab[i]
+            right += own
+            hits += own and d[best] <= t
+        else:
+            impostors += 1
+            accepted += d[best] <= t
+    return hits / genuine, accepted / impostors, right / genuine, genuine, impostors
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_open_set_matches_loops(metric, seed):
+    emb, labels = blobs(9, 5, 4, seed)
+    val_emb, val_labels = blobs(6, 4, 4, seed + 10)
+    got = open_set(
+        emb,
+        labels,
+        metric=metric,
+        fars=(0.1, 0.0),
+        seed=seed,
+        val_embeddings=val_emb,
+        val_labels=val_labels,
+    )
+    probes = open_set_probes(emb, labels, metric=metric, seed=seed)
+    enrolled = probes.enrolled.tolist()
+    assert got["enrolled"] == 4 and got["strangers"] == 5
+    for key, far in (("1e-01", 0.1), ("0e+00", 0.0)):
+        block = got["at_far"][key]
+        for which in ("oracle", "validation"):
+            t = block[which]["threshold"]
+            dir_, far_reached, rank1, genuine, impostors = brute_open_set(
+                emb, labels, metric, enrolled, t
+            )
+            assert block[which]["dir"] == pytest.approx(dir_)
+            assert block[which]["far_reached"] == pytest.approx(far_reached)
+        assert block["oracle"]["far_reached"] <= far
+        assert block["validation"]["far_validation"] <= far
+    assert got["rank1"] == pytest.approx(rank1)
+    assert (got["genuine_probes"], got["impostor_probes"]) == (genuine, impostors)
+
+
+def test_the_split_is_half_enrolled_one_item_each_and_seeded():
+    emb, labels = blobs(10, 4, 3, 0)
+    lab = labels.numpy()
+    a = open_set_probes(emb, labels, metric="cosine", seed=3)
+    b = open_set_probes(emb, labels, metric="cosine", seed=3)
+    c = open_set_probes(emb, labels, metric="cosine", seed=4)
+    enrolled_classes = set(lab[a.enrolled].tolist())
+    assert len(a.enrolled) == 5 and len(enrolled_classes) == 5  # one item per class
+    assert not enrolled_classes & set(a.strangers.tolist())
+    assert enrolled_classes | set(a.strangers.tolist()) == set(range(10))
+    assert np.array_equal(a.enrolled, b.enrolled) and torch.equal(
+        a.impostor_nearest, b.impostor_nearest
+    )
+    assert not np.array_equal(a.enrolled, c.enrolled)
+    assert len(a.genuine_nearest) == 5 * 3 and len(a.impostor_nearest) == 5 * 4
+
+
+def test_bad_inputs_are_one_line_value_errors():
+    emb, labels = blobs(4, 3, 2, 0)
+    vd, vs = pairs(20, 0)
+    cases = [
+        (
+            lambda: open_set(emb, torch.zeros(12, dtype=torch.int64), metric="cosine"),
+            "needs 2 classes or more; got 1",
+        ),
+        (lambda: open_set(emb, torch.arange(12), metric="cosine"), "no genuine probe"),
+        (lambda: open_set(emb[:5], labels, metric="cosine"), "5 embeddings but labels"),
+        (lambda: open_set(emb, labels, metric="manhattan"), "manhattan"),
+        (lambda: open_set(emb, labels, metric="cosine", fars=(2.0,)), "FAR must be in [0, 1]"),
+        (
+            lambda: threshold_transfer(vd, torch.ones(20, dtype=torch.bool), vd, vs),
+            "the validation pairs need positives and negatives; got 20 and 0",
+        ),
+        (
+            lambda: threshold_transfer(vd, vs, vd, torch.zeros(20, dtype=torch.bool)),
+            "the test pairs need positives and negatives; got 0 and 20",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert message in str(error.value) and "\n" not in str(error.value)
