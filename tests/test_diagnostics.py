@@ -201,3 +201,25 @@ def test_per_class_table_needs_one_decision_rule():
         D.per_class_table(x, labels, judged=wrong)
     with pytest.raises(ValueError, match="integer"):
         D.per_class_table(x, labels.float(), threshold=1.0)
+
+
+def test_the_per_class_caps_shrink_with_many_classes(monkeypatch):
+    """Up to 100 classes each gets 20,000 triplets and pairs; beyond, the table stays about
+    2,000,000 samples in all (at least 1,000 per class)."""
+    assert [D.per_class_budget(n) for n in (2, 100, 101, 751, 5000)] == [
+        20_000,
+        20_000,
+        19_801,
+        2_663,
+        1_000,
+    ]
+    monkeypatch.setattr(D, "TOTAL_SAMPLES", 20_000)  # the same rule, small enough to run fast
+    monkeypatch.setattr(D, "MAX_PER_CLASS", 200)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(110).repeat_interleave(10)
+    emb = torch.randn(len(labels), 4, generator=g)
+    rows = D.per_class_table(emb, labels, threshold=1.0, metric="euclidean")
+    assert {r["triplets"] for r in rows} == {200}  # of 10 * 9 * 1090 per class: the maximum
+    monkeypatch.setattr(D, "MIN_PER_CLASS", 10)
+    rows = D.per_class_table(emb, labels, threshold=1.0, metric="euclidean")
+    assert {r["triplets"] for r in rows} == {181}  # 20,000 // 110

@@ -107,6 +107,19 @@ def _judged_accuracy(groups: Groups, labels: torch.Tensor, judged: JudgedPairs) 
     return ((tar + tnr) / 2).tolist()
 
 
+#: The most triplets (and pairs of each kind) per class; with many classes the per-class cap
+#: shrinks so that all classes together hold about :data:`TOTAL_SAMPLES` (at least
+#: :data:`MIN_PER_CLASS` each): 20,000 up to 100 classes, 2,663 for 751.
+MAX_PER_CLASS = 20_000
+TOTAL_SAMPLES = 2_000_000
+MIN_PER_CLASS = 1_000
+
+
+def per_class_budget(classes: int) -> int:
+    """The default per-class cap of :func:`per_class_table` for ``classes`` classes."""
+    return min(MAX_PER_CLASS, max(MIN_PER_CLASS, TOTAL_SAMPLES // max(classes, 1)))
+
+
 def _nan_if_empty(value: torch.Tensor, reduce: str) -> float:
     if value.numel() == 0:
         return math.nan
@@ -121,8 +134,8 @@ def per_class_table(
     metric: Metric = "euclidean",
     threshold: float | None = None,
     judged: JudgedPairs | None = None,
-    max_triplets_per_class: int = 20_000,
-    max_pairs_per_class: int = 20_000,
+    max_triplets_per_class: int | None = None,
+    max_pairs_per_class: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Per-class diagnostics of test embeddings, one row per class in ascending label order.
@@ -145,6 +158,8 @@ def per_class_table(
     - ``precision_at_1``: the share of the class's items whose nearest other item (lowest index
       among equal distances) has the same label.
 
+    The caps (None: :func:`per_class_budget` of the number of classes, 20,000 up to 100
+    classes, fewer beyond so the whole table stays about 2,000,000 samples) bound the work.
     Statistics without data (a singleton class, a single class) are NaN. Sampling uses one
     generator seeded with ``seed``, through the classes in order. Memory: distances only for the
     sampled triplets and pairs (with :func:`~deepmetric.distances.paired_at`), and blocks of 1024
@@ -164,6 +179,9 @@ def per_class_table(
     check_metric(metric)
     check_embeddings(embeddings)
     check_labels(labels, len(embeddings))
+    budget = per_class_budget(len(torch.unique(labels)))
+    max_triplets_per_class = max_triplets_per_class or budget
+    max_pairs_per_class = max_pairs_per_class or budget
     if max_triplets_per_class < 1 or max_pairs_per_class < 1:
         raise ValueError("max_triplets_per_class and max_pairs_per_class must be >= 1")
     if (threshold is None) == (judged is None):
@@ -179,20 +197,36 @@ def per_class_table(
     judged_accuracy = None if judged is None else _judged_accuracy(groups, lab, judged)
     g = generator(seed)
 
+    # Sample every class first (the generator in the same order as one class at a time), then
+    # compute all the distances in a few large calls instead of four small ones per class.
+    triplets, pairs = [], []
+    for c in range(len(groups.classes)):
+        triplets.append(_class_triplets(groups, c, max_triplets_per_class, g))
+        if judged_accuracy is None:
+            pairs.append(_class_pairs(groups, c, max_pairs_per_class, g))
+
     def dist(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         return paired_at(x, i, j, metric).double().cpu()
 
+    def split(values: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        return torch.split(values, sizes)
+
+    sizes = [len(t[0]) for t in triplets]
+    a, p, n = (torch.cat([t[k] for t in triplets]) for k in range(3))
+    margins = split(dist(a, p) - dist(a, n), sizes)
+    if judged_accuracy is None:
+        assert threshold is not None
+        pos_sizes = [len(t[0]) for t in pairs]
+        neg_sizes = [len(t[2]) for t in pairs]
+        i_pos, j_pos, i_neg, j_neg = (torch.cat([t[k] for t in pairs]) for k in range(4))
+        accepted = split((dist(i_pos, j_pos) <= threshold).double(), pos_sizes)
+        rejected = split((dist(i_neg, j_neg) > threshold).double(), neg_sizes)
     rows = []
     for c in range(len(groups.classes)):
-        label = int(groups.classes[c])
-        a, p, n = _class_triplets(groups, c, max_triplets_per_class, g)
-        margin = dist(a, p) - dist(a, n)
+        margin = margins[c]
         if judged_accuracy is None:
-            i_pos, j_pos, i_neg, j_neg = _class_pairs(groups, c, max_pairs_per_class, g)
-            accepted_pos = (dist(i_pos, j_pos) <= threshold).double()
-            rejected_neg = (dist(i_neg, j_neg) > threshold).double()
             verification = (
-                _nan_if_empty(accepted_pos, "mean") + _nan_if_empty(rejected_neg, "mean")
+                _nan_if_empty(accepted[c], "mean") + _nan_if_empty(rejected[c], "mean")
             ) / 2
         else:
             verification = judged_accuracy[c]
@@ -200,9 +234,9 @@ def per_class_table(
         hits = correct[members].double() if len(lab) > 1 else lab[:0].double()
         rows.append(
             {
-                "class": label,
+                "class": int(groups.classes[c]),
                 "n": int(groups.count[c]),
-                "triplets": len(a),
+                "triplets": sizes[c],
                 "triplet_accuracy": _nan_if_empty(margin < 0, "mean"),
                 "margin_min": _nan_if_empty(margin, "min"),
                 "margin_max": _nan_if_empty(margin, "max"),
