@@ -107,6 +107,68 @@ def test_open_set_matches_loops(metric, seed):
     assert (got["genuine_probes"], got["impostor_probes"]) == (genuine, impostors)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean"])
+def test_open_set_ties_go_to_the_lower_gallery_index(metric):
+    """Small integer embeddings: many exactly tied distances (exact in float32), so rank-1 and
+    DIR depend on the tie rule; the loops take the lowest gallery index among the nearest."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(12).repeat_interleave(4)
+    emb = torch.randint(0, 2, (len(labels), 3), generator=g).float()
+    for seed in range(4):
+        got = open_set(emb, labels, metric=metric, fars=(0.2,), seed=seed)
+        enrolled = open_set_probes(emb, labels, metric=metric, seed=seed).enrolled.tolist()
+        t = got["at_far"]["2e-01"]["oracle"]["threshold"]
+        dir_, far_reached, rank1, _, _ = brute_open_set(emb, labels, metric, enrolled, t)
+        assert got["rank1"] == rank1
+        assert got["at_far"]["2e-01"]["oracle"]["dir"] == dir_
+        assert got["at_far"]["2e-01"]["oracle"]["far_reached"] == far_reached <= 0.2
+
+
+def test_open_set_float64_matches_loops_closely():
+    emb, labels = blobs(8, 4, 5, 7)
+    emb = emb.double()
+    got = open_set(emb, labels, metric="cosine", fars=(0.25,), seed=1)
+    enrolled = open_set_probes(emb, labels, metric="cosine", seed=1).enrolled.tolist()
+    o = got["at_far"]["2.5e-01"]["oracle"]
+    dir_, far_reached, rank1, _, _ = brute_open_set(emb, labels, "cosine", enrolled, o["threshold"])
+    assert (o["dir"], o["far_reached"], got["rank1"]) == (dir_, far_reached, rank1)
+
+
+@given(
+    st.integers(2, 9),
+    st.integers(2, 4),
+    st.integers(0, 1000),
+    st.sampled_from(["cosine", "euclidean"]),
+)
+@settings(max_examples=30, deadline=None)
+def test_open_set_properties(n_classes, per_class, seed, metric):
+    emb, labels = blobs(n_classes, per_class, 3, seed)
+    fars = (0.0, 0.1, 0.5, 1.0)
+    got = open_set(emb, labels, metric=metric, fars=fars, seed=seed)
+    assert got["enrolled"] == n_classes // 2
+    assert got["enrolled"] + got["strangers"] == n_classes
+    assert got["genuine_probes"] == got["enrolled"] * (per_class - 1)
+    assert got["impostor_probes"] == got["strangers"] * per_class
+    blocks = [got["at_far"][key] for key in ("0e+00", "1e-01", "5e-01", "1e+00")]
+    for far, block in zip(fars, blocks):
+        assert block["far_asked"] == far
+        assert block["oracle"]["far_reached"] <= far
+        assert block["oracle"]["dir"] <= got["rank1"]
+    dirs = [b["oracle"]["dir"] for b in blocks]
+    assert dirs == sorted(dirs)  # a larger FAR allows a larger threshold
+    assert blocks[-1]["oracle"]["dir"] == got["rank1"]  # FAR 1 accepts every probe
+
+
+def test_threshold_at_far_is_one_function_everywhere():
+    import deepmetric.evaluate as evaluate
+    import deepmetric.inference as inference
+    import deepmetric.inference.threshold as threshold
+
+    assert evaluate.threshold_at_far is threshold_at_far
+    assert inference.threshold_at_far is threshold_at_far
+    assert threshold.threshold_at_far is threshold_at_far
+
+
 def test_the_split_is_half_enrolled_one_item_each_and_seeded():
     emb, labels = blobs(10, 4, 3, 0)
     lab = labels.numpy()
@@ -143,6 +205,22 @@ def test_bad_inputs_are_one_line_value_errors():
         (
             lambda: threshold_transfer(vd, vs, vd, torch.zeros(20, dtype=torch.bool)),
             "the test pairs need positives and negatives; got 0 and 20",
+        ),
+        (lambda: threshold_transfer(vd, vs, vd[:19], vs), "distances has 19 entries"),
+        (
+            lambda: threshold_transfer(vd, vs, torch.full((20,), float("nan")), vs),
+            "distances contain NaN",
+        ),
+        (lambda: threshold_transfer(vd, vs, vd, vs, fars=(-0.1,)), "FAR must be in [0, 1]"),
+        (
+            lambda: open_set(emb, labels, metric="cosine", val_labels=labels),
+            "pass both or neither",
+        ),
+        (
+            lambda: open_set(
+                emb, labels, metric="cosine", val_embeddings=emb[:5], val_labels=labels
+            ),
+            "5 embeddings but labels",
         ),
     ]
     for call, message in cases:

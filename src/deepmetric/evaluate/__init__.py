@@ -31,6 +31,7 @@ from deepmetric.evaluate.roc import (
     roc_auc,
     roc_curve,
     tar_at_far,
+    threshold_at_far,
     verification_metrics,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "roc_curve",
     "tar_at_far",
     "test_triplet_categories",
+    "threshold_at_far",
     "verification_metrics",
     "verification_pairs",
 ]
