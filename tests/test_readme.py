@@ -58,6 +58,11 @@ PLACEHOLDERS: dict[str, Callable[[Path], Path]] = {
 MAKE_ARGS: dict[str, list[str]] = {
     "demo": ["DEMO_RUN=WORK/runs/fashion_mnist_demo", "ARGS=epochs=1"],
     "demo-synthetic": ["ARGS=--steps 5"],
+    "data-glyphs": [  # a small latin set where configs/glyphs.yaml looks (its fonts: .ci/run)
+        "GLYPH_PRESET=latin",
+        "GLYPHS=WORK/data/glyphs-cjk",
+        "GLYPH_ARGS=--classes 40 --faces 6 --no-folder",
+    ],
     "demo-oneshot": [  # on a small glyph set of the latin preset (its fonts: .ci/run)
         "GLYPH_PRESET=latin",
         "GLYPHS=WORK/glyphs",
