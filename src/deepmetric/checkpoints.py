@@ -16,7 +16,9 @@ unpickles anything.
 
 How a save proceeds: the files go into a fresh ``.tmp-NAME-XXXXXXXX`` folder, each file is
 fsynced, the manifest is written and fsynced last, then the folder itself. For a same-name save,
-the old ``NAME`` is first renamed aside to ``.old-NAME-XXXXXXXX``; then the new folder is renamed
+the old ``NAME`` is first renamed aside to ``.old-NAME-XXXXXXXX`` (a ``NAME`` that is not
+complete, damaged by hand or by the disk, becomes ``NAME.damaged-XXXXXXXX``, kept and never
+deleted); then the new folder is renamed
 to ``NAME``, ``latest`` is replaced atomically (temporary file, fsync, ``os.replace``), the aside
 folder is deleted and old checkpoints are pruned (renamed to ``.del-...`` and then deleted). The
 parent folder is fsynced after every rename. Leftovers of an interrupted save (``.tmp-*``,
@@ -49,7 +51,7 @@ import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -65,6 +67,7 @@ FILES = (MODEL, STATE_TENSORS, STATE_TREE, CONFIG)
 TMP = ".tmp-"  # a new checkpoint being written
 OLD = ".old-"  # the checkpoint a same-name save replaces, until the new one is in place
 DEL = ".del-"  # a checkpoint being deleted
+DAMAGED = ".damaged-"  # NAME.damaged-XXXXXXXX: an incomplete NAME a same-name save set aside
 POINTER_TMP = f".{LATEST}.tmp"
 
 
@@ -339,8 +342,11 @@ def _write_checkpoint(
     final = root / name
     aside = None
     if final.exists() or final.is_symlink():
-        aside = root / f"{OLD}{name}-{token}"
-        os.rename(final, aside)  # the old one stays findable: latest_checkpoint looks at .old-*
+        if _problem(final) is not None:  # damaged by hand or by the disk: kept, never deleted
+            os.rename(final, root / f"{name}{DAMAGED}{token}")
+        else:
+            aside = root / f"{OLD}{name}-{token}"
+            os.rename(final, aside)  # the old one stays findable: latest_checkpoint looks at .old-*
         _fsync_dir(root)
     os.rename(tmp, final)
     _fsync_dir(root)
@@ -350,12 +356,14 @@ def _write_checkpoint(
     return final
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint to resume from: the folder ``checkpoints/latest`` names when it is
-    complete; otherwise, with a ``RuntimeWarning`` saying why, the ``.old-*`` folder of that same
-    name (left by a kill between the two renames of a same-name save) or else the newest complete
-    checkpoint by name. ``CheckpointError`` naming each problem when there is none.
-    """
+class CheckpointFallback(RuntimeWarning):
+    """The checkpoint ``checkpoints/latest`` names is missing or damaged: an older one is used
+    (the message says which and why; the command line prints it as one line)."""
+
+
+def find_latest(run_dir: str | Path) -> tuple[Path, str | None]:
+    """The checkpoint :func:`latest_checkpoint` returns, and why it is not the one
+    ``checkpoints/latest`` names (``None`` when it is), without a warning."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint in {run_dir} (no {root} folder)")
@@ -374,12 +382,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
         else:
             problem = _problem(root / name)
             if problem is None:
-                return root / name
+                return root / name, None
             why = f"{pointer} names {name}, which {problem}"
             asides = [p for n, real, p in _complete(root) if n == name and not real]
             if asides:  # a kill between the two renames of a same-name save: its old folder
-                warnings.warn(f"{why}; falling back to {asides[-1]}", RuntimeWarning, stacklevel=2)
-                return asides[-1]
+                return asides[-1], f"{why}; falling back to {asides[-1]}"
     found = _complete(root)
     if not found:
         others = [
@@ -390,8 +397,71 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
         detail = "; ".join(others) if others else "no checkpoint folder either"
         raise CheckpointError(f"no usable checkpoint in {root}: {why}; {detail}")
     path = found[-1][2]
-    warnings.warn(f"{why}; falling back to {path}", RuntimeWarning, stacklevel=2)
+    return path, f"{why}; falling back to {path}"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint to resume from: the folder ``checkpoints/latest`` names when it is
+    complete; otherwise, with a :class:`CheckpointFallback` warning (a ``RuntimeWarning``)
+    saying why, the ``.old-*`` folder of that same name (left by a kill between the two renames
+    of a same-name save) or else the newest complete checkpoint by name. ``CheckpointError``
+    naming each problem when there is none.
+    """
+    path, why = find_latest(run_dir)
+    if why is not None:
+        warnings.warn(why, CheckpointFallback, stacklevel=2)
     return path
+
+
+def holds_checkpoints(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds checkpoints, usable or not: a ``checkpoints/latest`` pointer or
+    a checkpoint folder (what an interrupted save leaves, ``.tmp-*``, ``.del-*``, does not
+    count: a run killed during its first save holds none)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return False
+    return any(
+        p.name == LATEST or not p.name.startswith(".") or p.name.startswith(OLD)
+        for p in root.iterdir()
+    )
+
+
+class Loaded(NamedTuple):
+    """A checkpoint read back by :func:`load_latest`."""
+
+    folder: Path
+    model_state: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    #: why this is not the checkpoint ``checkpoints/latest`` names (``None``: it is)
+    fallback: str | None
+
+
+def load_latest(run_dir: str | Path) -> Loaded:
+    """The newest checkpoint of ``run_dir`` that loads: the one :func:`latest_checkpoint` picks,
+    else (when its files do not parse) the next complete one by name, newest first. Falling
+    back warns (:class:`CheckpointFallback`, one line saying which checkpoint and why);
+    ``CheckpointError`` naming every damaged checkpoint when none loads. Nothing is written."""
+    first, why = find_latest(run_dir)
+    root = Path(run_dir) / "checkpoints"
+    reasons = [why.rpartition("; falling back to ")[0]] if why is not None else []
+    others = [p for _, _, p in reversed(_complete(root)) if p != first]
+    for folder in [first, *others]:
+        try:
+            model_state, state = load_checkpoint(folder)
+        except CheckpointError as error:
+            reasons.append(str(error))
+            continue
+        if folder != first:
+            why = f"{'; '.join(reasons)}; falling back to {folder}"
+        if why is not None:
+            warnings.warn(why, CheckpointFallback, stacklevel=2)
+        return Loaded(folder, model_state, state, why)
+    incomplete = [
+        f"{p.name} {_problem(p)}"
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith((TMP, DEL)) and _problem(p) is not None
+    ]
+    raise CheckpointError(f"no usable checkpoint in {root}: {'; '.join(reasons + incomplete)}")
 
 
 def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:

@@ -1,14 +1,17 @@
 """The ``deepmetric`` command line: ``train``, ``evaluate``, ``embed``, ``verify``, ``export``,
-``gallery`` (create / enroll / identify / list / remove / reindex / check), ``serve``, ``demo``,
-``demo-oneshot``. Thin: parse, call the API, print; an error is one line and exit code 2."""
+``gallery`` (create / enroll / identify / list / remove / reindex / check / backup),
+``serve``, ``demo``, ``demo-oneshot``. Thin: parse, call the API, print; an error is one line
+and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -383,11 +386,25 @@ def _finite(value: float) -> float | None:
     return value if value != float("inf") else None
 
 
+def _shown(text: str) -> str:
+    """``text`` for a terminal: characters that are not printable (escape sequences,
+    direction overrides, zero-width characters) as Python escapes, never raw."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _open_gallery(args: argparse.Namespace) -> Any:
     from deepmetric.gallery import Gallery
 
     embedder = _embedder(args.run, args.device, calibrate=False) if args.run else None
-    return Gallery.open(args.gallery, embedder, device=args.device, progress=_progress)
+    return Gallery.open(
+        args.gallery,
+        embedder,
+        device=args.device,
+        progress=_progress,
+        timeout=args.busy_timeout,
+    )
 
 
 def _gallery_create(args: argparse.Namespace) -> int:
@@ -453,6 +470,12 @@ def _gallery_enroll(args: argparse.Namespace) -> int:
 
 
 def _gallery_identify(args: argparse.Namespace) -> int:
+    from deepmetric.gallery.gallery import MAX_CANDIDATES
+
+    if not 1 <= args.k <= MAX_CANDIDATES:
+        raise ValueError(
+            f"--k must be between 1 and {MAX_CANDIDATES} (as the service), got {args.k}"
+        )
     files = _image_files(args.files)
     with _open_gallery(args) as gallery:
         results = gallery.identify(files, k=args.k)
@@ -468,19 +491,20 @@ def _gallery_identify(args: argparse.Namespace) -> int:
             }
             print(json.dumps(record))
             continue
-        others = ", ".join(f"{c.identity} {c.distance:.4f}" for c in result.candidates[1:])
+        shown = _shown(str(file))
+        others = ", ".join(f"{_shown(c.identity)} {c.distance:.4f}" for c in result.candidates[1:])
         rest = f"; next: {others}" if others else ""
         if result.identity is not None:
             print(
-                f"{file}: {result.identity} (distance {result.distance:.4f} <= threshold "
-                f"{result.threshold:.4f}){rest}"
+                f"{shown}: {_shown(result.identity)} (distance {result.distance:.4f} <= "
+                f"threshold {result.threshold:.4f}){rest}"
             )
         elif not result.candidates:
-            print(f"{file}: unknown (the gallery is empty)")
+            print(f"{shown}: unknown (the gallery is empty)")
         else:
-            nearest = result.candidates[0].identity
+            nearest = _shown(result.candidates[0].identity)
             print(
-                f"{file}: unknown (nearest {nearest} at {result.distance:.4f} > threshold "
+                f"{shown}: unknown (nearest {nearest} at {result.distance:.4f} > threshold "
                 f"{result.threshold:.4f}){rest}"
             )
     return 0
@@ -489,7 +513,7 @@ def _gallery_identify(args: argparse.Namespace) -> int:
 def _gallery_list(args: argparse.Namespace) -> int:
     from deepmetric.gallery.store import GalleryStore
 
-    with GalleryStore.open(args.gallery) as store:  # no model needed to list
+    with GalleryStore.open(args.gallery, timeout=args.busy_timeout) as store:  # no model needed
         infos = store.identities()
         meta = store.meta
     if args.json:
@@ -503,7 +527,7 @@ def _gallery_list(args: argparse.Namespace) -> int:
             print(json.dumps(record))
         return 0
     for info in infos:
-        print(f"{info.name}\t{info.examples} example{'s' * (info.examples != 1)}")
+        print(f"{_shown(info.name)}\t{info.examples} example{'s' * (info.examples != 1)}")
     threshold = (meta.get("threshold") or {}).get("threshold")
     print(
         f"{args.gallery}: {len(infos)} identities, {sum(i.examples for i in infos)} examples; "
@@ -542,7 +566,7 @@ def _gallery_check(args: argparse.Namespace) -> int:
 
     def say(problem: Problem, still: str = "") -> None:
         fix = "" if problem.repairable else " (--repair cannot fix this)"
-        print(f"{args.gallery}: {still}{problem.kind}: {problem.message}{fix}")
+        print(f"{args.gallery}: {still}{problem.kind}: {_shown(problem.message)}{fix}")
 
     for problem in report.problems:
         say(problem)
@@ -568,8 +592,23 @@ def _gallery_check(args: argparse.Namespace) -> int:
     return 1
 
 
+def _gallery_backup(args: argparse.Namespace) -> int:
+    from deepmetric.gallery.store import GalleryStore
+
+    with GalleryStore.open(args.gallery, timeout=args.busy_timeout) as store:
+        copy = store.backup(args.copy)
+        print(
+            f"backed up {args.gallery} to {copy} ({store.num_identities} identities, "
+            f"{store.num_examples} examples; SQLite online backup, one consistent snapshot)"
+        )
+    return 0
+
+
 def _gallery(args: argparse.Namespace) -> int:
+    if not 0 <= args.busy_timeout <= 3600:  # NaN too
+        raise ValueError(f"--busy-timeout must be in [0, 3600] seconds, got {args.busy_timeout}")
     handlers = {
+        "backup": _gallery_backup,
         "check": _gallery_check,
         "create": _gallery_create,
         "enroll": _gallery_enroll,
@@ -593,7 +632,11 @@ def _serve(args: argparse.Namespace) -> int:
             api_key_env=args.api_key_env,
             protect_reads=args.protect_reads,
             max_upload_mb=args.max_upload_mb,
+            busy_timeout=args.busy_timeout,
             device=args.device,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+            max_connections=args.max_connections,
         )
     except ModuleNotFoundError as error:
         if error.name not in ("fastapi", "uvicorn", "starlette", "multipart", "python_multipart"):
@@ -642,6 +685,20 @@ def _import_modules(names: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as error:
             raise ValueError(f"--import {name}: {error}") from None
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Warnings (a damaged latest checkpoint, collapsed embeddings, ...) as one line each on
+    stderr, ``deepmetric: warning: MESSAGE``, not Python's ``FILE:LINE: Category: ...`` and
+    the source line."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file=None, line=None):
+        print(f"deepmetric: warning: {message}", file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -780,6 +837,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = actions.add_parser(name, help=help_text, description=description)
         sub.add_argument("gallery", metavar="GALLERY", help=gallery_help)
         sub.add_argument("--device", default="auto", help=device_help)
+        sub.add_argument(
+            "--busy-timeout",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="how long a write waits for another process's write lock (default 30)",
+        )
         _import_option(sub)
         return sub
 
@@ -812,7 +876,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threshold, else unknown; and the K nearest identities.",
     )
     g_identify.add_argument("files", metavar="FILE", nargs="+")
-    g_identify.add_argument("--k", type=int, default=5, help="candidate identities per file")
+    g_identify.add_argument(
+        "--k", type=int, default=5, help="candidate identities per file (1 to 100)"
+    )
     g_identify.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
     g_identify.add_argument("--json", action="store_true", help="one JSON object per file")
 
@@ -822,6 +888,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     g_remove = gallery_parser("remove", "remove an identity", "Removes it and its examples.")
     g_remove.add_argument("identity", metavar="IDENTITY")
     g_remove.add_argument("--run", metavar="RUN_DIR_OR_ONNX", help=run_help)
+
+    g_backup = gallery_parser(
+        "backup",
+        "copy the gallery, safely, even while it is in use",
+        "Copies GALLERY to the new file COPY with SQLite's online backup: one consistent "
+        "snapshot holding every acknowledged enroll and remove, even while the service or "
+        "another command writes. Never overwrites COPY. The index is not copied (the copy "
+        "rebuilds it when first opened).",
+    )
+    g_backup.add_argument("copy", metavar="COPY", help="the new file to write")
 
     g_reindex = gallery_parser(
         "reindex", "rebuild the index", "Rebuilds GALLERY.index from the database."
@@ -856,12 +932,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     serve.add_argument(
+        "--busy-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a write waits for another process's write lock before answering 503 "
+        "(default 10)",
+    )
+    serve.add_argument(
         "--api-key-env",
         metavar="NAME",
         help="the environment variable holding the API key (the key itself never goes on "
         "the command line)",
     )
     serve.add_argument("--protect-reads", action="store_true", help="reads need the API key too")
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a request's headers must arrive within this, else 408 and the connection is "
+        "closed (default 10)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a request's whole body must arrive within this after its headers, else 408 and "
+        "the connection is closed (default 60)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open connections at most; more are closed at once (default 1000, fewer when the "
+        "process may open fewer files)",
+    )
     serve.add_argument(
         "--max-upload-mb",
         type=float,
@@ -954,7 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serve": _serve,
             "demo-oneshot": _demo_oneshot,
         }
-        return handlers[args.command](args)
+        with _one_line_warnings():
+            return handlers[args.command](args)
     except KeyboardInterrupt as stop:  # Ctrl-C: 130; SIGTERM (a checkpoint was saved): 143
         return 128 + getattr(stop, "signum", 2)
     except (

@@ -216,10 +216,33 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return " ".join(str(error).split())
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python tags) that refuses a key given twice in one mapping,
+    where PyYAML keeps the last one silently (``<<`` merge keys may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_show(key)}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load(text)``; a ConfigError naming ``what`` for anything it cannot read."""
+    """``yaml.safe_load(text)``, refusing duplicate keys; a ConfigError naming ``what`` for
+    anything it cannot read (Python tags, bad syntax, nesting too deep, huge numbers)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python tags
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(error)}") from None
     except RecursionError:
@@ -322,18 +345,27 @@ def parse_override(text: str) -> dict[str, Any]:
     return tree
 
 
+def read_yaml_file(path: str | Path, what: str = "config") -> Any:
+    """The YAML in file ``path``, read by the hardened loader: safe (no ``!!python`` tags),
+    duplicate keys refused, deep nesting and huge numbers refused. ``ConfigError`` of one line
+    naming ``what`` and the file otherwise. Every config file and a run's ``config.yaml`` are
+    read with it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read {what} {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} {path} is not UTF-8 text: {error.reason}") from None
+    return _read_yaml(text, f"{what} {path}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then each ``key=value`` override in order."""
     config = Config()
     if path is not None:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"config {path} is not UTF-8 text: {error.reason}") from None
-        values = _read_yaml(text, f"config {path}") or {}
+        values = read_yaml_file(path) or {}
         try:
             _merge(config, values)
         except ConfigError as error:
@@ -399,6 +431,12 @@ _BOUNDS: tuple[tuple[str, Callable[[Any], bool], tuple[str, ...]], ...] = (
 )
 
 
+#: the largest model input side (image_size, preprocess.json's height and width): a
+#: 1024 x 1024 x 3 input is 12 MiB of float32 before the network's activations
+MAX_IMAGE_SIDE = 1024
+#: seeds are 64-bit signed integers (torch, numpy and the derived per-epoch seeds)
+SEED_LIMIT = 2**63
+
 #: backbones whose last convolutional map ``model.conv_readout`` can read
 _MAPPED = ("small_cnn", "vgg_small")
 
@@ -414,6 +452,10 @@ def validate(config: Config) -> None:
             value = _value(config, key)
             if not holds(value):
                 raise ConfigError(f"{key} must be {bound}, got {value}")
+    if config.seed >= SEED_LIMIT:
+        raise ConfigError(f"seed must be < 2**63 (a 64-bit integer), got {config.seed}")
+    if config.image_size > MAX_IMAGE_SIDE:
+        raise ConfigError(f"image_size must be <= {MAX_IMAGE_SIDE}, got {config.image_size}")
     if not 0 <= config.train.label_smoothing < 1:
         raise ConfigError(
             f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}"

@@ -520,7 +520,7 @@ def _decode_image(path: Path, mode: str | None, size: tuple[int, int]) -> np.nda
     from deepmetric.data.preprocess import decode_image, upright_8bit
 
     try:
-        img = decode_image(path, str(path))
+        img = decode_image(path, str(path), size=size)
     except ValueError as e:
         raise DatasetError(str(e)) from None
     try:
@@ -597,38 +597,99 @@ def load_image_folder(
 # ------------------------------------------------------------------------------- .npz
 
 
-def _npz_key(arrays: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
-    if key not in arrays.files:
+#: Deflate expands at most about 1032-fold: a member declaring more than that per stored byte
+#: cannot be real, so it is refused before numpy allocates what its header asks for.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _check_npz_member(zf: zipfile.ZipFile, key: str, path: Path, disk_size: int) -> None:
+    """Refuse member ``key`` unless its ``.npy`` header's shape x itemsize is exactly the bytes
+    the member holds, and the member's declared size could come from a file this large: so no
+    array is allocated larger than the file can fill. Reads only the header."""
+    info = zf.getinfo(f"{key}.npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        bound = disk_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        bound = disk_size * _DEFLATE_MAX_RATIO
+    else:
+        raise DatasetError(f"{path}: {key} uses an unsupported zip compression (stored or deflate)")
+    if info.file_size > bound:
         raise DatasetError(
-            f"{path}: missing array {key!r} (has {', '.join(arrays.files) or 'none'})"
+            f"{path}: {key} declares {info.file_size:,} bytes, more than a {disk_size:,}-byte "
+            "file can hold"
         )
-    return arrays[key]
+    with zf.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:  # 2.0 and 3.0 differ only in the header's text encoding
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        header = fh.tell()
+    if dtype.hasobject:
+        raise DatasetError(f"{path}: {key} holds Python objects, not numbers or strings")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != info.file_size - header:
+        raise DatasetError(
+            f"{path}: {key} declares shape {tuple(shape)} {dtype} ({declared:,} bytes) but holds "
+            f"{info.file_size - header:,} bytes"
+        )
+
+
+def _npz_arrays(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the ``.npz`` at ``path`` that it has, each checked against the
+    file (:func:`_check_npz_member`) before it is read."""
+    disk_size = path.stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        members = {n.removesuffix(".npy") for n in zf.namelist()}
+        present = [k for k in keys if k in members]
+        for key in present:
+            _check_npz_member(zf, key, path, disk_size)
+    with np.load(path, allow_pickle=False) as arrays:
+        return {k: arrays[k] for k in present}
 
 
 def load_npz(file: str | os.PathLike[str], split: Split = "train") -> ArrayDataset:
     """Arrays ``x`` (N, D), (N, H, W) or (N, C, H, W) and ``y`` (N,) integer from a ``.npz``.
 
     uint8 ``x`` is scaled by 1/255, float ``x`` kept (as float32); ``(N, H, W)`` gains a
-    channel axis. Optional ``classes`` (strings) names the ids. ``split="test"`` reads
-    ``x_test``/``y_test`` from the same file.
+    channel axis. Optional ``classes`` (strings) names the ids: ``y`` then indexes it.
+    Without ``classes``, labels that are not already ``0..C-1`` are label values, remapped
+    to ``0..C-1`` in sorted order over ``y`` and ``y_test`` together (so both splits agree),
+    the values kept as the class names (``"1000000007"``): a label is never used as a size.
+    ``split="test"`` reads ``x_test``/``y_test`` from the same file. Each array's declared
+    size is checked against the file before it is read.
     """
     path = Path(file)
     xkey, ykey = ("x", "y") if _check_split(split) == "train" else ("x_test", "y_test")
+    other = "y_test" if ykey == "y" else "y"
     try:
-        arrays = np.load(path, allow_pickle=False)
-        if not isinstance(arrays, np.lib.npyio.NpzFile):
-            raise DatasetError(f"{path}: a single .npy array, not an .npz archive")
-        with arrays:
-            x = _npz_key(arrays, xkey, path)
-            y = _npz_key(arrays, ykey, path)
-            classes = [str(c) for c in arrays["classes"]] if "classes" in arrays.files else None
+        if not zipfile.is_zipfile(path):
+            with path.open("rb") as fh:
+                single = fh.read(6) == b"\x93NUMPY"
+            raise DatasetError(
+                f"{path}: a single .npy array, not an .npz archive"
+                if single
+                else f"{path}: not a readable .npz file (not a zip archive)"
+            )
+        arrays = _npz_arrays(path, (xkey, ykey, other, "classes"))
+        x = _npz_key(arrays, xkey, path)
+        y = _npz_key(arrays, ykey, path)
+        names = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
     except DatasetError:
         raise
     except FileNotFoundError as e:
         raise DatasetError(f"{path}: file not found") from e
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
         raise DatasetError(f"{path}: not a readable .npz file ({e})") from e
-    return ArrayDataset(_npz_x(x, path, xkey), _npz_y(y, len(x), path, ykey), classes)
+    _check_npz_y(y, len(x), path, ykey)
+    labels, classes = _npz_labels(y, arrays.get(other), names, path, ykey)
+    return ArrayDataset(_npz_x(x, path, xkey), labels, classes)
+
+
+def _npz_key(arrays: dict[str, np.ndarray], key: str, path: Path) -> np.ndarray:
+    if key not in arrays:
+        raise DatasetError(f"{path}: missing array {key!r}")
+    return arrays[key]
 
 
 def _npz_x(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
@@ -645,14 +706,36 @@ def _npz_x(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
     return t.unsqueeze(1) if t.ndim == 3 else t
 
 
-def _npz_y(y: np.ndarray, n: int, path: Path, key: str) -> torch.Tensor:
+def _check_npz_y(y: np.ndarray, n: int, path: Path, key: str) -> None:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DatasetError(f"{path}: {key} must be a 1-D integer array, got {y.dtype} {y.shape}")
     if len(y) != n:
         raise DatasetError(f"{path}: {key} has {len(y)} labels for {n} samples")
-    if len(y) and y.min() < 0:
-        raise DatasetError(f"{path}: {key} has negative labels")
-    return torch.from_numpy(y.astype(np.int64))
+
+
+def _npz_labels(
+    y: np.ndarray, other: np.ndarray | None, names: list[str] | None, path: Path, key: str
+) -> tuple[torch.Tensor, list[str] | None]:
+    """``(labels int64, classes)``: ``y`` as ids ``0..C-1``. With ``names``, ``y`` must index
+    them; else values already ``0..C-1`` (over both splits) are kept as they are (``classes``
+    None), and any others are ranked among the sorted values, which become the names."""
+    if names is not None:
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(names)):
+            bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+            raise DatasetError(
+                f"{path}: {key} has label {bad}, but classes names ids 0..{len(names) - 1}"
+            )
+        return torch.from_numpy(y.astype(np.int64)), names
+    values = {int(v) for v in np.unique(y)}  # Python ints: exact for int64 and uint64 alike
+    if other is not None and other.ndim == 1 and np.issubdtype(other.dtype, np.integer):
+        values |= {int(v) for v in np.unique(other)}
+    ordered = sorted(values)
+    if not ordered or (ordered[0] == 0 and ordered[-1] == len(ordered) - 1):
+        return torch.from_numpy(y.astype(np.int64)), None
+    rank = {v: i for i, v in enumerate(ordered)}
+    seen, inverse = np.unique(y, return_inverse=True)
+    ids = np.array([rank[int(v)] for v in seen], dtype=np.int64)[inverse.reshape(-1)]
+    return torch.from_numpy(ids), [str(v) for v in ordered]
 
 
 # ------------------------------------------------------------------------- dispatch

@@ -18,13 +18,20 @@ palette images go through their palette. 16-bit grayscale (``I;16``) is scaled t
 Resizing uses PIL's ``resample`` filter (bilinear, as the folder loader); an image already of
 the target size is not resampled.
 
-Files are checked before they are decoded: more than :data:`MAX_PIXELS` pixels (a
-decompression bomb) is a ``ValueError``, whatever ``PIL.Image.MAX_IMAGE_PIXELS`` is set to;
-so are a missing, unreadable, truncated or non-image file, each naming the file.
+Files are checked before they are decoded (:func:`open_image`, the one gate every image file
+and upload passes): only the raster formats of :data:`IMAGE_FORMATS` are opened (anything else,
+EPS / PS / PDF above all, which PIL would hand to Ghostscript, is an :class:`ImageFormatError`);
+more than :data:`MAX_PIXELS` pixels (a decompression bomb) is an :class:`ImageTooLargeError`,
+whatever ``PIL.Image.MAX_IMAGE_PIXELS`` is set to; a missing, unreadable, truncated or non-image
+file, or one that decodes but cannot be converted (a CIELAB TIFF, a damaged EXIF block), is an
+:class:`ImageError`. All are ``ValueError``s naming the file. Given the target size, a JPEG of
+more than :data:`DRAFT_PIXELS` pixels is decoded at reduced scale (1/2, 1/4 or 1/8, PIL's
+``draft``), still at least that size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -37,9 +44,18 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from deepmetric.config import MAX_IMAGE_SIDE
+
 #: The most pixels (width x height) an image file may declare: PIL's own default limit.
 #: Larger files are refused before decoding (a decompression bomb is a ValueError).
 MAX_PIXELS = 89_478_485
+
+#: The image formats that are opened (PIL's names; PPM also reads PGM / PBM): raster formats
+#: PIL decodes by itself. Never EPS / PS / PDF or any other format that runs an external program.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+#: A JPEG of more pixels than this is decoded at reduced scale when the target size is known.
+DRAFT_PIXELS = 1 << 22
 
 #: PIL resampling filters by name.
 RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
@@ -55,41 +71,121 @@ Inputs = Any
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"preprocessing {name} must be a positive integer, got {value!r}")
+    if value > MAX_IMAGE_SIDE:  # as the config's image_size: refused before any allocation
+        raise ValueError(f"preprocessing {name} must be <= {MAX_IMAGE_SIDE}, got {value!r}")
     return value
 
 
 #: What PIL's format parsers raise on corrupt files besides ``OSError``: found by fuzzing
 #: (tests/test_fuzz.py), e.g. ``ValueError("Truncated IHDR chunk")`` from a damaged PNG.
 _DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, IndexError)
+#: ... and what conversions raise besides (a mode PIL has no conversion for, a damaged EXIF).
+_CONVERT_ERRORS = (*_DECODE_ERRORS, KeyError, TypeError)
 
 
-def decode_image(source: str | Path | IO[bytes], name: str) -> Any:
-    """Open and decode the image ``source`` (a path or a binary file object, called ``name`` in
-    messages) as a loaded PIL image, or raise ``ValueError`` naming it: not an image, declaring
-    more than :data:`MAX_PIXELS` pixels (a decompression bomb, refused before decoding), or
-    failing to decode (truncated, corrupt). The one image-opening path of files and uploads."""
+class ImageError(ValueError):
+    """An image file that cannot be used: not an image, corrupt, or not convertible to the
+    model's input (the message names the file and says why)."""
+
+
+class ImageFormatError(ImageError):
+    """A file in a format that is not opened (not one of :data:`IMAGE_FORMATS`)."""
+
+
+class ImageTooLargeError(ImageError):
+    """A file declaring more than :data:`MAX_PIXELS` pixels (a decompression bomb)."""
+
+
+def _accepted() -> str:
+    return ", ".join(f.replace("PPM", "PPM/PGM") for f in IMAGE_FORMATS)
+
+
+def _prefix(source: str | Path | IO[bytes]) -> bytes:
+    """The first bytes of ``source`` (``b""`` if unreadable), its position left at the start."""
+    try:
+        if isinstance(source, str | os.PathLike):
+            with open(source, "rb") as file:
+                return file.read(16)
+        source.seek(0)
+        head = source.read(16)
+        source.seek(0)
+        return head
+    except (OSError, ValueError):
+        return b""
+
+
+def _unaccepted(source: str | Path | IO[bytes], name: str) -> ImageError:
+    """Why PIL, limited to :data:`IMAGE_FORMATS`, did not open ``source``: a format it knows
+    but does not open here (found from the first bytes only: no other parser runs), or none."""
+    from PIL import Image
+
+    head = _prefix(source)
+    known = "PDF" if head.startswith(b"%PDF") else None
+    for fmt, (_, accept) in Image.OPEN.items():
+        if known is None and fmt not in IMAGE_FORMATS and accept is not None and head:
+            with contextlib.suppress(Exception):
+                known = fmt if accept(head) else None
+    if known is not None:
+        return ImageFormatError(
+            f"{name}: {known} files are not accepted (images only: {_accepted()})"
+        )
+    return ImageError(f"{name}: not an image file (or not one of {_accepted()})")
+
+
+def open_image(
+    source: str | Path | IO[bytes], name: str, *, size: tuple[int, int] | None = None
+) -> Any:
+    """The image ``source`` (a path or a binary file object, called ``name`` in messages)
+    opened but not decoded: its header read, its format one of :data:`IMAGE_FORMATS`, its size
+    at most :data:`MAX_PIXELS` pixels. ``size`` (height, width): the size it will be resized
+    to, so that a JPEG of more than :data:`DRAFT_PIXELS` pixels is decoded at reduced scale
+    (``img.size`` is then the reduced size: what decoding will cost).
+
+    Raises :class:`ImageFormatError`, :class:`ImageTooLargeError` or :class:`ImageError`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(source)
-            width, height = img.size
-            if width * height <= MAX_PIXELS:
-                img.load()  # reads the data; PIL closes a file it opened itself
-                return img
+            img = Image.open(source, formats=IMAGE_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise ValueError(
+        raise ImageTooLargeError(
             f"{name}: too many pixels, refused (a decompression bomb?): {error}"
         ) from None
     except UnidentifiedImageError:
-        raise ValueError(f"{name}: not an image file (or a format PIL cannot read)") from None
+        raise _unaccepted(source, name) from None
     except _DECODE_ERRORS as error:
-        raise ValueError(f"{name}: cannot decode image ({error})") from None
-    img.close()
-    raise ValueError(
-        f"{name}: {width} x {height} pixels is more than {MAX_PIXELS:,} (a decompression bomb?)"
-    )
+        raise ImageError(f"{name}: cannot decode image ({error})") from None
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        img.close()
+        raise ImageTooLargeError(
+            f"{name}: {width} x {height} pixels is more than {MAX_PIXELS:,} (a decompression bomb?)"
+        )
+    if size is not None and img.format in ("JPEG", "MPO") and width * height > DRAFT_PIXELS:
+        side = max(size)  # either orientation (EXIF may turn it)
+        with contextlib.suppress(*_DECODE_ERRORS):
+            img.draft(img.mode, (side, side))
+    return img
+
+
+def decode_image(
+    source: str | Path | IO[bytes], name: str, *, size: tuple[int, int] | None = None
+) -> Any:
+    """:func:`open_image`, then decoded: a loaded PIL image, or an :class:`ImageError` naming
+    ``name`` (truncated, corrupt). The one image-opening path of files and uploads."""
+    return load_image(open_image(source, name, size=size), name)
+
+
+def load_image(img: Any, name: str) -> Any:
+    """Decode the image ``img`` opened by :func:`open_image` (called ``name`` in messages):
+    ``img`` loaded, or an :class:`ImageError` (truncated, corrupt; ``img`` is closed then)."""
+    try:
+        img.load()  # reads the data; PIL closes a file it opened itself
+    except _DECODE_ERRORS as error:
+        img.close()
+        raise ImageError(f"{name}: cannot decode image ({error})") from None
+    return img
 
 
 def upright_8bit(img: Any) -> tuple[Any, bool]:
@@ -209,6 +305,11 @@ class Preprocessing:
             return torch.zeros((0, *self.shape), dtype=torch.float32)
         return self._to_float(np.stack([self._image_array(item) for item in items]))
 
+    def image_input(self, img: Any, name: str) -> torch.Tensor:
+        """One decoded PIL image as model inputs float32 ``(1, C, H, W)``, as :meth:`apply`
+        makes them; an :class:`ImageError` naming ``name`` when it cannot be converted."""
+        return self._to_float(np.stack([self._pil_to_array(img, name)]))
+
     # one PIL image or file -> (C, H, W) uint8
     def _image_array(self, item: Any) -> np.ndarray:
         from PIL import Image
@@ -227,14 +328,16 @@ class Preprocessing:
             raise ValueError(
                 f"{path}: no such file" if not path.exists() else f"{path}: not a file"
             )
-        img = decode_image(path, str(path))
+        img = decode_image(path, str(path), size=(self.height, self.width))
         try:
             return self._pil_to_array(img, str(path))
         finally:
             img.close()
 
     def _pil_to_array(self, img: Any, name: str) -> np.ndarray:
-        """(C, H, W) uint8: EXIF orientation, L / RGB, resize (as the folder loader)."""
+        """(C, H, W) uint8: EXIF orientation, L / RGB, resize (as the folder loader); an
+        :class:`ImageError` naming ``name`` when PIL cannot convert it (a CIELAB TIFF, a
+        damaged EXIF block)."""
         from PIL import Image
 
         try:
@@ -243,8 +346,8 @@ class Preprocessing:
             filter_ = getattr(Image.Resampling, self.resample.upper())
             img = img.resize((self.width, self.height), filter_)
             array = np.asarray(img, dtype=np.uint8)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{name}: cannot convert image ({error})") from None
+        except _CONVERT_ERRORS as error:
+            raise ImageError(f"{name}: cannot convert image ({error})") from None
         if array.ndim == 2:
             array = array[None] if self.channels == 1 else np.repeat(array[None], 3, axis=0)
         else:
@@ -340,4 +443,17 @@ def _is_single(inputs: Any) -> bool:
     return isinstance(inputs, Image.Image)
 
 
-__all__ = ["MAX_PIXELS", "RESAMPLE", "Inputs", "Preprocessing"]
+__all__ = [
+    "DRAFT_PIXELS",
+    "IMAGE_FORMATS",
+    "MAX_PIXELS",
+    "RESAMPLE",
+    "ImageError",
+    "ImageFormatError",
+    "ImageTooLargeError",
+    "Inputs",
+    "Preprocessing",
+    "decode_image",
+    "load_image",
+    "open_image",
+]

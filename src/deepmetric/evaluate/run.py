@@ -75,7 +75,7 @@ from deepmetric.evaluate.roc import (
 )
 from deepmetric.evaluate.transfer import DEFAULT_FARS, open_set, threshold_transfer
 from deepmetric.models import embed
-from deepmetric.training import load_trained, resolve_device, untrained_network
+from deepmetric.training import open_trained, resolve_device, untrained_network
 from deepmetric.training.builders import load_training_data, resolve_val_classes
 
 Progress = Callable[[str], None]
@@ -333,7 +333,7 @@ def evaluate_run(
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     run_dir = Path(run_dir)
     torch_device = _device(device)
-    config, net = load_trained(run_dir)
+    config, net, _, fallback = open_trained(run_dir)  # fallback: the latest is damaged
     weights = weights_sha256(net.state_dict())  # the threshold is for these weights only
     net.to(torch_device)
     own = data is None
@@ -367,7 +367,7 @@ def evaluate_run(
     if val_set is not None and _has_pairs(val_set.y):
         val_emb = embed(net, val_set.inputs, torch_device)
         _, _, val_dist, val_same = _pairs(val_emb, val_set.y, metric, config.seed)
-        threshold = choose_threshold(val_dist, val_same)
+        threshold = max(0.0, choose_threshold(val_dist, val_same))  # a distance: never < 0
         val = _Validation(val_emb.cpu(), val_set.y.cpu(), val_dist.cpu(), val_same.cpu())
     progress("metrics")
     metrics = retrieval_and_verification(
@@ -473,7 +473,12 @@ def evaluate_run(
         facts=facts,
     )
     written = [out_dir / "metrics.json", out_dir / "report.html"]
-    if threshold is not None and out is None:  # fitted on the run's validation split
+    if threshold is not None and out is None and fallback is not None:
+        progress(
+            f"{run_dir / 'threshold.json'} left as it is: these are the weights of an older "
+            "checkpoint, the latest one is damaged"
+        )
+    elif threshold is not None and out is None:  # fitted on the run's validation split
         assert val_set is not None
         _write_json(
             run_dir / "threshold.json",

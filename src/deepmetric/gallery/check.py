@@ -11,13 +11,19 @@ saved when a :class:`~deepmetric.gallery.Gallery` closes. :func:`check_gallery` 
   readable and in the same metric) and, when a model is given or the recorded source can be
   loaded, its identity (weights hash, preprocessing, dim, metric) equal to the recorded one.
   Not repairable here: the embeddings were made by the recorded model.
-- ``index``: the saved index exists and loads; its dim and metric are the database's; it was
-  saved at the database's generation; its live ids are exactly the database's example ids;
-  its vectors are the database's embeddings (L2-normalised for cosine, float32 rounding
-  allowed); ``header.json``'s live count agrees with the tombstones in ``alive.npy``; no
-  leftovers of an interrupted save lie beside it. Repairable: ``repair=True`` rebuilds the
-  index from the database, saves it in place of the old one, removes the leftovers, and
-  checks again.
+- ``index``: the saved index exists and loads; its files have the sha256 its header.json
+  records; it was built from this database (its gallery id); its dim and metric are the
+  database's; it was saved at the database's generation; its live ids are exactly the
+  database's example ids; its vectors are the database's embeddings (L2-normalised for
+  cosine, float32 rounding allowed); ``header.json``'s live count agrees with the
+  tombstones in ``alive.npy``; no leftovers of an interrupted save lie beside it.
+  Repairable: ``repair=True`` rebuilds the index from the database, saves it in place of the
+  old one, removes the leftovers, and checks again.
+
+The check first folds the write-ahead log into the database file
+(:meth:`~deepmetric.gallery.store.GalleryStore.checkpoint`; not on a read-only gallery), so
+that after it ``G`` alone holds every committed write, even when another process still has
+the gallery open.
 
 An index that is merely behind (saved at an older generation, e.g. by a process killed before
 it closed the gallery) is reported too, although the next :meth:`Gallery.open` would rebuild
@@ -41,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from deepmetric.gallery.gallery import build_index, index_path, load_embedder
-from deepmetric.gallery.index import GalleryIndex, IndexFileError, load_index
+from deepmetric.gallery.index import GalleryIndex, IndexFileError, check_sums, load_index
 from deepmetric.gallery.store import Examples, GalleryError, GalleryStore
 from deepmetric.inference import Threshold
 
@@ -169,11 +175,17 @@ def _index_problems(
         problem(f"{folder} is missing (deleted, or never saved)")
         return problems
     try:
-        index = load_index(folder)
+        index = load_index(folder, verify=False)  # the content is compared just below
         header = json.loads((folder / "header.json").read_text())
     except (IndexFileError, OSError, ValueError) as error:
         problem(f"{folder} cannot be read: {error}")
         return problems
+    built_from = header.get("gallery_id")
+    if built_from is not None and built_from != store.gallery_id:
+        problem(
+            f"{folder} was built from another gallery (gallery id {built_from}, this "
+            f"database's is {store.gallery_id}): a database restored or copied over this one"
+        )
     if index.dim != store.dim or index.metric != store.metric:
         problem(
             f"{folder} is a {index.dim}-d {index.metric} index, the database holds "
@@ -191,6 +203,11 @@ def _index_problems(
             f"(alive.npy) leave {len(index)}"
         )
     problems += _content_problems(folder, index, examples)
+    if not problems:  # damage the comparison cannot see (an HNSW graph's links, a tiny change)
+        try:
+            check_sums(folder, header)
+        except (IndexFileError, OSError) as error:
+            problem(str(error))
     return problems
 
 
@@ -298,6 +315,7 @@ def check_gallery(
     if store is None:
         store = GalleryStore.open(path)
     try:
+        store.checkpoint()  # fold the write-ahead log in: G alone then holds every write
         folder = index_path(store.path)
         problems, snapshot = _check(store, folder, embedder, device)
         done: list[str] = []

@@ -9,11 +9,16 @@ index derived from it (:func:`~deepmetric.gallery.index.make_index`).
 
 - ``G``: the SQLite database (identities, example embeddings, PNG thumbnails, and the meta
   record: the model identity, metric, dim, the threshold record and the model ``source``);
-  ``G-wal`` and ``G-shm`` are SQLite's write-ahead log beside it while it is open. Copy or
-  back up ``G`` with the gallery closed (or with ``sqlite3 G ".backup copy.db"``).
+  ``G-wal`` and ``G-shm`` are SQLite's write-ahead log beside it while it is open: committed
+  writes may live in ``G-wal`` until a checkpoint folds them into ``G`` (at every close and
+  every ``gallery check``). Back it up with ``deepmetric gallery backup G COPY``
+  (:meth:`GalleryStore.backup <deepmetric.gallery.store.GalleryStore.backup>`: SQLite's
+  online backup, consistent while other processes write); never copy ``G`` alone while a
+  ``G-wal`` lies beside it.
 - ``G.index/``: the search index, derived from the database (``header.json`` with the store
-  generation it reflects, ``ids.npy``, ``alive.npy``, ``vectors.npy`` or ``index.faiss``).
-  Deleting it loses nothing: the next open rebuilds it.
+  generation it reflects, the database's random gallery id and the sha256 of each file,
+  ``ids.npy``, ``alive.npy``, ``vectors.npy`` or ``index.faiss``). Deleting it loses
+  nothing: the next open rebuilds it.
 
 **The decision.** For a query embedding ``q`` the index gives the k nearest distinct
 identities, each with the distance to its nearest example:
@@ -36,8 +41,10 @@ index keeps its vectors on that GPU, a faiss one stays on the CPU. Results are t
 either way (distances to float32 rounding).
 
 **The index stays in step with the database.** The store's ``generation`` counts changes to
-its examples. On open, the saved index is used when it was saved at the store's current
-generation (and holds as many examples); otherwise it is rebuilt from the database and saved.
+its examples. On open, the saved index is used when it was built from this database (the
+same random gallery id: not a database restored or copied over this one), saved at the store's
+current generation, holds as many examples and its files match their sha256; otherwise it is
+rebuilt from the database and saved.
 :meth:`Gallery.enroll` and :meth:`Gallery.remove` update the in-memory index incrementally
 (never a rebuild per call); :meth:`Gallery.identify` first compares the generation with the
 index's (one small query) and rebuilds when another process changed the database meanwhile.
@@ -74,7 +81,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from deepmetric.data.preprocess import Inputs
+from deepmetric.data.preprocess import Inputs, decode_image
 from deepmetric.gallery.index import (
     GalleryIndex,
     IndexFileError,
@@ -98,6 +105,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INDEX_SUFFIX",
+    "MAX_CANDIDATES",
     "THUMBNAIL_SIZE",
     "Candidate",
     "Gallery",
@@ -112,6 +120,8 @@ __all__ = [
 INDEX_SUFFIX = ".index"
 #: thumbnails fit in this many pixels, longest side
 THUMBNAIL_SIZE = 64
+#: the most candidate identities the command line and the service answer per query
+MAX_CANDIDATES = 100
 
 Progress = Callable[[str], None]
 
@@ -235,9 +245,11 @@ def _thumbnail_of_item(item: Any) -> bytes | None:
     try:
         if isinstance(item, Image.Image):
             return _png(item)
-        with Image.open(item) as image:
-            image.load()
+        image = decode_image(item, str(item), size=(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        try:
             return _png(image)
+        finally:
+            image.close()
     except (OSError, ValueError):
         return None
 
@@ -280,6 +292,7 @@ def build_index(store: GalleryStore, snapshot: tuple[int, Examples] | None = Non
     index = make_index(dim=store.dim, metric=store.metric, size_hint=len(examples.ids))  # type: ignore[arg-type]
     index.add(examples.embeddings, examples.ids)
     index.generation = generation
+    index.gallery_id = store.gallery_id
     return index
 
 
@@ -406,14 +419,18 @@ class Gallery:
         *,
         device: str = "auto",
         progress: Progress | None = None,
+        timeout: float = 30.0,
     ) -> Gallery:
-        """Open an existing gallery.
+        """Open an existing gallery (read-only when its file or folder cannot be written:
+        identify works, enroll / remove raise ``GalleryReadOnlyError``).
 
         Args:
             path: the gallery file.
             embedder: the model; ``None``: reloaded from the stored source
                 (``Embedder.from_run`` / ``from_onnx``, on ``device``).
             progress: gets one line when the index is rebuilt.
+            timeout: seconds a write waits for another process's write lock
+                (``GalleryBusyError`` after that).
 
         Raises:
             GalleryNotFoundError / NotAGalleryError: no gallery at ``path``.
@@ -421,7 +438,7 @@ class Gallery:
             (weights, preprocessing, dim or metric differ); the message names both.
             ValueError: the stored source cannot be loaded.
         """
-        store = GalleryStore.open(path)
+        store = GalleryStore.open(path, timeout=timeout)
         try:
             meta = store.meta
             stored = meta.get("model")
@@ -525,6 +542,7 @@ class Gallery:
             saved = None
         if (
             saved is not None
+            and saved.gallery_id == store.gallery_id
             and saved.generation == store.generation
             and saved.dim == store.dim
             and saved.metric == store.metric
@@ -532,7 +550,9 @@ class Gallery:
         ):
             self._saved_generation = saved.generation
             return saved.to(self.embedder.device)
-        if saved is not None:
+        if saved is not None and saved.gallery_id != store.gallery_id:
+            self._say(f"{self.index_path} was built from another gallery: rebuilding it")
+        elif saved is not None:
             self._say(f"{self.index_path} is out of date: rebuilding it from {self.path}")
         self._index = self._build()
         self._save_index()
@@ -729,6 +749,8 @@ class Gallery:
         """:meth:`identify` for embeddings (q, D) already made by this gallery's model."""
         t = float(self.threshold.value)
         self._refresh()
+        # never more candidates than identities: a huge k allocates nothing by k
+        k = min(k, max(1, self._store.num_identities))
         try:
             matches = top_identities(self._index, queries, k, self._store.identity_of)
         except UnknownExampleError:

@@ -13,7 +13,11 @@ Contract (as faiss), common to every index (:class:`GalleryIndex`):
   fewer) the row is padded with id -1 and distance ``inf``.
 - ``len(index)``: live entries. ``save(path)`` / ``load(path)`` / :func:`load_index`: a
   folder (``header.json``, ``ids.npy``, ``alive.npy`` and ``vectors.npy`` or a faiss
-  ``index.faiss`` written by ``faiss.write_index``); no pickle anywhere.
+  ``index.faiss`` written by ``faiss.write_index``); no pickle anywhere. ``header.json``
+  records the sha256 of every other file, checked at load: a damaged file, even one whose
+  own header still parses, is an :class:`IndexFileError`, never a wrong answer. It also
+  records :attr:`~GalleryIndex.generation` and :attr:`~GalleryIndex.gallery_id` (what the
+  index was built from, set by whoever builds it).
 
 Distances are those of :mod:`deepmetric.distances` whatever the index: ``"euclidean"`` is the
 true L2 distance ``||q - x||`` (faiss's squared L2 goes through a square root),
@@ -46,6 +50,7 @@ Threads: torch and faiss use their own thread settings (``torch.set_num_threads`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -80,6 +85,7 @@ __all__ = [
     "IdentityMatches",
     "IndexFileError",
     "SearchResult",
+    "check_sums",
     "faiss_available",
     "hnsw_ef_search",
     "identity_lookup",
@@ -223,6 +229,8 @@ class GalleryIndex(ABC):
         self.rebuild_fraction = rebuild_fraction
         #: the store generation this index reflects, for whoever builds it; saved with it
         self.generation: int | None = None
+        #: the random id of the gallery it was built from (see the store); saved with it
+        self.gallery_id: str | None = None
         self._row_ids = np.empty(0, dtype=np.int64)  # row -> example id (capacity-grown)
         self._alive = np.empty(0, dtype=bool)  # row -> not removed
         self._n = 0  # rows stored, live and removed
@@ -400,6 +408,7 @@ class GalleryIndex(ABC):
             "rebuild_fraction": self.rebuild_fraction,
             "params": self._params(),
             "generation": self.generation,
+            "gallery_id": self.gallery_id,
             "stored": self._n,
             "live": len(self),
         }
@@ -409,6 +418,7 @@ class GalleryIndex(ABC):
             np.save(tmp / "ids.npy", self._row_ids[: self._n], allow_pickle=False)
             np.save(tmp / "alive.npy", self._alive[: self._n], allow_pickle=False)
             self._save_data(tmp)
+            header["sha256"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
             (tmp / "header.json").write_text(json.dumps(header, indent=1))
             old = None
             if path.exists():
@@ -450,6 +460,33 @@ def _read_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sums(path: Path, header: dict[str, Any]) -> None:
+    """Every file ``header.json`` lists has the sha256 it records (an index saved before
+    checksums were recorded has none to check)."""
+    sums = header.get("sha256")
+    if sums is None:
+        return
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise IndexFileError(f"{path}: bad sha256 record in header.json")
+    for name, want in sums.items():
+        file = path / str(name)
+        if file.parent != path or not file.is_file():
+            raise IndexFileError(f"{path}: {name} is missing")
+        if _sha256(file) != want:
+            raise IndexFileError(
+                f"{file} does not match the sha256 recorded in header.json (damaged or "
+                "replaced): rebuild the index from the database"
+            )
+
+
 def _load_array(file: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     try:
         array = np.load(file, allow_pickle=False)
@@ -462,8 +499,9 @@ def _load_array(file: Path, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def load_index(path: str | Path) -> GalleryIndex:
-    """Read any index saved by :meth:`GalleryIndex.save`."""
+def load_index(path: str | Path, *, verify: bool = True) -> GalleryIndex:
+    """Read any index saved by :meth:`GalleryIndex.save`; ``verify=False`` skips the sha256
+    check of its files (for ``gallery check``, which compares the content itself)."""
     path = Path(path)
     header = _read_header(path)
     n = header.get("stored")
@@ -485,10 +523,14 @@ def load_index(path: str | Path) -> GalleryIndex:
     if (live.size and live.min() < 0) or np.unique(live).size != live.size:
         raise IndexFileError(f"{path}: the live ids are negative or not unique")
     index._load_data(path, n)
+    if verify:  # last: a file of the wrong shape or type is named as such above
+        check_sums(path, header)
     index._row_ids, index._alive, index._n = ids.copy(), alive.copy(), n
     index._dead = int(n - alive.sum())
     index._max_id = int(ids.max()) if n else -1
     index.generation = header.get("generation")
+    gallery_id = header.get("gallery_id")
+    index.gallery_id = gallery_id if isinstance(gallery_id, str) else None
     index._changed()
     return index
 

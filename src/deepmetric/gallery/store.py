@@ -14,6 +14,8 @@ Schema (version :data:`SCHEMA_VERSION`)::
                   threshold       the open-set threshold record (any JSON, or null)
                   created         creation time, Unix seconds
                   generation      int, +1 by every add / remove (see below)
+                  gallery_id      random hex, made at create (or at the first writable open
+                                  of an older file): what a saved index is bound to
                   ...             any other JSON keys given to create / set_meta
     identities  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
                 metadata TEXT NOT NULL (a JSON object), created REAL (Unix seconds)
@@ -27,7 +29,11 @@ Schema (version :data:`SCHEMA_VERSION`)::
 Identity names are stored and returned exactly as given (no Unicode normalisation, no case
 folding, no stripping): any characters, quotes, slashes, ``'; DROP TABLE``, emoji. They are
 validated, not altered: a ``str`` of 1 to :data:`MAX_NAME_LENGTH` characters, no control
-characters (Unicode category Cc: tabs, newlines, NUL, ...), no leading or trailing whitespace
+characters (Unicode category Cc: tabs, newlines, NUL, ...), no invisible characters (format
+characters such as zero-width spaces and direction overrides, except a zero-width
+(non-)joiner between non-ASCII letters or emoji; line / paragraph separators; private use;
+blank letters such as the Hangul filler: a name hides nothing), no leading or trailing
+whitespace
 (refused rather than stripped, so ``"alice"`` and ``"alice "`` can never be two identities that
 look the same), encodable as UTF-8 (no lone surrogates), and not ``.`` or ``..`` (a browser and
 most HTTP clients resolve those as path steps, so ``/identities/..`` could never reach them).
@@ -48,6 +54,17 @@ guarantees that against a process crash). It costs one fsync per transaction, an
 (see ``benchmarks/gallery_index.py``). Concurrent writers wait for each other up to
 ``timeout`` seconds. A store object belongs to the thread that opened it (sqlite3's default
 check); several processes may open the same file. WAL needs a local file system (not NFS).
+A committed write first lives in ``G-wal``; :meth:`GalleryStore.close` and
+:meth:`GalleryStore.checkpoint` fold it into ``G`` (``PRAGMA wal_checkpoint(TRUNCATE)``, never
+waiting for another process), and :meth:`GalleryStore.backup` copies a consistent snapshot with
+SQLite's online backup while other processes write: copy ``G`` alone only after one of these.
+
+Errors: SQLite's "database is locked" (another process held the write lock longer than
+``timeout``) is :class:`GalleryBusyError`; a write to a gallery that cannot be written is
+:class:`GalleryReadOnlyError`. A file (or folder) that cannot be written is opened read-only
+(``mode=ro``; on a read-only file system without its ``-shm``, ``immutable=1`` when no
+write-ahead log is left to read): every read works, every write raises
+:class:`GalleryReadOnlyError`.
 
 Example::
 
@@ -59,11 +76,13 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import unicodedata
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -78,9 +97,11 @@ __all__ = [
     "MAX_THUMBNAIL_BYTES",
     "SCHEMA_VERSION",
     "Examples",
+    "GalleryBusyError",
     "GalleryError",
     "GalleryExistsError",
     "GalleryNotFoundError",
+    "GalleryReadOnlyError",
     "GalleryStore",
     "IdentityInfo",
     "NotAGalleryError",
@@ -101,7 +122,9 @@ MAX_THUMBNAIL_BYTES = 1 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SQLITE_HEADER = b"SQLite format 3\x00"
 #: meta keys only the store writes
-_RESERVED = frozenset({"format", "schema_version", "dim", "metric", "created", "generation"})
+_RESERVED = frozenset(
+    {"format", "schema_version", "dim", "metric", "created", "generation", "gallery_id"}
+)
 #: bound parameters per statement (SQLite's default limit is 32766; stay far below)
 _CHUNK = 500
 
@@ -139,6 +162,14 @@ class GalleryNotFoundError(GalleryError, FileNotFoundError):
 
 class NotAGalleryError(GalleryError, ValueError):
     """The file is not SQLite, not a deepmetric gallery, or of a newer schema version."""
+
+
+class GalleryBusyError(GalleryError):
+    """Another process held the gallery's write lock longer than the busy timeout: try again."""
+
+
+class GalleryReadOnlyError(GalleryError):
+    """A write to a gallery that cannot be written (read-only file, folder or file system)."""
 
 
 class UnknownIdentityError(GalleryError, KeyError):
@@ -187,6 +218,38 @@ class Examples(NamedTuple):
     embeddings: np.ndarray
 
 
+#: blank letters that render as nothing (Hangul fillers, the blank Braille pattern)
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+#: what may stand on both sides of a zero-width (non-)joiner: letters, marks and symbols
+_JOINABLE = ("L", "M", "S")
+
+
+def _joins(name: str, i: int) -> bool:
+    """Whether the zero-width (non-)joiner ``name[i]`` stands between two non-ASCII letters,
+    marks or symbols (emoji sequences, Persian, Indic scripts), where it changes the
+    rendering; between ASCII characters or at an end it only hides."""
+    if i == 0 or i + 1 == len(name):
+        return False
+    near = (name[i - 1], name[i + 1])
+    return all(ord(c) > 0x7F and unicodedata.category(c)[0] in _JOINABLE for c in near)
+
+
+def _invisible(name: str) -> str | None:
+    """The first invisible character of ``name``: a format character (Unicode Cf:
+    zero-width spaces, direction overrides, soft hyphens, byte order marks) other than a
+    zero-width (non-)joiner inside a word of a script that uses it or an emoji sequence, and
+    the tag characters of an emoji flag; a line or paragraph separator; a private-use
+    character; a blank letter. ``None`` when there is none."""
+    for i, c in enumerate(name):
+        if c in "\u200c\u200d" and _joins(name, i):
+            continue
+        if "\U000e0020" <= c <= "\U000e007f" and i > 0 and ord(name[i - 1]) > 0xFFFF:
+            continue  # the tags of a subdivision flag (England, Scotland, Wales)
+        if unicodedata.category(c) in ("Cf", "Zl", "Zp", "Co") or c in _BLANK_LETTERS:
+            return c
+    return None
+
+
 def check_name(name: object) -> str:
     """Return ``name`` unchanged if it is a valid identity name, else raise ``ValueError``
     (``TypeError`` for a non-string). The rules are in the module docstring."""
@@ -207,6 +270,12 @@ def check_name(name: object) -> str:
     bad = [c for c in name if unicodedata.category(c) == "Cc"]
     if bad:
         raise ValueError(f"identity name {name!r} contains the control character {bad[0]!r}")
+    hidden = _invisible(name)
+    if hidden is not None:
+        raise ValueError(
+            f"identity name {name!r} contains the invisible character U+{ord(hidden):04X} "
+            f"({unicodedata.name(hidden, 'unnamed')}): it would look like another name"
+        )
     try:
         name.encode("utf-8")
     except UnicodeEncodeError as error:
@@ -299,12 +368,26 @@ class GalleryStore:
     manager or call :meth:`close`.
     """
 
-    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        path: Path,
+        *,
+        timeout: float = 30.0,
+        readonly: bool = False,
+    ) -> None:
         self._db = connection
         self.path = path
+        self.timeout = timeout
+        #: opened read-only (the file or its folder cannot be written): every write refused
+        self.readonly = readonly
         meta = self.meta
         self.dim: int = int(meta["dim"])
         self.metric: str = str(meta["metric"])
+        #: the random id an index is bound to (``None``: an older read-only file without one)
+        self.gallery_id: str | None = meta.get("gallery_id")
+        if self.gallery_id is None and not readonly:
+            self.gallery_id = self._add_gallery_id()
 
     # ------------------------------------------------------------------ open / create
 
@@ -322,6 +405,64 @@ class GalleryStore:
             db.close()
             raise
         return db
+
+    @staticmethod
+    def _connect_readonly(path: Path, timeout: float) -> sqlite3.Connection:
+        """A read-only connection: ``mode=ro`` (reads the write-ahead log as well); on a
+        read-only file system where SQLite cannot make ``G-shm``, ``immutable=1``, but only
+        when no write-ahead log is left whose writes it would miss."""
+        uri = path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+        try:
+            db.execute("PRAGMA query_only = ON")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError as error:
+            db.close()
+            wal = Path(f"{path}-wal")
+            if wal.is_file() and wal.stat().st_size > 0:
+                raise GalleryReadOnlyError(
+                    f"{path} is read-only and its write-ahead log {wal.name} cannot be read "
+                    f"without {path.name}-shm ({error}): copy the gallery with its -wal and "
+                    "-shm files to a writable folder"
+                ) from None
+        db = sqlite3.connect(
+            f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, isolation_level=None
+        )
+        db.execute("PRAGMA query_only = ON")
+        return db
+
+    def _add_gallery_id(self) -> str | None:
+        """Give an older file its random gallery id (best effort: never waits for another
+        process's lock, and a file that turns out to be read-only keeps none)."""
+        new = uuid.uuid4().hex
+        try:
+            self._db.execute("PRAGMA busy_timeout = 0")
+            with self._write() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('gallery_id', ?)",
+                    (json.dumps(new),),
+                )
+            return self.meta.get("gallery_id")
+        except GalleryError:
+            return None
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+
+    def _sql_error(self, error: sqlite3.OperationalError, doing: str) -> GalleryError:
+        """SQLite's operational errors as one-line gallery errors."""
+        text = str(error)
+        if "locked" in text or "busy" in text:
+            return GalleryBusyError(
+                f"{self.path} is locked by another process (it held the write lock longer "
+                f"than {self.timeout:g} s) while trying to {doing}: try again later"
+            )
+        if "readonly" in text or "read-only" in text:
+            return GalleryReadOnlyError(
+                f"{self.path} is read-only ({text}): cannot {doing}; reads (list, identify, "
+                "check) still work"
+            )
+        return GalleryError(f"{self.path}: SQLite error while trying to {doing}: {text}")
 
     @classmethod
     def create(
@@ -355,7 +496,11 @@ class GalleryStore:
         values.setdefault("model", None)
         values.setdefault("threshold", None)
         values.update(
-            format=FORMAT, schema_version=SCHEMA_VERSION, created=time.time(), generation=0
+            format=FORMAT,
+            schema_version=SCHEMA_VERSION,
+            created=time.time(),
+            generation=0,
+            gallery_id=uuid.uuid4().hex,
         )
         rows = [(k, _to_json(v, f"meta[{k!r}]")) for k, v in sorted(values.items())]
         try:
@@ -378,11 +523,20 @@ class GalleryStore:
             for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
                 leftover.unlink(missing_ok=True)
             raise
-        return cls(db, path)
+        return cls(db, path, timeout=timeout)
 
     @classmethod
-    def open(cls, path: str | Path, *, timeout: float = 30.0) -> GalleryStore:
+    def open(
+        cls, path: str | Path, *, timeout: float = 30.0, readonly: bool | None = None
+    ) -> GalleryStore:
         """Open an existing gallery file.
+
+        Args:
+            path: the gallery file.
+            timeout: seconds a write waits for another process's write lock
+                (:class:`GalleryBusyError` after that).
+            readonly: ``None``: read-only when the file or its folder cannot be written (a
+                read-only file, folder or file system), else read-write; ``True``: read-only.
 
         Raises:
             GalleryNotFoundError: no file at ``path``.
@@ -399,15 +553,34 @@ class GalleryStore:
         # only an empty file (which SQLite would take for a new database) is refused first.
         if path.stat().st_size < len(_SQLITE_HEADER):
             raise NotAGalleryError(f"{path} is not a deepmetric gallery: not an SQLite file")
+        if readonly is None:
+            folder = path.resolve().parent
+            readonly = not (os.access(path, os.W_OK) and os.access(folder, os.W_OK))
         try:
-            db = cls._connect(path, timeout)
+            db = cls._connect_readonly(path, timeout) if readonly else cls._connect(path, timeout)
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error):
+                raise GalleryBusyError(
+                    f"{path} is locked by another process (longer than {timeout:g} s): try "
+                    "again later"
+                ) from None
+            if readonly:
+                raise NotAGalleryError(
+                    f"{path} is not a deepmetric gallery: not an SQLite file ({error})"
+                ) from None
+            try:  # access() said writable, SQLite could not write (e.g. a read-only mount)
+                db, readonly = cls._connect_readonly(path, timeout), True
+            except sqlite3.DatabaseError:
+                raise NotAGalleryError(
+                    f"{path} is not a deepmetric gallery: not an SQLite file ({error})"
+                ) from None
         except sqlite3.DatabaseError as error:
             raise NotAGalleryError(
                 f"{path} is not a deepmetric gallery: not an SQLite file ({error})"
             ) from None
         try:
             cls._check_format(db, path)
-            return cls(db, path)
+            return cls(db, path, timeout=timeout, readonly=readonly)
         except BaseException:
             db.close()
             raise
@@ -442,8 +615,72 @@ class GalleryStore:
             )
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
-        self._db.close()
+        """Fold the write-ahead log into the file (:meth:`checkpoint`, best effort), then
+        close the connection (idempotent)."""
+        try:
+            self.checkpoint()
+        except (GalleryError, sqlite3.Error):
+            pass  # closed already, or another process holds the lock: SQLite keeps the WAL
+        finally:
+            self._db.close()
+
+    def checkpoint(self) -> bool:
+        """Fold the write-ahead log ``G-wal`` into ``G`` and empty it (``PRAGMA
+        wal_checkpoint(TRUNCATE)``), so that ``G`` alone holds every committed write.
+
+        Never waits: returns ``False`` when another process is writing or reading an older
+        snapshot at that instant (the log stays; SQLite folds it in later), and for a
+        read-only gallery; ``True`` when the log was folded in entirely.
+        """
+        if self.readonly:
+            return False
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        return not busy
+
+    def backup(self, target: str | Path) -> Path:
+        """Copy the gallery to the new file ``target`` with SQLite's online backup: one
+        consistent snapshot (every write committed before it began, none after), taken while
+        other processes go on reading and writing. Never overwrites: ``FileExistsError``
+        when ``target`` exists. The copy is written beside ``target`` first, then linked in
+        under its name, so a crash never leaves a half copy there. The index is not copied
+        (it is derived: the copy's first open rebuilds it)."""
+        target = Path(target)
+        if target.exists():
+            raise FileExistsError(f"{target} already exists; not overwriting it")
+        folder = target.resolve().parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder for the copy")
+        tmp = folder / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            try:
+                copy = sqlite3.connect(str(tmp), isolation_level=None)
+                try:
+                    self._db.backup(copy)  # all pages in one step: one read snapshot
+                    copy.execute("PRAGMA journal_mode = DELETE")  # the copy is one file
+                finally:
+                    copy.close()
+            except sqlite3.OperationalError as error:
+                raise GalleryError(f"cannot write the copy {target}: {error}") from None
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            try:
+                os.link(tmp, target)  # atomic, and never replaces an existing file
+            except FileExistsError:
+                raise FileExistsError(f"{target} already exists; not overwriting it") from None
+            except OSError:  # a file system without hard links: the last check, then a rename
+                if target.exists():
+                    raise FileExistsError(f"{target} already exists; not overwriting it") from None
+                os.rename(tmp, target)
+        finally:
+            for leftover in (tmp, Path(f"{tmp}-journal"), Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+                leftover.unlink(missing_ok=True)
+        return target
 
     def __enter__(self) -> GalleryStore:
         return self
@@ -462,21 +699,37 @@ class GalleryStore:
     # ------------------------------------------------------------------ transactions
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: committed whole, or rolled back on any exception."""
-        self._db.execute("BEGIN IMMEDIATE")
+    def _write(self, doing: str = "write to it") -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed whole, or rolled back on any exception. SQLite's
+        lock and read-only errors become :class:`GalleryBusyError` /
+        :class:`GalleryReadOnlyError` (nothing written)."""
+        if self.readonly:
+            raise GalleryReadOnlyError(
+                f"{self.path} is read-only (the file or its folder cannot be written): cannot "
+                f"{doing}; reads (list, identify, check) still work"
+            )
         try:
-            yield self._db
-        except BaseException:
-            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
-                self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise self._sql_error(error, doing) from None
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """One read transaction: every query inside sees the same snapshot."""
-        self._db.execute("BEGIN")
+        try:
+            self._db.execute("BEGIN")
+        except sqlite3.OperationalError as error:
+            raise self._sql_error(error, "read it") from None
         try:
             yield self._db
         finally:
@@ -512,7 +765,7 @@ class GalleryStore:
         if key in _RESERVED:
             raise ValueError(f"meta {key!r} is set by the store and cannot be changed")
         text = _to_json(value, f"meta[{key!r}]")
-        with self._write() as db:
+        with self._write(f"set meta {key!r}") as db:
             db.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -562,7 +815,7 @@ class GalleryStore:
         extra = _check_metadata({} if metadata is None else metadata)
         now = time.time()
         blobs = [r.tobytes() for r in rows]
-        with self._write() as db:
+        with self._write(f"enroll {identity!r}") as db:
             found = db.execute(
                 "SELECT id, metadata FROM identities WHERE name = ?", (identity,)
             ).fetchone()
@@ -607,7 +860,7 @@ class GalleryStore:
         Raises:
             UnknownIdentityError (a ``KeyError``): no identity of that name.
         """
-        with self._write() as db:
+        with self._write(f"remove {identity!r}") as db:
             row_id, _ = self._identity_row(db, identity)
             ids = [
                 int(r[0])
@@ -622,7 +875,7 @@ class GalleryStore:
     def set_metadata(self, identity: str, metadata: Mapping[str, Any]) -> None:
         """Replace the metadata of ``identity`` with the JSON object ``metadata``."""
         text = _to_json(_check_metadata(metadata), "metadata")
-        with self._write() as db:
+        with self._write(f"set the metadata of {identity!r}") as db:
             row_id, _ = self._identity_row(db, identity)
             db.execute("UPDATE identities SET metadata = ? WHERE id = ?", (text, row_id))
 
@@ -738,7 +991,8 @@ class GalleryStore:
     def problems(self) -> list[str]:
         """What is wrong inside the database file, one sentence each (empty: nothing):
         SQLite's ``integrity_check`` and ``foreign_key_check``, embeddings of the wrong size,
-        a generation that is not an integer >= 0. Read only."""
+        a generation that is not an integer >= 0, SQLite triggers (deepmetric creates none:
+        someone else's code that runs on every write). Read only."""
         found: list[str] = []
         try:
             with self._read() as db:
@@ -761,6 +1015,19 @@ class GalleryStore:
                     found.append(
                         f"examples {shown} do not hold {self.dim} float32 values "
                         f"({4 * self.dim} bytes)"
+                    )
+                triggers = [
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT name FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+                    )
+                ]
+                if triggers:
+                    shown = ", ".join(repr(t) for t in triggers[:5])
+                    found.append(
+                        f"{len(triggers)} SQLite trigger(s) that deepmetric never creates: "
+                        f"{shown}{', ...' if len(triggers) > 5 else ''} (they run on every "
+                        "write: inspect them with sqlite3, then drop them)"
                     )
                 row = db.execute(_READ_GENERATION).fetchone()
         except sqlite3.DatabaseError as error:

@@ -3,8 +3,8 @@ images show the same thing.
 
 An Embedder comes from a run folder (:meth:`Embedder.from_run`: the network on CPU or CUDA) or
 from an exported ONNX file (:meth:`Embedder.from_onnx`: onnxruntime; the file carries the
-preprocessing, metric, threshold and model identity). Both give the same embeddings (to 1e-5)
-and the same :meth:`Embedder.identity`.
+preprocessing, metric, threshold and model identity, the identity checked against the graph's
+weights). Both give the same embeddings (to 1e-5) and the same :meth:`Embedder.identity`.
 
 **Preprocessing** is ``RUN_DIR/preprocess.json``, written by ``train`` for image data. Runs
 made before it existed fall back to deriving it from the config and the data the run trained
@@ -32,12 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepmetric.checkpoints import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_state,
-    weights_sha256,
-)
+from deepmetric.checkpoints import load_checkpoint, load_model_state, weights_sha256
 from deepmetric.config import Config
 from deepmetric.data import Preprocessing
 from deepmetric.data.preprocess import Inputs
@@ -51,7 +46,7 @@ from deepmetric.inference.threshold import (
     read_threshold,
     write_threshold,
 )
-from deepmetric.training import load_data, load_trained, resolve_device
+from deepmetric.training import load_data, open_trained, resolve_device
 from deepmetric.training.run import PREPROCESS_FILE
 
 Progress = Callable[[str], None]
@@ -266,7 +261,9 @@ class Embedder:
     @classmethod
     def from_onnx(cls, path: str | Path) -> Embedder:
         """An exported model (``deepmetric export``): onnxruntime on the CPU, default threads;
-        preprocessing, metric, threshold and identity from the file's metadata."""
+        preprocessing, metric and threshold from the file's metadata, the identity computed
+        from the graph's weights (a file changed after its export has not its run's identity,
+        nor its threshold: see :mod:`deepmetric.inference.export`)."""
         from deepmetric.inference.export import load_onnx
 
         return load_onnx(cls, path)
@@ -299,15 +296,15 @@ class _Run(NamedTuple):
     config: Config
     net: nn.Module
     device: torch.device
-    latest: bool  # the checkpoint is the run's latest
+    latest: bool  # the checkpoint is the one ``checkpoints/latest`` names, and it loaded
 
 
 def _load_run(run_dir: str | Path, checkpoint: str, device: str | torch.device) -> _Run:
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)  # a bad or absent device: said before any loading
-    config, net = load_trained(run_dir)
-    latest = checkpoint == "latest" or checkpoint == latest_checkpoint(run_dir).name
-    if not latest:
+    config, net, folder, fallback = open_trained(run_dir)  # fallback: the latest is damaged
+    loaded = checkpoint in ("latest", folder.name)
+    if not loaded:
         folder = run_dir / "checkpoints" / checkpoint
         if "/" in checkpoint or checkpoint.startswith(".") or not folder.is_dir():
             raise ValueError(f"{run_dir}: no checkpoint named {checkpoint!r} in {folder.parent}")
@@ -317,7 +314,7 @@ def _load_run(run_dir: str | Path, checkpoint: str, device: str | torch.device) 
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         load_model_state(net, state, source=folder)
     net.to(torch_device).eval()
-    return _Run(run_dir, config, net, torch_device, latest)
+    return _Run(run_dir, config, net, torch_device, loaded and fallback is None)
 
 
 def _build(run: _Run, preprocessing: Preprocessing | None) -> Embedder:
@@ -460,7 +457,7 @@ def _calibrate(
 def _save(run: _Run, threshold: Threshold) -> str:
     """Save into ``threshold.json`` for the latest checkpoint; say where (or why not)."""
     if not run.latest:
-        return f"not saved ({THRESHOLD_FILE} is for the latest checkpoint)"
+        return f"not saved ({THRESHOLD_FILE} is for the latest checkpoint, left as it is)"
     write_threshold(run.run_dir / THRESHOLD_FILE, threshold)
     return f"saved to {run.run_dir / THRESHOLD_FILE}"
 

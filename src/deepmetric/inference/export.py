@@ -12,7 +12,15 @@ float32 (N, D), with the L2 normalisation inside the graph when the model has it
 - ``deepmetric.threshold``: the ``threshold.json`` record as JSON (``null`` when the run has
   none: then the export embeds but cannot verify);
 - ``deepmetric.weights_sha256``: the hash of the torch weights
-  (:func:`~deepmetric.inference.embedder.weights_sha256`), so an export has the identity of its run.
+  (:func:`~deepmetric.inference.embedder.weights_sha256`), so an export has the identity of its run;
+- ``deepmetric.graph_sha256``: :func:`graph_sha256` of the graph as exported.
+
+**Identity.** A loaded file's identity is computed from its graph's weights, not taken from the
+metadata: :func:`graph_sha256` of the file must equal the recorded ``graph_sha256`` for it to
+have its run's identity (``weights_sha256``) and threshold. A file whose weights were changed
+after the export (an int8 ``quantize_dynamic``, noise added to one initializer) or an export
+without the record (made by an older deepmetric: export it again) has the graph hash itself as
+its ``weights_sha256`` and no threshold, so galleries made with the run or its export refuse it.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export), opset 18. In torch 2.13 it is
 the default and the maintained one; it works offline (onnxscript is installed with the
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -89,8 +98,36 @@ def _example(embedder: Embedder, module: torch.nn.Module) -> torch.Tensor:
     )
 
 
-def metadata(embedder: Embedder) -> dict[str, str]:
-    """The ``metadata_props`` of an export of ``embedder``."""
+def graph_sha256(graph: Any) -> str:
+    """sha256 of an ONNX graph's weights: its initializers sorted by name, then the tensors of
+    its ``Constant`` nodes in node order; for each the name, the element type, the dims and the
+    values' bytes (as :func:`onnx.numpy_helper.to_array` gives them: C order, little-endian),
+    as a run's :func:`~deepmetric.checkpoints.weights_sha256` hashes its state dict. Any change
+    to a weight (quantized, perturbed, renamed, reshaped) changes it."""
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+
+    def add(kind: str, name: str, tensor: Any) -> None:
+        array = np.ascontiguousarray(numpy_helper.to_array(tensor))
+        if array.dtype.byteorder == ">":
+            array = array.byteswap().view(array.dtype.newbyteorder("<"))
+        h.update(f"{kind}\0{name}\0{tensor.data_type}\0{list(tensor.dims)}\0".encode())
+        h.update(array.tobytes() if array.dtype != object else repr(array.tolist()).encode())
+
+    for tensor in sorted(graph.initializer, key=lambda t: t.name):
+        add("initializer", tensor.name, tensor)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    add("constant", f"{node.name}/{','.join(node.output)}", attribute.t)
+    return h.hexdigest()
+
+
+def metadata(embedder: Embedder, graph: str) -> dict[str, str]:
+    """The ``metadata_props`` of an export of ``embedder`` whose graph hashes to ``graph``
+    (:func:`graph_sha256`)."""
     identity = embedder.identity()
     threshold = embedder.threshold.to_json() if embedder.has_threshold else None
     return {
@@ -100,6 +137,7 @@ def metadata(embedder: Embedder) -> dict[str, str]:
         _KEY + "dim": str(identity["dim"]),
         _KEY + "threshold": json.dumps(threshold),
         _KEY + "weights_sha256": identity["weights_sha256"],
+        _KEY + "graph_sha256": graph,
     }
 
 
@@ -144,7 +182,7 @@ def export_onnx(
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"ONNX export failed: {type(error).__name__}: {reason}") from None
     proto = program.model_proto
-    for key, value in metadata(embedder).items():
+    for key, value in metadata(embedder, graph_sha256(proto.graph)).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     path = Path(path)
@@ -174,7 +212,7 @@ def _metadata_value(meta: dict[str, str], key: str, path: Path) -> Any:
     if _KEY + key not in meta:
         raise ValueError(f"{path}: not a deepmetric export (no {_KEY + key} in its metadata)")
     text = meta[_KEY + key]
-    if key in ("metric", "weights_sha256", "format"):
+    if key in ("metric", "weights_sha256", "graph_sha256", "format"):
         return text
     try:
         return json.loads(text)
@@ -184,12 +222,13 @@ def _metadata_value(meta: dict[str, str], key: str, path: Path) -> Any:
 
 def load_onnx(cls: type[Embedder], path: str | Path) -> Embedder:
     """An Embedder over an exported file (see :meth:`Embedder.from_onnx`)."""
-    _, ort = _require_onnx()
+    onnx, ort = _require_onnx()
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        graph = graph_sha256(onnx.load(str(path)).graph)
     except Exception as error:  # onnxruntime's own exception types: InvalidProtobuf, Fail, ...
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(f"{path}: not a readable ONNX model ({reason})") from None
@@ -205,6 +244,19 @@ def load_onnx(cls: type[Embedder], path: str | Path) -> Embedder:
     except ValueError as error:
         raise ValueError(f"{path}: metadata: {error}") from None
 
+    weights = _metadata_value(meta, "weights_sha256", path)
+    if meta.get(_KEY + "graph_sha256") != graph:  # not the weights exported: not the run's
+        weights, record = graph, None
+        why = (
+            f"{path}: its weights are not those it was exported with (changed after the "
+            "export, e.g. quantized), so it has no threshold and not its run's identity"
+            if _KEY + "graph_sha256" in meta
+            else f"{path}: exported by an older deepmetric (no {_KEY}graph_sha256): export the "
+            "run again to use its threshold and its run's identity"
+        )
+    else:
+        why = f"{path} carries no threshold (its run had none when it was exported)"
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = session.run([OUTPUT], {INPUT: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
         return torch.from_numpy(out[0])
@@ -214,11 +266,11 @@ def load_onnx(cls: type[Embedder], path: str | Path) -> Embedder:
         preprocessing=preprocessing,
         metric=_metadata_value(meta, "metric", path),
         dim=dim,
-        weights_sha256=_metadata_value(meta, "weights_sha256", path),
+        weights_sha256=weights,
         threshold=record,
-        no_threshold=f"{path} carries no threshold (its run had none when it was exported)",
+        no_threshold=why,
         source=str(path),
     )
 
 
-__all__ = ["export_onnx", "load_onnx", "metadata"]
+__all__ = ["export_onnx", "graph_sha256", "load_onnx", "metadata"]

@@ -62,8 +62,12 @@ class Threshold:
     weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.value, int | float) or not math.isfinite(self.value):
-            raise ValueError(f"threshold must be a finite number, got {self.value!r}")
+        value = self.value
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise ValueError(f"threshold must be a finite number, got {value!r}")
+        if value < 0:
+            raise ValueError(f"threshold must be >= 0 (a distance), got {value!r}")
         check_metric(self.metric)
         if self.far is not None and not 0.0 <= self.far <= 1.0:
             raise ValueError(f"far must be in [0, 1], got {self.far!r}")
@@ -141,11 +145,12 @@ def fit_threshold(
     seed: int = 0,
 ) -> float:
     """The threshold of labelled embeddings (N, D), labels (N,): accuracy-maximising on their
-    verification pairs (``far=None``) or the largest with FAR <= ``far`` on them."""
+    verification pairs (``far=None``) or the largest with FAR <= ``far`` on them. Never below
+    0: where even the closest pairs are to be rejected, 0 (only identical embeddings pass)."""
     distances, same = validation_pairs(embeddings, labels, metric, seed)
     if far is None:
-        return choose_threshold(distances, same)
-    return threshold_at_far(distances, same, far)
+        return max(0.0, choose_threshold(distances, same))
+    return max(0.0, threshold_at_far(distances, same, far))
 
 
 __all__ = [

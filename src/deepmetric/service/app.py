@@ -31,7 +31,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -42,9 +42,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepmetric.distances import paired
 from deepmetric.gallery import Gallery, UnknownIdentityError
-from deepmetric.gallery.store import check_name
+from deepmetric.gallery.store import GalleryBusyError, GalleryReadOnlyError, check_name
 from deepmetric.inference import Embedder
-from deepmetric.service.uploads import API_KEY_HEADER, BadUploadError, Gate, decode_image
+from deepmetric.service.uploads import (
+    API_KEY_HEADER,
+    BadUploadError,
+    Gate,
+    PixelBudget,
+    check_pixels,
+    decode_upload,
+    open_upload,
+)
 from deepmetric.service.workers import GalleryWorkers, MicroBatcher
 
 __all__ = ["GalleryService", "create_app"]
@@ -68,7 +76,13 @@ class GalleryService:
     """
 
     def __init__(
-        self, gallery: str, embedder: Embedder, *, threads: int = 4, max_batch: int = 64
+        self,
+        gallery: str,
+        embedder: Embedder,
+        *,
+        threads: int = 4,
+        max_batch: int = 64,
+        busy_timeout: float = 30.0,
     ) -> None:
         if embedder.preprocessing is None:
             raise ValueError(
@@ -76,9 +90,10 @@ class GalleryService:
                 "images), so it cannot embed uploaded images"
             )
         self.embedder = embedder
-        self.workers = GalleryWorkers(gallery, embedder, threads=threads)
+        self.workers = GalleryWorkers(gallery, embedder, threads=threads, timeout=busy_timeout)
         self.max_batch = max_batch
         self.batcher: MicroBatcher | None = None
+        self.pixels = PixelBudget()
         self.threshold = math.nan
         self.metric = embedder.metric
 
@@ -96,12 +111,10 @@ class GalleryService:
 
     # ------------------------------------------------------------------ work
 
-    async def embed(self, images: list[Any]) -> torch.Tensor:
-        """Embeddings (n, D) of loaded PIL images: preprocessed in a thread, embedded by the
-        micro-batcher."""
+    async def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings (n, D) of model inputs ``x`` (n, C, H, W), by the micro-batcher."""
         if self.batcher is None:
             raise RuntimeError("the service is not started")
-        x = await run_in_threadpool(self.embedder.preprocess, images)
         return await asyncio.wrap_future(self.batcher.submit(x))
 
     async def read(self, job: Any) -> Any:
@@ -115,18 +128,98 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-async def _images(files: list[UploadFile]) -> tuple[list[str | None], list[Any]]:
-    """The uploads' names (as the client gave them: only ever echoed back) and images."""
+class Uploads(NamedTuple):
+    """A request's images: ``names`` as the client gave them (only ever echoed back), model
+    inputs ``x`` (n, C, H, W), and the decoded PIL ``images`` when kept (for thumbnails)."""
+
+    names: list[str | None]
+    x: torch.Tensor
+    images: list[Any]
+
+
+def _decode(
+    service: GalleryService, names: list[str | None], opened: list[tuple[str, Any]], keep: bool
+) -> Uploads:
+    """Decode and convert the opened images one at a time (each dropped once converted unless
+    ``keep``); a :class:`BadUploadError` naming the first that fails."""
+    pre = service.embedder.preprocessing
+    assert pre is not None  # checked by GalleryService
+    rows: list[torch.Tensor] = []
+    kept: list[Any] = []
+    try:
+        for name, img in opened:
+            decode_upload(img, name)
+            try:
+                rows.append(pre.image_input(img, name))
+            except ValueError as error:
+                raise BadUploadError(str(error)) from None
+            if keep:
+                kept.append(img)
+            else:
+                img.close()
+    except BaseException:
+        for _, img in opened:
+            img.close()
+        raise
+    x = torch.cat(rows) if rows else torch.zeros((0, *pre.shape), dtype=torch.float32)
+    return Uploads(names, x, kept)
+
+
+@asynccontextmanager
+async def _uploads(
+    service: GalleryService, files: list[UploadFile], *, keep: bool = False
+) -> AsyncIterator[Uploads]:
+    """The uploaded ``files`` checked, decoded and converted, their pixels held in the
+    service's in-flight budget until the ``async with`` ends. Every image is opened (its
+    header only) and the request's pixels counted before any is decoded: 415 for a format
+    that is not opened, 413 for too many pixels, 422 for anything else wrong with a file, 503
+    when other requests hold the budget for too long."""
+    pre = service.embedder.preprocessing
+    size = None if pre is None else (pre.height, pre.width)
     names: list[str | None] = []
     blobs: list[tuple[bytes, str]] = []
     for i, upload in enumerate(files):
         names.append(upload.filename)
         blobs.append((await upload.read(), upload.filename or f"file {i + 1}"))
+
+    def open_all() -> tuple[list[tuple[str, Any]], int]:
+        opened: list[tuple[str, Any]] = []
+        try:
+            for data, name in blobs:
+                opened.append((name, open_upload(data, name, size)))
+            return opened, check_pixels(opened)
+        except BaseException:
+            for _, img in opened:
+                img.close()
+            raise
+
     try:
-        images = await run_in_threadpool(lambda: [decode_image(b, n) for b, n in blobs])
+        opened, pixels = await run_in_threadpool(open_all)
     except BadUploadError as error:
-        raise HTTPException(422, str(error)) from None
-    return names, images
+        raise HTTPException(error.status, str(error)) from None
+    try:
+        taken = await service.pixels.acquire(pixels)
+    except TimeoutError:
+        for _, img in opened:
+            img.close()
+        raise HTTPException(
+            503,
+            "busy: other requests are decoding as many pixels as this server allows at once; "
+            "retry shortly",
+            headers={"Retry-After": "5"},
+        ) from None
+    try:
+        try:
+            done = await run_in_threadpool(_decode, service, names, opened, keep)
+        except BadUploadError as error:
+            raise HTTPException(error.status, str(error)) from None
+        try:
+            yield done
+        finally:
+            for img in done.images:
+                img.close()
+    finally:
+        await service.pixels.release(taken)
 
 
 def _name(identity: str) -> str:
@@ -186,11 +279,23 @@ def create_app(
         detail = error.detail if isinstance(error.detail, str) else str(error.detail)
         if error.status_code == 400 and "parsing the body" in detail:
             detail = "malformed request body (expected multipart/form-data with the image files)"
-        return JSONResponse({"error": detail}, status_code=error.status_code)
+        headers = getattr(error, "headers", None)
+        return JSONResponse({"error": detail}, status_code=error.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": _validation_message(error)}, status_code=422)
+
+    @app.exception_handler(GalleryBusyError)
+    @app.exception_handler(GalleryReadOnlyError)
+    async def unavailable(_: Request, error: Exception) -> JSONResponse:
+        # another process holds the write lock, or the gallery cannot be written: the
+        # request did nothing; try again later (a read-only gallery still answers reads)
+        return JSONResponse(
+            {"error": str(error)},
+            status_code=503,
+            headers={"Retry-After": "5" if isinstance(error, GalleryBusyError) else "60"},
+        )
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, error: Exception) -> JSONResponse:
@@ -244,8 +349,9 @@ def create_app(
     @app.post("/embed")
     async def embed(files: Annotated[list[UploadFile], File()]) -> dict[str, Any]:
         """Embeddings of the uploaded images, in order."""
-        names, images = await _images(files)
-        emb = await service.embed(images)
+        async with _uploads(service, files) as up:
+            names = up.names
+            emb = await service.embed(up.x)
         return {
             "inputs": names,
             "shape": list(emb.shape),
@@ -258,8 +364,9 @@ def create_app(
         a: Annotated[UploadFile, File()], b: Annotated[UploadFile, File()]
     ) -> dict[str, Any]:
         """Same or different: the distance of the two images at the gallery's threshold."""
-        names, images = await _images([a, b])
-        emb = await service.embed(images)
+        async with _uploads(service, [a, b]) as up:
+            names = up.names
+            emb = await service.embed(up.x)
         distance = float(paired(emb[:1], emb[1:], service.metric)[0])
         return {
             "a": names[0],
@@ -277,8 +384,9 @@ def create_app(
     ) -> list[dict[str, Any]]:
         """Per image: the nearest identity within the threshold (or null: unknown) and the k
         nearest identities."""
-        names, images = await _images(files)
-        queries = (await service.embed(images)).numpy()
+        async with _uploads(service, files) as up:
+            names = up.names
+            queries = (await service.embed(up.x)).numpy()
         results = await service.read(lambda g: g.identify_embeddings(queries, k=k))
         return [
             {
@@ -330,12 +438,18 @@ def create_app(
 
     @app.post("/identities", status_code=201)
     async def enroll(
-        identity: Annotated[str, Form()], files: Annotated[list[UploadFile], File()]
+        request: Request,
+        identity: Annotated[str, Form()],
+        files: Annotated[list[UploadFile], File()],
     ) -> dict[str, Any]:
         """Enroll the images as examples of ``identity`` (new, or more of an enrolled one)."""
+        given = len((await request.form()).getlist("identity"))  # parsed once, cached
+        if given != 1:  # else the last would win, unseen
+            raise HTTPException(422, f"identity: one per request, the form has {given}")
         name = _name(identity)
-        names, images = await _images(files)
-        ids = await service.write(lambda g: g.enroll(name, images))
+        async with _uploads(service, files, keep=True) as up:
+            names, images = up.names, up.images
+            ids = await service.write(lambda g: g.enroll(name, images))
         return {"identity": name, "examples": ids, "files": names}
 
     @app.delete("/identities/{identity:path}")

@@ -4,19 +4,26 @@
   alone (before a byte of the body is read): the API key (401), the body size (413: a declared
   ``Content-Length`` over the limit is refused at once, and a body without one is counted as it
   arrives), the content type of uploads (415: ``multipart/form-data`` only).
-- :func:`decode_image` turns uploaded bytes into a loaded PIL image, or a :class:`BadUploadError`
-  saying why not in words (empty, not an image, truncated, too many pixels), the same checks
-  :class:`~deepmetric.data.Preprocessing` makes for files.
+- :func:`open_upload` opens uploaded bytes through the gate files pass too
+  (:func:`deepmetric.data.preprocess.open_image`: raster formats only, at most
+  :data:`~deepmetric.data.preprocess.MAX_PIXELS` pixels, a large JPEG reduced while decoding),
+  reading only the header; :func:`check_pixels` refuses a request whose images would decode to
+  more than :data:`MAX_REQUEST_PIXELS` pixels together, and :class:`PixelBudget` bounds the
+  pixels all requests decode at once (:data:`MAX_PIXELS_IN_FLIGHT`), all before a pixel is
+  decoded; :func:`decode_upload` decodes. A refusal is a :class:`BadUploadError` whose
+  ``status`` is the HTTP answer: 415 (not an accepted format), 413 (too many pixels), else 422.
 
 Uploads are only ever bytes in memory: no file name, path or URL from a request is opened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from starlette.exceptions import HTTPException
@@ -25,12 +32,17 @@ from deepmetric.data import preprocess
 
 __all__ = [
     "API_KEY_HEADER",
+    "MAX_PIXELS_IN_FLIGHT",
+    "MAX_REQUEST_PIXELS",
     "OPEN_PATHS",
     "UPLOAD_PATHS",
     "BadUploadError",
     "Gate",
+    "PixelBudget",
     "access",
-    "decode_image",
+    "check_pixels",
+    "decode_upload",
+    "open_upload",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -59,8 +71,32 @@ READ_UPLOADS = frozenset({"/embed", "/verify", "/identify"})
 UPLOAD_PATHS = READ_UPLOADS | {"/identities"}
 
 
+#: the most pixels the images of one request may decode to, all together (after a JPEG's
+#: reduction): 32 million, e.g. four 12-megapixel PNGs are refused
+MAX_REQUEST_PIXELS = 32_000_000
+#: the most pixels all requests together may hold decoded at once (others wait)
+MAX_PIXELS_IN_FLIGHT = 2 * MAX_REQUEST_PIXELS
+#: how long a request waits for the pixels in flight to fall under the budget (then a 503)
+PIXEL_WAIT_S = 30.0
+
+
 class BadUploadError(ValueError):
-    """An uploaded file that is not a usable image (the message says why, naming it)."""
+    """An uploaded file that is not a usable image (the message says why, naming it);
+    ``status``: the HTTP status that answers it (422, or 415 / 413 in the subclasses)."""
+
+    status = 422
+
+
+class UnsupportedImageError(BadUploadError):
+    """An upload in a format that is not opened (EPS, PDF, ICO, ...)."""
+
+    status = 415
+
+
+class TooManyPixelsError(BadUploadError):
+    """Uploads that would decode to more pixels than one request may."""
+
+    status = 413
 
 
 def access(method: str, path: str) -> Literal["open", "read", "write"]:
@@ -183,16 +219,93 @@ class Gate:
             await _send_error(send, 413, str(error.detail))
 
 
-def decode_image(data: bytes, name: str) -> Any:
-    """The uploaded file ``data`` (called ``name`` in messages) as a loaded PIL image.
+def open_upload(data: bytes, name: str, size: tuple[int, int] | None = None) -> Any:
+    """The uploaded file ``data`` (called ``name`` in messages) as a PIL image opened but not
+    decoded (``size``: the model's input height and width, see
+    :func:`~deepmetric.data.preprocess.open_image`).
 
-    Raises :class:`BadUploadError` for an empty file, a file PIL cannot identify, one that declares
-    more than :data:`~deepmetric.data.preprocess.MAX_PIXELS` pixels (a decompression bomb,
-    refused before decoding), or one that fails to decode (truncated, corrupt).
+    Raises :class:`BadUploadError` for an empty file, a file that is not an image, one that
+    declares more than :data:`~deepmetric.data.preprocess.MAX_PIXELS` pixels (a decompression
+    bomb), or whose header is corrupt; :class:`UnsupportedImageError` for a format that is not
+    opened (:data:`~deepmetric.data.preprocess.IMAGE_FORMATS` only).
     """
     if not data:
         raise BadUploadError(f"{name}: the file is empty")
     try:
-        return preprocess.decode_image(io.BytesIO(data), name)
+        return preprocess.open_image(io.BytesIO(data), name, size=size)
+    except preprocess.ImageFormatError as error:
+        raise UnsupportedImageError(str(error)) from None
     except ValueError as error:
         raise BadUploadError(str(error)) from None
+
+
+def check_pixels(images: list[tuple[str, Any]], limit: int = MAX_REQUEST_PIXELS) -> int:
+    """The pixels the opened ``images`` (name, PIL image) will decode to, together; a
+    :class:`TooManyPixelsError` when that is more than ``limit``."""
+    total = sum(img.size[0] * img.size[1] for _, img in images)
+    if total > limit:
+        if len(images) == 1:
+            name, img = images[0]
+            what = f"{name}: {img.size[0]} x {img.size[1]} pixels"
+        else:
+            what = f"{len(images)} images of {total:,} pixels together"
+        raise TooManyPixelsError(
+            f"{what} to decode, more than the {limit:,} this server decodes per request: "
+            "send fewer or smaller images"
+        )
+    return total
+
+
+def decode_upload(img: Any, name: str) -> Any:
+    """Decode the opened upload ``img``: the loaded image, or a :class:`BadUploadError`
+    (truncated, corrupt)."""
+    try:
+        return preprocess.load_image(img, name)
+    except ValueError as error:
+        raise BadUploadError(str(error)) from None
+
+
+class PixelBudget:
+    """The decoded pixels all requests hold at once, at most ``limit``: :meth:`acquire` waits
+    (up to ``wait_s``, then ``TimeoutError``) until a request's pixels fit. One event loop."""
+
+    def __init__(self, limit: int = MAX_PIXELS_IN_FLIGHT, *, wait_s: float = PIXEL_WAIT_S) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"the pixel budget must be a positive integer, got {limit!r}")
+        self.limit = limit
+        self.wait_s = wait_s
+        self.in_flight = 0
+        self._changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:  # made in the event loop that uses it
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def acquire(self, pixels: int) -> int:
+        """Wait until ``pixels`` (at most ``limit``) fit, take them and return how many were
+        taken (for :meth:`release`); ``TimeoutError`` after ``wait_s``."""
+        pixels = min(pixels, self.limit)
+        changed = self._condition()
+        async with changed:
+            await asyncio.wait_for(
+                changed.wait_for(lambda: self.in_flight + pixels <= self.limit), self.wait_s
+            )
+            self.in_flight += pixels
+        return pixels
+
+    async def release(self, pixels: int) -> None:
+        """Give back what :meth:`acquire` returned."""
+        changed = self._condition()
+        async with changed:
+            self.in_flight -= pixels
+            changed.notify_all()
+
+    @asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        """:meth:`acquire` ``pixels`` for the body of the ``async with``."""
+        taken = await self.acquire(pixels)
+        try:
+            yield
+        finally:
+            await self.release(taken)

@@ -53,12 +53,16 @@ class GalleryWorkers:
     :class:`~deepmetric.gallery.ModelMismatchError`); :meth:`close` closes each in its own
     thread (one after another, so their index saves never overlap)."""
 
-    def __init__(self, path: str | Path, embedder: Embedder, *, threads: int = 4) -> None:
+    def __init__(
+        self, path: str | Path, embedder: Embedder, *, threads: int = 4, timeout: float = 30.0
+    ) -> None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.path = Path(path)
         self.embedder = embedder
         self.threads = threads
+        #: seconds a write waits for another process's write lock (GalleryBusyError after)
+        self.timeout = timeout
         self._jobs: queue.SimpleQueue[tuple[Job, Future[Any], bool] | None] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
         self._close_lock = threading.Lock()
@@ -94,7 +98,7 @@ class GalleryWorkers:
 
     def _run(self, opened: Future[None]) -> None:
         try:
-            gallery = Gallery.open(self.path, self.embedder)
+            gallery = Gallery.open(self.path, self.embedder, timeout=self.timeout)
         except BaseException as error:
             opened.set_exception(error)
             return

@@ -9,7 +9,9 @@ Modules: ``fit`` (the loop), ``modes`` (batches + step loss per training mode), 
 from deepmetric.training.builders import load_data, resolve_device
 from deepmetric.training.fit import fit
 from deepmetric.training.run import (
+    TrainedRun,
     load_trained,
+    open_trained,
     resume_config,
     test_report,
     train,
@@ -17,9 +19,11 @@ from deepmetric.training.run import (
 )
 
 __all__ = [
+    "TrainedRun",
     "fit",
     "load_data",
     "load_trained",
+    "open_trained",
     "resolve_device",
     "resume_config",
     "test_report",

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepmetric import distributed
-from deepmetric.checkpoints import CheckpointError, latest_checkpoint
+from deepmetric.checkpoints import CheckpointError, find_latest, holds_checkpoints
 from deepmetric.config import (
     Config,
     ConfigError,
@@ -175,7 +175,8 @@ def _local_batch(
     part = idx[start:stop]
     x = train.fetch(part)
     if config.train.augment and x.dim() == 4:
-        g = torch.Generator().manual_seed(epoch_seed(config.seed, epoch) * 1_000_003 + b)
+        seed = (epoch_seed(config.seed, epoch) * 1_000_003 + b) % 2**64  # torch's seed range
+        g = torch.Generator().manual_seed(seed)
         views = [augment(x, g, batch_size=len(idx), offset=start) for _ in range(n_views)]
         x = torch.cat(views)  # two views (an NT-Xent term): the second from the next draws
     return x.to(device, non_blocking=True), train.labels[part].to(device)
@@ -244,8 +245,11 @@ def train_loop(
         loss=loss_fn if isinstance(loss_fn, nn.Module) else None,
     )
     main = distributed.is_main()
-    if resume and run_dir is not None and has_checkpoint(run_dir):
-        state.restore(run_dir)
+    if resume and run_dir is not None and holds_checkpoints(run_dir):
+        try:  # nothing is written before the checkpoint has loaded
+            state.restore(run_dir)
+        except CheckpointError as error:
+            raise CheckpointError(_cannot_resume(run_dir, error)) from None
         if main:
             truncate_log(run_dir, state.pos.step)
     elif resume and run_dir is not None and main:  # killed before its first save completed
@@ -254,6 +258,9 @@ def train_loop(
             print(
                 f"note: {run_dir} has no complete checkpoint: training from the start", file=stream
             )
+    if resume and run_dir is not None and main:  # the resolved config, epochs=N included
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
     amp_dtype = autocast_dtype(t.amp, device)
     net = _parallel(model, device)
     n_views = mode.n_views if isinstance(mode, PKMode) else 1
@@ -471,16 +478,40 @@ def has_checkpoint(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a complete checkpoint (a run killed during its first save has
     a ``checkpoints/`` folder and none: it starts again from the beginning)."""
     try:
-        latest_checkpoint(run_dir)
+        find_latest(run_dir)
     except CheckpointError:
         return False
     return True
 
 
+def _cannot_resume(run_dir: Path, error: CheckpointError) -> str:
+    return (
+        f"cannot resume {run_dir}: {error}; nothing in {run_dir} was changed: put the "
+        "checkpoints back from a copy, or train anew with out=ANOTHER_DIR"
+    )
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Before anything is written: ``CheckpointError`` (one line naming each damaged
+    checkpoint) when ``run_dir`` holds checkpoints and none of them is complete. A folder
+    with none (a run killed during its first save) passes: it trains from the start."""
+    if not holds_checkpoints(run_dir):
+        return
+    try:
+        find_latest(run_dir)
+    except CheckpointError as error:
+        raise CheckpointError(_cannot_resume(run_dir, error)) from None
+
+
 def start_run_folder(config: Config, run_dir: Path, resume: bool, *, write: bool = True) -> None:
-    """Refuse to overwrite a run; write the resolved config (unless ``write`` is false: the
-    ranks of a distributed run other than 0 only check)."""
-    if not resume and has_checkpoint(run_dir):
+    """Refuse to overwrite a run (one whose checkpoints are all damaged included); write the
+    resolved config (unless ``write`` is false: the ranks of a distributed run other than 0
+    only check). On resume, check only: :func:`train_loop` writes the config once the
+    checkpoint has loaded, so that a refused resume changes nothing."""
+    if resume:
+        check_resumable(run_dir)
+        return
+    if holds_checkpoints(run_dir):
         raise ConfigError(
             f"{run_dir} already holds a run: resume it (--resume {run_dir}) or set out=ANOTHER_DIR"
         )

@@ -187,8 +187,8 @@ class JointMode(PKMode):
         views: tuple[nn.Module, float] | None = None,
     ):
         super().__init__(labels, loss_fn, p=p, k=k, seed=seed, views=views)
-        self.class_index = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
-        self.class_index[classes] = torch.arange(len(classes))
+        # The head's rows in label order, found by binary search: labels are values, never sizes.
+        self.sorted_classes, self.class_rows = torch.sort(classes.to(torch.long))
         self.weight = weight
         self.label_smoothing = label_smoothing
 
@@ -202,11 +202,10 @@ class JointMode(PKMode):
         emb, logits = out
         metric, all_emb, all_y = self._batch_loss(emb.float(), y, gather)
         logits = logits[: len(y)]  # the first view's
-        index = self.class_index.to(y.device)
-        target = torch.full_like(y, -1)  # -1: a class the head has no output for
-        inside = y < len(index)
-        target[inside] = index[y[inside]]
-        known = target >= 0
+        values = self.sorted_classes.to(y.device)
+        at = torch.searchsorted(values, y).clamp_max_(len(values) - 1)
+        known = values[at] == y  # False: a class the head has no output for
+        target = self.class_rows.to(y.device)[at]
         ce = emb.new_zeros(())
         if bool(known.any()):
             ce = F.cross_entropy(

@@ -17,15 +17,14 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import torch
-import yaml
 from torch import nn
 
 from deepmetric import distributed
-from deepmetric.checkpoints import latest_checkpoint, load_checkpoint, load_model_state
-from deepmetric.config import Config, ConfigError, config_from_dict
+from deepmetric.checkpoints import holds_checkpoints, load_latest, load_model_state
+from deepmetric.config import Config, ConfigError, config_from_dict, read_yaml_file
 from deepmetric.data import Preprocessing, load_dataset
 from deepmetric.models import build_registered, embed
 from deepmetric.neighbors import nearest_other
@@ -37,7 +36,7 @@ from deepmetric.training.builders import (
     mirror_of,
     resolve_device,
 )
-from deepmetric.training.fit import has_checkpoint, run_config
+from deepmetric.training.fit import check_resumable, run_config
 from deepmetric.training.log import RunLog
 from deepmetric.training.source import Source, training_source
 
@@ -57,6 +56,8 @@ def train(
     )
     if distributed.process_device(config.train.device) is None:
         resolve_device(config.train.device)  # CUDA absent, a GPU not here: said before loading
+    if resume:
+        check_resumable(config.run_dir)  # every checkpoint damaged: refused, nothing written
     train_set, val_set = load_data(config)
     main = distributed.is_main()
     if main:
@@ -95,10 +96,13 @@ PREPROCESS_FILE = "preprocess.json"
 
 def _record_preprocessing(config: Config, x: torch.Tensor, resume: bool) -> None:
     """Write ``RUN_DIR/preprocess.json`` atomically when the data are images (N, C, H, W) in
-    [0, 1]; not into the folder of another run (``train`` refuses that one next)."""
+    [0, 1]; not into the folder of another run (``train`` refuses that one next), and not
+    over the file of the run being resumed."""
     pre = Preprocessing.from_images(x)
     run_dir = config.run_dir
-    if pre is None or (not resume and has_checkpoint(run_dir)):
+    if pre is None or (
+        holds_checkpoints(run_dir) and (not resume or (run_dir / PREPROCESS_FILE).exists())
+    ):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     partial = run_dir / f"{PREPROCESS_FILE}.partial"
@@ -133,14 +137,18 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     learning-rate schedule is then re-planned over N epochs: see
     :mod:`deepmetric.training.schedule`)."""
     path = Path(run_dir) / "config.yaml"
-    try:
-        values = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{run_dir} is not a run folder: {path} is missing") from None
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder: {path} is missing")
+    values = read_yaml_file(path, "run config")  # the hardened loader, as for any config
+    if not isinstance(values, dict):
+        raise ConfigError(f"run config {path}: expected a mapping, got {type(values).__name__}")
     values["out"] = str(run_dir)
     if isinstance(values.get("model"), dict):  # runs made before model.mirror: without
         values["model"].setdefault("mirror", False)
-    config = config_from_dict(values)
+    try:
+        config = config_from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"run config {path}: {error}") from None
     for text in overrides or []:
         key, _, value = text.partition("=")
         if key != "epochs":
@@ -154,21 +162,40 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     return config
 
 
-def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module]:
-    """The config and the embedding network (weights of the latest checkpoint, eval mode, on
-    the CPU) of a run. In joint mode the classifier head is dropped. A run of ``fit`` with a
-    registered ``builder`` is rebuilt with it (the module registering it must be imported)."""
+class TrainedRun(NamedTuple):
+    """A run loaded back by :func:`open_trained`."""
+
+    config: Config
+    net: nn.Module
+    checkpoint: Path  # the checkpoint folder the weights came from
+    #: why that is not the checkpoint ``checkpoints/latest`` names (``None``: it is); the
+    #: ``threshold.json`` of the run is then left alone (it belongs to the latest weights)
+    fallback: str | None
+
+
+def open_trained(run_dir: str | Path) -> TrainedRun:
+    """The config and the embedding network (weights of the latest checkpoint that loads,
+    eval mode, on the CPU) of a run, and where the weights came from; a damaged latest
+    checkpoint falls back to the previous one with a one-line warning
+    (:func:`~deepmetric.checkpoints.load_latest`). In joint mode the classifier head is
+    dropped. A run of ``fit`` with a registered ``builder`` is rebuilt with it (the module
+    registering it must be imported)."""
     run_dir = Path(run_dir)
     config = resume_config(run_dir)
-    folder = latest_checkpoint(run_dir)
-    model_state, _ = load_checkpoint(folder)
+    folder, model_state, _, fallback = load_latest(run_dir)
     prefix = "embedding_net."
     if any(k.startswith(prefix) for k in model_state):
         model_state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
     net = _embedding_network(config, _sample_input(config, model_state), run_dir)
     load_model_state(net, model_state, source=folder)
     net.eval()
-    return config, net
+    return TrainedRun(config, net, folder, fallback)
+
+
+def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module]:
+    """``(config, net)`` of :func:`open_trained`."""
+    trained = open_trained(run_dir)
+    return trained.config, trained.net
 
 
 def untrained_network(config: Config, sample: torch.Tensor) -> nn.Module:
@@ -224,7 +251,9 @@ def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch
 
 __all__ = [
     "PREPROCESS_FILE",
+    "TrainedRun",
     "load_trained",
+    "open_trained",
     "resume_config",
     "test_report",
     "train",

@@ -13,12 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepmetric.checkpoints import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_state,
-    save_checkpoint,
-)
+from deepmetric.checkpoints import load_latest, load_model_state, save_checkpoint
 
 
 @dataclass
@@ -121,9 +116,10 @@ class RunState:
         save_checkpoint(run_dir, name, self.model.state_dict(), state, config_yaml)
 
     def restore(self, run_dir: Path) -> None:
-        """Load the latest checkpoint of ``run_dir`` into this state."""
-        folder = latest_checkpoint(run_dir)
-        model_state, state = load_checkpoint(folder)
+        """Load the newest checkpoint of ``run_dir`` that loads into this state (see
+        :func:`~deepmetric.checkpoints.load_latest`: a fallback warns, and ``CheckpointError``
+        names every damaged checkpoint when none loads)."""
+        folder, model_state, state, _ = load_latest(run_dir)
         load_model_state(self.model, model_state, source=folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
