@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 from reference import dist as ref_dist
 
 from deepmetric.evaluate.roc import threshold_at_far
-from deepmetric.evaluate.transfer import open_set, open_set_probes, threshold_transfer
+from deepmetric.evaluate.transfer import (
+    open_set,
+    open_set_probes,
+    pair_threshold,
+    threshold_transfer,
+)
 
 
 def blobs(n_classes: int, per_class: int, dim: int, seed: int, spread: float = 0.8):
@@ -212,6 +217,9 @@ def test_bad_inputs_are_one_line_value_errors():
             "distances contain NaN",
         ),
         (lambda: threshold_transfer(vd, vs, vd, vs, fars=(-0.1,)), "FAR must be in [0, 1]"),
+        (lambda: pair_threshold(emb, torch.zeros(12), 0.1, metric="cosine"), "2 classes or more"),
+        (lambda: pair_threshold(emb, labels, 1.5, metric="cosine"), "FAR must be in [0, 1]"),
+        (lambda: pair_threshold(emb, labels[:3], 0.1, metric="cosine"), "12 embeddings but"),
         (
             lambda: open_set(emb, labels, metric="cosine", val_labels=labels),
             "pass both or neither",
@@ -227,3 +235,80 @@ def test_bad_inputs_are_one_line_value_errors():
         with pytest.raises(ValueError) as error:
             call()
         assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def _negative_distances(emb, labels, metric):
+    """Every pair i < j of different classes, by plain loops."""
+    n = len(labels)
+    return [
+        float(ref_dist(emb[i], emb[j], metric))
+        for i in range(n)
+        for j in range(i + 1, n)
+        if labels[i] != labels[j]
+    ]
+
+
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from([0.0, 1e-3, 0.01, 0.2, 0.9, 1.0]),
+    st.sampled_from(["euclidean", "cosine"]),
+    st.booleans(),
+)
+@settings(max_examples=40, deadline=None)
+def test_pair_threshold_matches_loops(seed, rate, metric, ties):
+    emb, labels = blobs(5, 4, 3, seed)
+    emb = emb.double()
+    if ties:
+        emb = emb.round(decimals=0)  # many equal distances
+    t, pairs = pair_threshold(emb, labels, rate, metric=metric)
+    negatives = sorted(_negative_distances(emb, labels, metric))
+    assert pairs == len(negatives)
+    k = int(np.floor(rate * pairs + 1e-9))
+    eps = 1e-9  # the matrix and the loops may differ in the last bits
+    within = sum(x <= t for x in negatives)
+    assert within <= k  # the rate is kept
+    if k < pairs:  # the largest such threshold: the next distance (and its ties) exceed the rate
+        nxt = negatives[within]
+        assert t < nxt + eps
+        assert sum(x <= nxt + eps for x in negatives) > k
+    else:
+        assert t >= negatives[-1] - eps
+
+
+def test_pair_threshold_in_chunks_equals_one_piece(monkeypatch):
+    import deepmetric.evaluate.transfer as transfer
+
+    emb, labels = blobs(7, 5, 4, 1)
+    whole = pair_threshold(emb, labels, 0.05, metric="euclidean")
+    monkeypatch.setattr(transfer, "CHUNK", 7)  # one row per chunk
+    assert pair_threshold(emb, labels, 0.05, metric="euclidean") == whole
+
+
+def test_the_sized_threshold_is_the_pair_rate_for_the_gallery_size():
+    emb, labels = blobs(40, 6, 4, 2, spread=0.9)
+    val_emb, val_labels = blobs(30, 6, 4, 3, spread=0.9)
+    got = open_set(
+        emb, labels, metric="euclidean", fars=(0.05,), val_embeddings=val_emb, val_labels=val_labels
+    )
+    again = open_set(
+        emb,
+        labels,
+        metric="euclidean",
+        fars=(0.05, 0.01),
+        val_embeddings=val_emb,
+        val_labels=val_labels,
+    )
+    for key, far in (("5e-02", 0.05), ("1e-02", 0.01)):  # one walk serves every FAR
+        rate_f = 1 - (1 - far) ** (1 / 20)
+        sized = again["at_far"][key]["validation_sized"]["threshold"]
+        assert sized == pair_threshold(val_emb, val_labels, rate_f, metric="euclidean")[0]
+    z = got["at_far"]["5e-02"]["validation_sized"]
+    rate = 1 - (1 - 0.05) ** (1 / 20)
+    assert z["enrolled"] == 20 and z["pair_rate"] == pytest.approx(rate)
+    assert z["threshold"] == pair_threshold(val_emb, val_labels, rate, metric="euclidean")[0]
+    probes = open_set_probes(emb, labels, metric="euclidean", seed=0)
+    t = z["threshold"]
+    assert z["far_reached"] == pytest.approx(float((probes.impostor_nearest <= t).double().mean()))
+    assert z["dir"] == pytest.approx(
+        float((probes.genuine_right & (probes.genuine_nearest <= t)).double().mean())
+    )

@@ -171,7 +171,14 @@ def _transfer_lines(block: dict[str, Any]) -> list[str]:
             text += f" open-set DIR {o['oracle']['dir']:.4f}"
             if "validation" in o:
                 v = o["validation"]
-                text += f" (validation threshold: DIR {v['dir']:.4f} at FAR {v['far_reached']:.2e})"
+                text += f" (validation threshold: DIR {v['dir']:.4f} at FAR {v['far_reached']:.2e}"
+                if "validation_sized" in o:
+                    z = o["validation_sized"]
+                    text += (
+                        f"; sized for {z['enrolled']} enrolled: DIR {z['dir']:.4f}"
+                        f" at FAR {z['far_reached']:.2e}"
+                    )
+                text += ")"
             text += f", {open_set['enrolled']} enrolled, {open_set['strangers']} strangers"
         lines.append("  " + text)
     return lines

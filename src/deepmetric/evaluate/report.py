@@ -176,6 +176,7 @@ def _thresholds(metrics: dict[str, Any]) -> str:
         rows = []
         for o in open_set["at_far"].values():
             v = o.get("validation")
+            z = o.get("validation_sized")
             rows.append(
                 (
                     f"{o['far_asked']:g}",
@@ -183,6 +184,8 @@ def _thresholds(metrics: dict[str, Any]) -> str:
                     f"{o['oracle']['far_reached']:.2e}",
                     "" if v is None else v["dir"],
                     "" if v is None else f"{v['far_reached']:.2e}",
+                    "" if z is None else z["dir"],
+                    "" if z is None else f"{z['far_reached']:.2e}",
                 )
             )
         header = [
@@ -190,6 +193,8 @@ def _thresholds(metrics: dict[str, Any]) -> str:
             "DIR (threshold on these strangers)",
             "FAR reached",
             "DIR (validation threshold)",
+            "FAR reached",
+            "DIR (validation pairs, sized for this gallery)",
             "FAR reached",
         ]
         out += (

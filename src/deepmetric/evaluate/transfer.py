@@ -25,6 +25,14 @@ benchmarks' DIR@FAR); the *validation* threshold is set the same way on the vali
 enrolled (a stranger has more chances to land near someone), so a validation gallery smaller
 than the test one tends to give a larger FAR here, besides any difference between the classes.
 
+**A threshold sized for the gallery** (``validation_sized``). A stranger is accepted when any of
+``E`` enrolled items lies within ``t``; if its distances to them were independent draws with a
+per-pair false accept rate ``q``, its FAR would be ``1 - (1 - q)^E``. So for an open-set FAR
+``f`` with ``E`` enrolled (the test gallery's size), :func:`pair_threshold` sets ``t`` at the
+per-pair rate ``q = 1 - (1 - f)^(1/E)`` on every pair of items of different validation classes
+(all ``i < j``: 43 million pairs for 300 classes x 31 items, so rates near 1e-6 still count).
+The independence is an assumption, which the FAR then reached on the test strangers checks.
+
 Cost: one (probes x enrolled) distance matrix in chunks of rows. 751 classes x 31 items of
 128-d float32 (375 enrolled; 11,250 genuine and 11,656 impostor probes), with a validation side
 of 300 classes x 31 items: 0.08 to 0.12 s (cosine or euclidean, best of 3) on an idle 2-core
@@ -41,7 +49,15 @@ import torch
 from deepmetric.distances import check_embeddings, check_metric, pairwise
 from deepmetric.evaluate.roc import _check_pairs, _far_key, threshold_at_far
 
-__all__ = ["DEFAULT_FARS", "OpenSetProbes", "open_set", "open_set_probes", "threshold_transfer"]
+__all__ = [
+    "DEFAULT_FARS",
+    "OpenSetProbes",
+    "open_set",
+    "open_set_probes",
+    "pair_threshold",
+    "smallest_negative_distances",
+    "threshold_transfer",
+]
 
 #: The false accept rates reported by default.
 DEFAULT_FARS: tuple[float, ...] = (1e-2, 1e-3)
@@ -181,6 +197,79 @@ def _threshold(p: OpenSetProbes, far: float) -> float:
     return threshold_at_far(distances, same, far)
 
 
+def _negative_pairs(embeddings: torch.Tensor, labels: Any) -> tuple[torch.Tensor, int]:
+    """Class ids (N,) of ``labels`` and the number of pairs ``i < j`` of different classes."""
+    check_embeddings(embeddings)
+    raw = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    n = embeddings.shape[0]
+    if raw.ndim != 1 or len(raw) != n:
+        raise ValueError(f"{n} embeddings but labels of shape {raw.shape}")
+    _, ids, counts = np.unique(raw, return_inverse=True, return_counts=True)
+    pairs = (n * n - int((counts.astype(np.int64) ** 2).sum())) // 2
+    if pairs == 0:
+        raise ValueError("a pair threshold needs items of 2 classes or more")
+    return torch.from_numpy(ids.reshape(-1).astype(np.int64)), pairs
+
+
+def smallest_negative_distances(
+    embeddings: torch.Tensor, labels: Any, count: int, *, metric: str
+) -> tuple[torch.Tensor, int]:
+    """The ``count`` smallest distances (ascending, float64, with their repeats) over every pair
+    ``i < j`` of items of different classes of ``embeddings`` (N, D), ``labels`` (N,), and the
+    number of such pairs ``P`` (all of them when ``count >= P``). Exact: the (rows x N) distance
+    matrix is walked in chunks of rows, keeping the ``count`` smallest so far."""
+    check_metric(metric)
+    lab, pairs = _negative_pairs(embeddings, labels)
+    n = len(lab)
+    emb = embeddings.detach().cpu()
+    kept = torch.zeros(0, dtype=torch.float64)
+    step = max(1, CHUNK // max(1, n))
+    column = torch.arange(n)
+    for s in range(0, n, step):
+        d = pairwise(emb[s : s + step], emb, metric).double()
+        rows = torch.arange(s, min(n, s + step))
+        negative = (column[None, :] > rows[:, None]) & (lab[rows][:, None] != lab[None, :])
+        values = torch.cat([kept, d[negative]])
+        kept = torch.topk(values, min(count, len(values)), largest=False).values
+    return torch.sort(kept).values, pairs
+
+
+def _pair_threshold_from(smallest: torch.Tensor, pairs: int, rate: float) -> float:
+    """:func:`pair_threshold` from the ``k + 1`` smallest negative distances (or all ``P``)."""
+    k = min(pairs, int(np.floor(rate * pairs + 1e-9)))
+    if k == pairs:
+        top = float(smallest[-1])
+        return top + max(1.0, abs(top)) * 1e-6
+    b = smallest[k]
+    below = smallest[smallest < b]
+    if len(below) == 0:
+        return float(b) - max(1.0, abs(float(b))) * 1e-6
+    a = below[-1]
+    t = a + (b - a) / 2
+    return float(t if t < b else a)
+
+
+def _needed(rate: float, pairs: int) -> int:
+    return min(pairs, int(np.floor(rate * pairs + 1e-9)) + 1)
+
+
+def pair_threshold(
+    embeddings: torch.Tensor, labels: Any, rate: float, *, metric: str
+) -> tuple[float, int]:
+    """The largest threshold whose false accept rate over every pair ``i < j`` of items of
+    different classes of ``embeddings`` (N, D), ``labels`` (N,) is ``<= rate``, and the number
+    of such pairs ``P``. With ``k = floor(rate * P)`` and the negative distances sorted
+    ``d_(1) <= d_(2) <= ...``: the midpoint of ``d_(k+1)`` and the largest distance below it (just
+    under ``d_(1)`` when there is none), so at most ``k`` pairs lie within it; above the largest
+    when ``k = P``. One-line ``ValueError`` for fewer than 2 classes or a bad rate."""
+    rate = _check_far(rate)
+    _, pairs = _negative_pairs(embeddings, labels)
+    smallest, _ = smallest_negative_distances(
+        embeddings, labels, _needed(rate, pairs), metric=metric
+    )
+    return _pair_threshold_from(smallest, pairs, rate), pairs
+
+
 def _rates(p: OpenSetProbes, t: float) -> tuple[float, float]:
     """(DIR, FAR) at threshold ``t``."""
     dir_ = float((p.genuine_right & (p.genuine_nearest <= t)).double().mean())
@@ -200,7 +289,8 @@ def open_set(
 ) -> dict[str, Any]:
     """Open-set identification of ``embeddings`` (N, D) with ``labels`` (N,) (see the module
     docstring): the counts, ``rank1`` and, per FAR, DIR and the FAR reached at the oracle
-    threshold and (when validation embeddings and labels are given) at the validation one.
+    threshold and (when validation embeddings and labels are given) at the validation one and
+    at the validation pair threshold sized for this gallery (``validation_sized``).
     One-line ``ValueError`` as :func:`open_set_probes`, for a FAR outside [0, 1], or for only
     one of ``val_embeddings`` and ``val_labels``."""
     if (val_embeddings is None) != (val_labels is None):
@@ -210,6 +300,18 @@ def open_set(
     val = None
     if val_embeddings is not None:
         val = open_set_probes(val_embeddings, val_labels, metric=metric, seed=seed)
+    size = len(test.enrolled)
+    rates = {far: 1.0 - (1.0 - far) ** (1.0 / size) for far in fars}
+    smallest, pairs = torch.zeros(0), 0
+    if val is not None:  # one walk over the validation pairs serves every FAR
+        _, pairs = _negative_pairs(val_embeddings, val_labels)  # type: ignore[arg-type]
+        need = max(_needed(r, pairs) for r in rates.values()) if rates else 1
+        smallest, _ = smallest_negative_distances(
+            val_embeddings,  # type: ignore[arg-type]
+            val_labels,
+            need,
+            metric=metric,
+        )
     at_far: dict[str, dict[str, Any]] = {}
     for far in fars:
         t = _threshold(test, far)
@@ -227,6 +329,17 @@ def open_set(
                 "far_reached": vreached,
                 "far_validation": _rates(val, tv)[1],
                 "enrolled": len(val.enrolled),
+            }
+            rate = rates[far]
+            ts = _pair_threshold_from(smallest, pairs, rate)
+            sdir, sreached = _rates(test, ts)
+            block["validation_sized"] = {
+                "threshold": ts,
+                "dir": sdir,
+                "far_reached": sreached,
+                "pair_rate": rate,
+                "validation_pairs": pairs,
+                "enrolled": size,
             }
         at_far[_far_key(far)] = block
     return {
