@@ -18,6 +18,11 @@ and the triplets are counted or chosen in one of two exact ways:
 
 ``method="auto"`` picks direct when P is at most ``DIRECT_MAX_POSITIVES``. Miners return indices
 or counts, never a loss, and carry no gradient.
+
+The index types :class:`Triplets` and :class:`Pairs` (and the masks :class:`PairMasks`) are also
+what a loss takes as given tuples (``indices=``) or from a miner of one's own (``miner=``);
+:func:`check_triplets` and :func:`check_pairs` check them, :func:`pairs_from_masks` and
+:func:`pairs_from_same` build :class:`Pairs`.
 """
 
 from __future__ import annotations
@@ -56,6 +61,18 @@ class PairMasks(NamedTuple):
     negative: torch.Tensor
 
 
+class Pairs(NamedTuple):
+    """Index pairs: the positive pairs ``(pos_anchor[i], positive[i])``, (P,) each, and the
+    negative pairs ``(neg_anchor[j], negative[j])``, (N,) each; anchors index the batch, the
+    others the reference set (the batch itself when there is no separate reference). The order
+    of pytorch-metric-learning's ``(a1, p, a2, n)``, so ``Pairs(*a1_p_a2_n)`` converts one."""
+
+    pos_anchor: torch.Tensor
+    positive: torch.Tensor
+    neg_anchor: torch.Tensor
+    negative: torch.Tensor
+
+
 class TripletCategories(NamedTuple):
     """Counts of valid triplets by difficulty for a margin m > 0:
     hard ``d_an <= d_ap``, semi-hard ``d_ap < d_an < d_ap + m``, easy ``d_an >= d_ap + m``."""
@@ -82,6 +99,124 @@ def check_labels(labels: torch.Tensor, n: int, name: str = "labels") -> None:
         raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
     if len(labels) != n:
         raise ValueError(f"{name} has length {len(labels)} but there are {n} embeddings")
+
+
+def _check_index(t: object, name: str, n: int) -> torch.Tensor:
+    """``t`` as an int64 tensor after checking it is a 1-D integer tensor of values in [0, n)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of indices, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if len(t) and (int(t.min()) < 0 or int(t.max()) >= n):
+        bad = t[(t < 0) | (t >= n)][0]
+        raise ValueError(f"{name} has index {int(bad)} out of range: it must be in [0, {n})")
+    return t.long()
+
+
+def _check_distinct(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+    same = (x == y).nonzero()
+    if len(same):
+        i = int(same[0])
+        raise ValueError(f"{what} at entry {i} (both {int(x[i])}): such a tuple means nothing")
+
+
+def check_triplets(
+    indices: object, n_anchors: int, n_refs: int, *, same_set: bool, name: str = "indices"
+) -> Triplets:
+    """``indices`` as :class:`Triplets` of int64 tensors, or a one-line ``ValueError``.
+
+    A :class:`Triplets` (or any 3-tuple) of 1-D integer tensors of one length T, ``anchor`` in
+    [0, ``n_anchors``), ``positive`` and ``negative`` in [0, ``n_refs``), and no triplet whose
+    positive is its negative. With ``same_set`` (the references are the anchors' batch) an anchor
+    may be neither its own positive nor its own negative. T = 0 is allowed.
+    """
+    if not isinstance(indices, tuple) or len(indices) != 3:
+        raise ValueError(
+            f"{name} must be Triplets(anchor, positive, negative), got {type(indices).__name__}"
+        )
+    a = _check_index(indices[0], f"{name}.anchor", n_anchors)
+    p = _check_index(indices[1], f"{name}.positive", n_refs)
+    n = _check_index(indices[2], f"{name}.negative", n_refs)
+    if not len(a) == len(p) == len(n):
+        raise ValueError(
+            f"{name}: anchor, positive and negative have different lengths "
+            f"{len(a)}, {len(p)}, {len(n)}"
+        )
+    _check_distinct(p, n, f"{name}: positive equals negative")
+    if same_set:
+        _check_distinct(a, p, f"{name}: anchor equals positive")
+        _check_distinct(a, n, f"{name}: anchor equals negative")
+    return Triplets(a, p, n)
+
+
+def check_pairs(
+    indices: object, n_anchors: int, n_refs: int, *, same_set: bool, name: str = "indices"
+) -> Pairs:
+    """``indices`` as :class:`Pairs` of int64 tensors, or a one-line ``ValueError``.
+
+    Either :class:`Pairs` (or any 4-tuple) of 1-D integer tensors, ``pos_anchor`` and
+    ``positive`` of one length, ``neg_anchor`` and ``negative`` of one length, anchors in
+    [0, ``n_anchors``), the others in [0, ``n_refs``); or :class:`PairMasks` of boolean
+    (``n_anchors``, ``n_refs``) masks, read with :func:`pairs_from_masks`. With ``same_set`` no
+    item is paired with itself.
+    """
+    if isinstance(indices, PairMasks):
+        for field, mask in zip(PairMasks._fields, indices):
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise ValueError(f"{name}.{field} must be a boolean mask tensor")
+            if mask.shape != (n_anchors, n_refs):
+                raise ValueError(
+                    f"{name}.{field} has shape {tuple(mask.shape)}, expected "
+                    f"({n_anchors}, {n_refs})"
+                )
+        indices = pairs_from_masks(indices)
+    if not isinstance(indices, tuple) or len(indices) != 4:
+        raise ValueError(
+            f"{name} must be Pairs(pos_anchor, positive, neg_anchor, negative) or PairMasks, "
+            f"got {type(indices).__name__}"
+        )
+    pairs = Pairs(
+        _check_index(indices[0], f"{name}.pos_anchor", n_anchors),
+        _check_index(indices[1], f"{name}.positive", n_refs),
+        _check_index(indices[2], f"{name}.neg_anchor", n_anchors),
+        _check_index(indices[3], f"{name}.negative", n_refs),
+    )
+    for kind, first, second in (("positive", *pairs[:2]), ("negative", *pairs[2:])):
+        if len(first) != len(second):
+            raise ValueError(
+                f"{name}: the {kind} pairs' anchor and {kind} indices have different lengths "
+                f"{len(first)}, {len(second)}"
+            )
+        if same_set:
+            _check_distinct(first, second, f"{name}: a {kind} pair of an item with itself")
+    return pairs
+
+
+def pairs_from_masks(masks: PairMasks) -> Pairs:
+    """The True entries of (B, R) :class:`PairMasks` as :class:`Pairs`, in row-major order.
+    ``pairs_from_masks(pair_masks(labels))`` lists every ordered pair of the batch (i, j), i != j,
+    so each unordered pair appears twice."""
+    a1, p = masks.positive.nonzero(as_tuple=True)
+    a2, n = masks.negative.nonzero(as_tuple=True)
+    return Pairs(a1, p, a2, n)
+
+
+def pairs_from_same(first: torch.Tensor, second: torch.Tensor, same: torch.Tensor) -> Pairs:
+    """Siamese pair data, ``(first[i], second[i])`` similar where ``same[i]`` (1/True) and
+    dissimilar where not (0/False), as :class:`Pairs`: the similar ones first, each group in
+    its input order."""
+    same = torch.as_tensor(same)
+    if same.shape != first.shape or same.shape != second.shape or same.dim() != 1:
+        raise ValueError(
+            "first, second and same must be (N,) tensors of one shape, got "
+            f"{tuple(first.shape)}, {tuple(second.shape)}, {tuple(same.shape)}"
+        )
+    if not ((same == 0) | (same == 1)).all():
+        raise ValueError("same must hold only 0 and 1 (or False and True)")
+    same = same.bool().to(first.device)
+    return Pairs(first[same], second[same], first[~same], second[~same])
 
 
 def check_method(method: str) -> None:

@@ -17,6 +17,11 @@ never NaN) when the batch has nothing to learn from: for the pair losses no posi
 single class, B = 1; for the proxy losses no item of a known class (a single item still has its
 proxy to learn from). Bad input raises ``ValueError`` naming the problem.
 
+``TripletLoss``, ``ContrastiveLoss`` and ``LiftedStructuredLoss`` also take your own tuples
+instead of mining: ``loss(embeddings, labels or None, indices=Triplets(...) / Pairs(...))``
+(:mod:`deepmetric.mining`'s index types), or a ``miner=fn(dist, labels)`` of your own at
+construction that returns them.
+
 For Siamese *ranking* (RankIQA-style: a shared network scores two inputs and the loss is
 ``relu(margin - (s_i - s_j))`` when i should rank above j) use ``torch.nn.MarginRankingLoss``;
 ``examples/siamese_ranking.py`` shows it with a shared scorer.

@@ -27,22 +27,43 @@ def check_batch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Check a batch (and its reference set); return ``(labels, ref_labels)`` on the
     embeddings' device."""
+    if labels is None:
+        raise ValueError("labels is None: pass integer labels (B,)")
+    if (ref_embeddings is None) != (ref_labels is None):
+        raise ValueError("pass ref_embeddings and ref_labels together, or neither")
+    labels_out, ref_out = check_given_batch(embeddings, labels, ref_embeddings, ref_labels)
+    assert labels_out is not None
+    return labels_out, ref_out
+
+
+def check_given_batch(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor | None,
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`check_batch` for a loss on given tuples (``indices=``): the labels (and the
+    reference labels) may be None, and are checked when given; ``ref_labels`` needs
+    ``ref_embeddings``."""
     check_embeddings(embeddings)
     if len(embeddings) == 0:
         raise ValueError("empty batch: embeddings has 0 rows")
-    miners.check_labels(labels, len(embeddings))
-    if (ref_embeddings is None) != (ref_labels is None):
-        raise ValueError("pass ref_embeddings and ref_labels together, or neither")
-    if ref_embeddings is not None and ref_labels is not None:
+    if labels is not None:
+        miners.check_labels(labels, len(embeddings))
+        labels = labels.to(embeddings.device)
+    if ref_embeddings is None and ref_labels is not None:
+        raise ValueError("ref_labels were passed without ref_embeddings")
+    if ref_embeddings is not None:
         check_embeddings(ref_embeddings, "ref_embeddings")
         if ref_embeddings.shape[1] != embeddings.shape[1]:
             raise ValueError(
                 f"ref_embeddings has dimension {ref_embeddings.shape[1]}, "
                 f"embeddings has {embeddings.shape[1]}"
             )
-        miners.check_labels(ref_labels, len(ref_embeddings), "ref_labels")
-        ref_labels = ref_labels.to(embeddings.device)
-    return labels.to(embeddings.device), ref_labels
+        if ref_labels is not None:
+            miners.check_labels(ref_labels, len(ref_embeddings), "ref_labels")
+            ref_labels = ref_labels.to(embeddings.device)
+    return labels, ref_labels
 
 
 def zero(embeddings: torch.Tensor) -> torch.Tensor:

@@ -1,33 +1,79 @@
-"""Pair losses over a labelled batch: contrastive (also on explicit Siamese pairs) and lifted
+"""Pair losses over a labelled batch, over given index pairs (``indices=``) or over the pairs a
+miner of the user's own returns: contrastive (also on explicit Siamese pairs) and lifted
 structured."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deepmetric import mining as miners
-from deepmetric.distances import Metric, check_embeddings, check_metric, paired
-from deepmetric.losses._common import check_batch, check_margin, zero
+from deepmetric.distances import (
+    Metric,
+    check_embeddings,
+    check_metric,
+    paired,
+    paired_at,
+    pairwise,
+)
+from deepmetric.losses._common import check_batch, check_given_batch, check_margin, zero
 from deepmetric.tiles import RowTiles, check_tile_bytes
+
+#: A pair miner of one's own: ``miner(dist (B, B), labels (B,))`` returning
+#: :class:`~deepmetric.mining.Pairs` (or :class:`~deepmetric.mining.PairMasks`). ``dist``
+#: carries no gradient.
+PairMiner = Callable[[torch.Tensor, torch.Tensor], "miners.Pairs | miners.PairMasks"]
 
 
 class _PairwiseLoss(nn.Module):
-    """A margin, a metric and a tile budget (see :mod:`deepmetric.tiles`), checked at
-    construction: what the pair-based losses share."""
+    """A margin, a metric, a tile budget (see :mod:`deepmetric.tiles`) and an optional miner,
+    checked at construction; and the given pairs of a call: what the pair-based losses share."""
 
     def __init__(
-        self, *, margin: float = 1.0, metric: Metric = "euclidean", tile_bytes: int | None = None
+        self,
+        *,
+        margin: float = 1.0,
+        metric: Metric = "euclidean",
+        miner: PairMiner | None = None,
+        tile_bytes: int | None = None,
     ) -> None:
         super().__init__()
         check_metric(metric)
+        if miner is not None and not callable(miner):
+            raise ValueError(
+                f"miner must be a callable (dist, labels) -> Pairs, got {type(miner).__name__}"
+            )
         self.margin = check_margin(margin)
         self.metric = metric
+        self.miner = miner
         self.tile_bytes = check_tile_bytes(tile_bytes)
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, metric={self.metric!r}"
+        mined = "" if self.miner is None else f", miner={self.miner!r}"
+        return f"margin={self.margin}, metric={self.metric!r}{mined}"
+
+    def _given_pairs(
+        self, embeddings: torch.Tensor, labels: torch.Tensor | None, indices: object
+    ) -> miners.Pairs:
+        """Checked int64 :class:`~deepmetric.mining.Pairs` on the embeddings' device: the given
+        ``indices``, or what ``self.miner`` returns for the batch."""
+        if indices is not None and self.miner is not None:
+            raise ValueError("this loss has a miner: pass indices= to a loss built without one")
+        labels, _ = check_given_batch(embeddings, labels)
+        name = "indices"
+        if self.miner is not None:
+            if labels is None:
+                raise ValueError("labels is None: the miner needs labels (B,)")
+            with torch.no_grad():
+                indices = self.miner(pairwise(embeddings, None, self.metric), labels)
+            name = "the miner's pairs"
+        pairs = miners.check_pairs(
+            indices, len(embeddings), len(embeddings), same_set=True, name=name
+        )
+        return miners.Pairs(*(t.to(embeddings.device) for t in pairs))
 
 
 class ContrastiveLoss(_PairwiseLoss):
@@ -41,16 +87,43 @@ class ContrastiveLoss(_PairwiseLoss):
       pair; the mean over the N pairs.
     - ``loss(embeddings (B, D), labels (B,))``: the mean over all B (B - 1) / 2 unordered pairs
       i < j of the batch; 0 when B = 1. O(B^2).
+    - ``loss(embeddings (B, D), labels or None, indices=Pairs(a1, p, a2, n))``: your own pairs
+      of the batch, similar ``(a1[i], p[i])`` and dissimilar ``(a2[j], n[j])``
+      (:class:`~deepmetric.mining.Pairs`; :class:`~deepmetric.mining.PairMasks` are read too);
+      the mean over all P + N given pairs, that is ``loss(e[i], e[j], same)`` of the same rows;
+      0 when none is given. ``labels`` are only checked when given. O((P + N) D).
+    - ``ContrastiveLoss(miner=fn)``: ``fn(dist (B, B), labels)`` (no gradient) returns the pairs,
+      used as if passed through ``indices=``.
+
+    A ``ValueError`` names bad pairs: not integer tensors, different lengths, out of range, an
+    item paired with itself.
     """
 
     def _terms(self, d: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         return 0.5 * torch.where(same, d**2, F.relu(self.margin - d) ** 2)
 
     def forward(
-        self, x: torch.Tensor, y: torch.Tensor, same: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        same: torch.Tensor | None = None,
+        *,
+        indices: miners.Pairs | miners.PairMasks | None = None,
     ) -> torch.Tensor:
+        if indices is not None or self.miner is not None:
+            if same is not None:
+                raise ValueError("same= is for explicit pairs (x1, x2, same), not with indices=")
+            a1, p, a2, n = self._given_pairs(x, y, indices)
+            if len(a1) + len(a2) == 0:
+                return zero(x)
+            d_pos = paired_at(x, a1, p, self.metric)
+            d_neg = paired_at(x, a2, n, self.metric)
+            total = (d_pos**2).sum() + (F.relu(self.margin - d_neg) ** 2).sum()
+            return 0.5 * total / (len(a1) + len(a2))
         if same is not None:
             return self._pairs(x, y, same)
+        if y is None:
+            raise ValueError("labels is None: pass labels (B,), or the pairs through indices=")
         check_batch(x, y)
         y = y.to(x.device)
         n = len(x)
@@ -91,9 +164,29 @@ class LiftedStructuredLoss(_PairwiseLoss):
     each positive pair i < j gets ``J_ij = log(S_i + S_j) + D_ij`` and the loss is
     ``1 / (2 |P|) * sum over positive pairs of relu(J_ij)^2``. ``log S_i`` is a logsumexp, so
     nothing overflows; O(B^2). 0 when there is no positive pair or a single class.
+
+    **Your own pairs**: ``loss(embeddings, labels or None, indices=Pairs(a1, p, a2, n))`` (or
+    :class:`~deepmetric.mining.PairMasks`) uses the given positive pairs ``(a1[i], p[i])`` as P
+    and, for ``S_x``, the given negative pairs whose *first* index is x: ``S_x = sum over j with
+    a2[j] == x of exp(margin - D(x, n[j]))`` (pytorch-metric-learning's reading); list a
+    negative pair in both orders to count it for both items, as the batch form does. The mean is
+    over the given positive pairs; a positive pair neither of whose items has a given negative
+    adds 0, and no positive pair gives 0. With every positive pair i < j and every ordered
+    negative pair (or ``pair_masks(labels)``) this is the batch loss. O((P + N) D).
+    ``LiftedStructuredLoss(miner=fn)``: ``fn(dist (B, B), labels)`` returns those pairs.
     """
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        *,
+        indices: miners.Pairs | miners.PairMasks | None = None,
+    ) -> torch.Tensor:
+        if indices is not None or self.miner is not None:
+            return self._given(embeddings, self._given_pairs(embeddings, labels, indices))
+        if labels is None:
+            raise ValueError("labels is None: pass labels (B,), or the pairs through indices=")
         check_batch(embeddings, labels)
         labels = labels.to(embeddings.device)
         classes, counts = labels.unique(return_counts=True)
@@ -125,6 +218,30 @@ class LiftedStructuredLoss(_PairwiseLoss):
                 grad.scatter_add_(1, slots.index, g_rows)
             tiles.backprop(tile, grad)
         return tiles.loss(total / (2 * n_pairs), scale=1.0 / (2 * n_pairs))
+
+    def _given(self, x: torch.Tensor, pairs: miners.Pairs) -> torch.Tensor:
+        """The loss on checked pairs, by autograd over the gathered distances. Items without a
+        given negative get ``log S = -inf`` through ``torch.where`` on safe values, so no NaN
+        reaches the gradient."""
+        a1, p, a2, n = pairs
+        if len(a1) == 0:
+            return zero(x)
+        d_pos = paired_at(x, a1, p, self.metric)
+        v = self.margin - paired_at(x, a2, n, self.metric)  # (N,)
+        has = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        has[a2] = True
+        with torch.no_grad():  # per-item max of v, for a stable log-sum-exp
+            top = torch.full((len(x),), -torch.inf, dtype=v.dtype, device=x.device)
+            top = top.scatter_reduce(0, a2, v, "amax")
+            top = torch.where(has, top, 0.0)
+        s = torch.zeros(len(x), dtype=v.dtype, device=x.device).index_add(
+            0, a2, (v - top[a2]).exp()
+        )
+        log_s = torch.where(has, torch.log(torch.where(has, s, 1.0)) + top, -torch.inf)
+        valid = has[a1] | has[p]
+        j = torch.logaddexp(torch.where(valid, log_s[a1], 0.0), torch.where(valid, log_s[p], 0.0))
+        hinge = torch.where(valid, F.relu(j + d_pos), 0.0)
+        return (hinge**2).sum() / (2 * len(a1))
 
     @staticmethod
     def _masks(labels: torch.Tensor, start: int, stop: int) -> miners.PairMasks:

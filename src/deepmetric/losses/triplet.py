@@ -1,8 +1,10 @@
-"""Triplet losses: over a labelled batch with online mining (batch-all, batch-hard, semi-hard),
-and over explicit (anchor, positive, negative) triplets."""
+"""Triplet losses: over a labelled batch with online mining (batch-all, batch-hard, semi-hard)
+or a miner of the user's own, over given index triplets of a batch (``indices=``), and over
+explicit (anchor, positive, negative) embeddings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -10,12 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepmetric import mining as miners
-from deepmetric.distances import Metric, check_metric, paired
-from deepmetric.losses._common import check_batch, check_margin, zero
+from deepmetric.distances import Metric, check_metric, paired, pairwise
+from deepmetric.losses._common import check_batch, check_given_batch, check_margin, zero
 from deepmetric.tiles import RowTiles, check_tile_bytes
 
 Mining = Literal["batch_all", "batch_hard", "semi_hard"]
 MINING: tuple[str, ...] = get_args(Mining)
+
+#: A triplet miner of one's own: ``miner(dist (B, R), labels (B,))`` (with a reference set,
+#: ``miner(dist, labels, ref_labels (R,))``, the signature of :mod:`deepmetric.mining`'s miners)
+#: returning :class:`~deepmetric.mining.Triplets`. ``dist`` carries no gradient.
+TripletMiner = Callable[..., miners.Triplets]
 
 
 @torch.no_grad()
@@ -58,15 +65,16 @@ def _triplets_sum(
 
 
 class TripletLoss(nn.Module):
-    """Triplet loss over all the triplets of a labelled batch, with online mining.
+    """Triplet loss over the triplets of a labelled batch, with online mining, or over given
+    triplets.
 
-    For a valid triplet (a, p, n) (``label[a] == label[p]``, a != p, ``label[n] != label[a]``) the
-    loss is ``relu(d_ap - d_an + margin)``, or ``softplus(d_ap - d_an)`` with ``soft=True``
-    (the soft margin of Hermans et al. 2017; ``margin`` is then unused). ``mining`` decides which
-    triplets count and what is averaged:
+    For a triplet (a, p, n) the loss is ``relu(d_ap - d_an + margin)``, or
+    ``softplus(d_ap - d_an)`` with ``soft=True`` (the soft margin of Hermans et al. 2017;
+    ``margin`` is then unused). A triplet is *valid* when ``label[a] == label[p]``, a != p, and
+    ``label[n] != label[a]``. ``mining`` decides which valid triplets count and what is averaged:
 
-    - ``"batch_all"``: every valid triplet; the mean over those with a loss > 0 (with ``soft``,
-      over all valid triplets). O(B^2 log B) or O(K B^2).
+    - ``"batch_all"`` (the default): every valid triplet; the mean over those with a loss > 0
+      (with ``soft``, over all valid triplets). O(B^2 log B) or O(K B^2).
     - ``"batch_hard"``: per anchor with a positive and a negative, its farthest positive and
       nearest negative; the mean over those anchors (Hermans et al. 2017). O(B^2).
     - ``"semi_hard"``: per positive pair, the nearest negative farther than the positive, or the
@@ -77,14 +85,37 @@ class TripletLoss(nn.Module):
     ``ref_labels (R,)`` to take positives and negatives from a reference set (a memory bank)
     instead of the batch. Returns a scalar; 0 when there is no valid triplet.
 
-    Memory is bounded at any B: the (B, R) distances are visited in tiles of rows of
-    ``tile_bytes`` each (default 64 MiB on the CPU, 512 MiB on a GPU) and the gradient with
-    respect to the embeddings is gathered tile by tile (:mod:`deepmetric.tiles`), so a few
-    tiles and the (B, D) gradients are all that is held, never a (B, R) matrix.
+    **Your own triplets.** ``loss(embeddings, labels, indices=Triplets(anchor, positive,
+    negative))`` skips mining: ``anchor`` (T,) indexes the batch, ``positive`` and ``negative``
+    (T,) the reference set (the batch itself without ``ref_embeddings``). ``labels`` (and
+    ``ref_labels``) may be None; when given they are only checked, not compared with the
+    triplets. The loss is the mean over **all** T triplets, ``mean_t relu(d_ap - d_an + margin)``
+    (not only over those with a loss > 0, as batch-all averages): with the euclidean metric and
+    ``soft=False`` this is ``torch.nn.functional.triplet_margin_loss(e[a], e[p], e[n],
+    margin=margin, eps=0)``, values and gradients; torch's default ``eps=1e-6`` adds 1e-6 to
+    every coordinate difference, so its value differs by about 1e-6. T = 0 gives 0 (torch: NaN).
+    Gradients come from autograd on the T gathered rows: O(T D) time and memory. A
+    ``ValueError`` names bad indices: not integer tensors, different lengths, out of range, a
+    positive equal to its negative, or (without a reference set) an anchor equal to its
+    positive or negative.
+
+    **Your own miner.** ``TripletLoss(miner=fn)`` calls ``fn(dist, labels)`` (see
+    :data:`TripletMiner`) on the (B, R) distance matrix, without gradient, and uses the
+    triplets it returns as if passed through ``indices=`` (the mean over all of them).
+    :mod:`deepmetric.mining`'s miners fit: ``miner=mining.batch_hard`` gives the loss of
+    ``mining="batch_hard"``. Unlike the built-in mining, this holds the whole (B, R) matrix.
+    ``miner`` replaces ``mining`` (pass one or neither), and a loss built with a miner takes no
+    ``indices=``.
+
+    Memory of the built-in mining is bounded at any B: the (B, R) distances are visited in tiles
+    of rows of ``tile_bytes`` each (default 64 MiB on the CPU, 512 MiB on a GPU) and the
+    gradient with respect to the embeddings is gathered tile by tile (:mod:`deepmetric.tiles`),
+    so a few tiles and the (B, D) gradients are all that is held, never a (B, R) matrix.
 
     Example::
 
         loss = TripletLoss(margin=0.2, mining="semi_hard")(model(images), labels)
+        loss = TripletLoss(margin=0.2)(model(images), None, indices=Triplets(a, p, n))
         loss.backward()
     """
 
@@ -92,28 +123,36 @@ class TripletLoss(nn.Module):
         self,
         *,
         margin: float = 0.2,
-        mining: Mining = "batch_all",
+        mining: Mining | None = None,
+        miner: TripletMiner | None = None,
         metric: Metric = "euclidean",
         soft: bool = False,
         method: miners.Method = "auto",
         tile_bytes: int | None = None,
     ) -> None:
         super().__init__()
+        if miner is not None and mining is not None:
+            raise ValueError("pass mining= (a built-in rule) or miner= (your own), not both")
+        if miner is not None and not callable(miner):
+            raise ValueError(
+                f"miner must be a callable (dist, labels) -> Triplets, got {type(miner).__name__}"
+            )
+        mining = "batch_all" if mining is None else mining
         if mining not in MINING:
             raise ValueError(f"unknown mining {mining!r}; expected one of {', '.join(MINING)}")
         check_metric(metric)
         miners.check_method(method)
         self.margin = check_margin(margin)
         self.mining = mining
+        self.miner = miner
         self.metric = metric
         self.soft = bool(soft)
         self.method = method
         self.tile_bytes = check_tile_bytes(tile_bytes)
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, mining={self.mining!r}, metric={self.metric!r}, " + (
-            f"soft={self.soft}"
-        )
+        rule = f"mining={self.mining!r}" if self.miner is None else f"miner={self.miner!r}"
+        return f"margin={self.margin}, {rule}, metric={self.metric!r}, soft={self.soft}"
 
     def _hinge(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(x + margin)`` or ``softplus(x)`` for x = d_ap - d_an."""
@@ -122,10 +161,16 @@ class TripletLoss(nn.Module):
     def forward(
         self,
         embeddings: torch.Tensor,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None,
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
+        *,
+        indices: miners.Triplets | None = None,
     ) -> torch.Tensor:
+        if indices is not None or self.miner is not None:
+            return self._given(embeddings, labels, ref_embeddings, ref_labels, indices)
+        if labels is None:
+            raise ValueError("labels is None: pass labels (B,), or the triplets through indices=")
         labels, ref_labels = check_batch(embeddings, labels, ref_embeddings, ref_labels)
         tiles = RowTiles(embeddings, ref_embeddings, self.metric, tile_bytes=self.tile_bytes)
         ref = labels if ref_labels is None else ref_labels
@@ -140,6 +185,42 @@ class TripletLoss(nn.Module):
         if count == 0:
             return zero(embeddings)
         return tiles.loss(total / count, scale=1.0 / count)
+
+    def _given(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        ref_embeddings: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+        indices: object,
+    ) -> torch.Tensor:
+        """The mean hinge over given triplets, or over those ``self.miner`` returns."""
+        if indices is not None and self.miner is not None:
+            raise ValueError("this loss has a miner: pass indices= to a loss built without one")
+        labels, ref_labels = check_given_batch(embeddings, labels, ref_embeddings, ref_labels)
+        ref = embeddings if ref_embeddings is None else ref_embeddings
+        name = "indices"
+        if self.miner is not None:
+            if labels is None:
+                raise ValueError("labels is None: the miner needs labels (B,)")
+            if ref_embeddings is not None and ref_labels is None:
+                raise ValueError("ref_labels is None: the miner needs them with ref_embeddings")
+            with torch.no_grad():
+                dist = pairwise(embeddings, ref_embeddings, self.metric)
+                if ref_labels is None:
+                    indices = self.miner(dist, labels)
+                else:
+                    indices = self.miner(dist, labels, ref_labels)
+            name = "the miner's triplets"
+        a, p, n = miners.check_triplets(
+            indices, len(embeddings), len(ref), same_set=ref_embeddings is None, name=name
+        )
+        if len(a) == 0:
+            return zero(embeddings)
+        a, p, n = a.to(embeddings.device), p.to(embeddings.device), n.to(embeddings.device)
+        anchors = embeddings[a]
+        x = paired(anchors, ref[p], self.metric) - paired(anchors, ref[n], self.metric)
+        return self._hinge(x).mean()
 
     @torch.no_grad()
     def _tile_sum(
