@@ -39,8 +39,7 @@ TRICKY_NAMES = [
     "Zoë Ångström",
     "名字 名前",
     "🙂👍🏽 family: 👨\u200d👩\u200d👧",  # zero-width joiners (format characters) are fine
-    "e\u0301",  # decomposed é: stored as given, not normalised
-    "é",  # composed é: a different name
+    "é",  # composed é (NFC): "e\u0301", decomposed, is the same name (see below)
     "x" * MAX_NAME_LENGTH,
     "inner  spaces\u00a0ok",
 ]
@@ -119,7 +118,7 @@ def test_names_are_data_stored_and_returned_exactly(store):
     ex = store.all_embeddings()
     assert ex.identities == [n for n in TRICKY_NAMES for _ in range(2)]
     assert store.identity_of(ex.ids.tolist()) == ex.identities
-    assert "e\u0301" in store and "é" in store and "E\u0301" not in store
+    assert "e\u0301" in store and "é" in store and "E\u0301" not in store  # NFC: one name
     store.remove("'; DROP TABLE identities; --")
     store.remove("../../etc/passwd")
     assert store.num_identities == len(TRICKY_NAMES) - 2  # the tables are all still there

@@ -442,14 +442,44 @@ def _identity_folders(folder: Path) -> list[tuple[str, list[Path]]]:
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subfolders:
         raise ValueError(f"--from-dir {folder}: no subfolders (one subfolder per identity)")
-    out = []
+    out: list[tuple[str, list[Path]]] = []
+    seen: dict[str, Path] = {}
     for sub in subfolders:
         try:
-            check_name(sub.name)
+            name = check_name(sub.name)  # in NFC: macOS spells folder names decomposed
         except ValueError as error:
             raise ValueError(f"{sub}: not a valid identity name: {error}") from None
-        out.append((sub.name, _image_files([str(sub)])))
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {sub} are the same identity name {name!r} (NFC)")
+        seen[name] = sub
+        out.append((name, _image_files([str(sub)])))
     return out
+
+
+def _still_to_enroll(
+    gallery: Any, todo: list[tuple[str, list[Path]]], folder: str
+) -> tuple[list[tuple[str, list[Path]]], int]:
+    """``(identities still to enroll, how many were skipped)`` of ``--from-dir``: a name
+    already enrolled with exactly the images of its folder (a re-run after a killed enroll)
+    is skipped; a name enrolled with other or fewer images is refused, naming it, before
+    anything is written (never merged unseen)."""
+    left, skipped, clash = [], 0, []
+    for name, files in todo:
+        if name not in gallery:
+            left.append((name, files))
+        elif gallery.holds(name, files):
+            skipped += 1
+            _progress(f"{name!r}: already enrolled with these {len(files)} images, skipped")
+        else:
+            clash.append(f"{name!r} ({gallery.identity(name).examples} examples)")
+    if clash:
+        shown = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
+        raise ValueError(
+            f"--from-dir {folder}: already enrolled with other images than its folder's: "
+            f"{shown}; nothing was enrolled: remove them first (deepmetric gallery remove), "
+            "or add images to one by name (deepmetric gallery enroll G IDENTITY FILE...)"
+        )
+    return left, skipped
 
 
 def _gallery_enroll(args: argparse.Namespace) -> int:
@@ -460,8 +490,13 @@ def _gallery_enroll(args: argparse.Namespace) -> int:
     else:
         if args.identity is None or not args.files:
             raise ValueError("give IDENTITY FILE... (one or more images) or --from-dir DIR")
-        todo = [(args.identity, _image_files(args.files))]
+        from deepmetric.gallery.store import check_name
+
+        todo = [(check_name(args.identity), _image_files(args.files))]  # NFC, checked first
     with _open_gallery(args) as gallery:
+        skipped = 0
+        if args.from_dir is not None:  # a re-run after a kill: what is done is not done again
+            todo, skipped = _still_to_enroll(gallery, todo, args.from_dir)
         for i, (name, files) in enumerate(todo, 1):
             ids = gallery.enroll(name, files)
             if args.json:
@@ -472,7 +507,10 @@ def _gallery_enroll(args: argparse.Namespace) -> int:
             if args.from_dir is not None:
                 _progress(f"[{i}/{len(todo)}] enrolled {name!r}: {len(ids)} examples")
         if not args.json:
-            print(f"{gallery.path}: {len(gallery)} identities, {gallery.num_examples} examples")
+            done = f" ({skipped} already enrolled with the same images, skipped)" if skipped else ""
+            print(
+                f"{gallery.path}: {len(gallery)} identities, {gallery.num_examples} examples{done}"
+            )
     return 0
 
 
@@ -868,7 +906,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "enroll",
         "enroll images of an identity (or a folder of identities)",
         "Enroll FILE... (files or folders of images) as examples of IDENTITY, or with "
-        "--from-dir one identity per subfolder of DIR (named after it).",
+        "--from-dir one identity per subfolder of DIR (named after it): run again (after a "
+        "kill), it skips the identities already enrolled with the same images, and refuses, "
+        "before writing anything, a name already enrolled with other images.",
     )
     g_enroll.add_argument("identity", metavar="IDENTITY", nargs="?")
     g_enroll.add_argument("files", metavar="FILE", nargs="*")

@@ -310,6 +310,17 @@ class Preprocessing:
         makes them; an :class:`ImageError` naming ``name`` when it cannot be converted."""
         return self._to_float(np.stack([self._pil_to_array(img, name)]))
 
+    def from_pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 pixels ``(N, C, H, W)`` of this shape (what the image loaders keep) as
+        model inputs float32, scaled exactly as :meth:`apply` scales decoded files."""
+        batch = np.asarray(pixels)
+        if batch.dtype != np.uint8 or batch.shape[1:] != self.shape:
+            raise ValueError(
+                f"pixels must be uint8 (N, {self.channels}, {self.height}, {self.width}), "
+                f"got {batch.dtype} {batch.shape}"
+            )
+        return self._to_float(batch)
+
     # one PIL image or file -> (C, H, W) uint8
     def _image_array(self, item: Any) -> np.ndarray:
         from PIL import Image

@@ -52,7 +52,7 @@ import torch
 
 from deepmetric.checkpoints import weights_sha256
 from deepmetric.config import Config, ConfigError
-from deepmetric.data import ArrayDataset, class_split, load_dataset
+from deepmetric.data import ArrayDataset, Preprocessing, class_split, load_dataset
 from deepmetric.data.datasets import Split
 from deepmetric.distances import paired_at
 from deepmetric.evaluate import figures
@@ -77,6 +77,7 @@ from deepmetric.evaluate.transfer import DEFAULT_FARS, open_set, threshold_trans
 from deepmetric.models import embed
 from deepmetric.training import open_trained, resolve_device, untrained_network
 from deepmetric.training.builders import load_training_data, resolve_val_classes
+from deepmetric.training.run import read_preprocessing
 
 Progress = Callable[[str], None]
 
@@ -243,6 +244,24 @@ def _class_ids(classes: list[Any], ds: ArrayDataset) -> list[int]:
     return ids
 
 
+def _folder_options(config: Config, pre: Preprocessing | None) -> dict[str, object]:
+    """Loader options of a ``folder:`` spec: the run's ``preprocess.json`` (channels, size,
+    resample filter), so the images become the inputs ``deepmetric embed`` makes of the same
+    files; a run without one: the config's ``image_size``, channels as the images are."""
+    if pre is None:
+        return {"size": (config.image_size, config.image_size)}
+    mode = "L" if pre.channels == 1 else "RGB"
+    return {"size": (pre.height, pre.width), "mode": mode, "resample": pre.resample}
+
+
+def _scaled(ds: ArrayDataset, pre: Preprocessing | None) -> ArrayDataset:
+    """``ds`` as the run's inputs: uint8 pixels stay pixels (read as ``v / 255``) unless the
+    run's ``preprocess.json`` has another scale, then float32 inputs as the embedder makes."""
+    if pre is None or pre.scale == 1 / 255 or ds.data.dtype != torch.uint8:
+        return ds
+    return ArrayDataset(pre.from_pixels(ds.data), ds.y, ds.classes)
+
+
 def _scored_and_validation(
     config: Config, spec: str, split: Split, own: bool, opts: dict[str, object]
 ) -> tuple[ArrayDataset, ArrayDataset | None, dict[str, Any]]:
@@ -340,9 +359,8 @@ def evaluate_run(
     spec = data or config.data
     if own and config.data == "(python objects)":
         raise ConfigError(f"{run_dir} was trained on Python objects: pass data= (--data)")
-    opts: dict[str, object] = {}
-    if spec.startswith("folder:"):
-        opts["size"] = (config.image_size, config.image_size)
+    pre = read_preprocessing(run_dir) if spec.startswith("folder:") else None
+    opts = _folder_options(config, pre) if spec.startswith("folder:") else {}
     metric, margin = config.loss.metric, config.loss.margin
     plan = FewShotPlan() if few_shot is None else few_shot
     for far in fars:
@@ -350,6 +368,7 @@ def evaluate_run(
             raise ConfigError(f"--far takes rates in (0, 1), got {far:g}")
 
     test_set, val_set, about = _scored_and_validation(config, spec, split, own, opts)
+    test_set, val_set = _scaled(test_set, pre), None if val_set is None else _scaled(val_set, pre)
     if len(torch.unique(test_set.y)) < 2:
         raise ConfigError(f"{spec} ({split}) has fewer than 2 classes: nothing to evaluate")
     try:

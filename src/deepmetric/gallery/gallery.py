@@ -106,6 +106,7 @@ if TYPE_CHECKING:
 __all__ = [
     "INDEX_SUFFIX",
     "MAX_CANDIDATES",
+    "SAME_EXAMPLE_ATOL",
     "THUMBNAIL_SIZE",
     "Candidate",
     "Gallery",
@@ -122,6 +123,8 @@ INDEX_SUFFIX = ".index"
 THUMBNAIL_SIZE = 64
 #: the most candidate identities the command line and the service answer per query
 MAX_CANDIDATES = 100
+#: embeddings of the same image equal to this, per value, on any device (CPU / CUDA differ)
+SAME_EXAMPLE_ATOL = 5e-3
 
 Progress = Callable[[str], None]
 
@@ -662,6 +665,32 @@ class Gallery:
         ids = self._store.add(identity, embeddings, thumbnails=thumbs, metadata=metadata)
         self._after_write(before, lambda index: index.add(embeddings, ids))
         return ids
+
+    def holds(self, identity: str, inputs: Inputs, *, batch_size: int = 256) -> bool:
+        """Whether ``identity`` is enrolled with exactly the examples ``inputs`` give (a
+        re-run of an enroll that already happened): as many examples, and each embedding of
+        ``inputs`` equal to one of the identity's own, one to one, within
+        :data:`SAME_EXAMPLE_ATOL` per value (embeddings made on another device differ by
+        rounding). ``False`` for a name not enrolled, or enrolled with other or fewer images.
+        Embeds ``inputs`` only when the counts agree."""
+        try:
+            ids = self._store.example_ids(identity)
+        except KeyError:  # UnknownIdentityError
+            return False
+        items = _items(inputs)
+        if items is not None and len(items) != len(ids):
+            return False
+        new = self.embedder.embed(inputs, batch_size=batch_size).numpy()
+        if len(new) != len(ids):
+            return False
+        free = np.ones(len(ids), dtype=bool)
+        stored = self._store.examples(ids).embeddings
+        for row in new:
+            close = free & (np.abs(stored - row).max(axis=1) <= SAME_EXAMPLE_ATOL)
+            if not close.any():
+                return False
+            free[int(np.argmax(close))] = False
+        return True
 
     def check(self, *, repair: bool = False) -> CheckReport:
         """Check that the saved index agrees with the database, and the model record with

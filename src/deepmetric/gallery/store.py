@@ -26,17 +26,21 @@ Schema (version :data:`SCHEMA_VERSION`)::
                 thumbnail BLOB (PNG bytes, or NULL), created REAL (Unix seconds)
                 + index examples_by_identity (identity, id)
 
-Identity names are stored and returned exactly as given (no Unicode normalisation, no case
-folding, no stripping): any characters, quotes, slashes, ``'; DROP TABLE``, emoji. They are
-validated, not altered: a ``str`` of 1 to :data:`MAX_NAME_LENGTH` characters, no control
-characters (Unicode category Cc: tabs, newlines, NUL, ...), no invisible characters (format
-characters such as zero-width spaces and direction overrides, except a zero-width
-(non-)joiner between non-ASCII letters or emoji; line / paragraph separators; private use;
-blank letters such as the Hangul filler: a name hides nothing), no leading or trailing
-whitespace
-(refused rather than stripped, so ``"alice"`` and ``"alice "`` can never be two identities that
-look the same), encodable as UTF-8 (no lone surrogates), and not ``.`` or ``..`` (a browser and
-most HTTP clients resolve those as path steps, so ``/identities/..`` could never reach them).
+Identity names are stored in Unicode NFC (canonical composition), otherwise as given (no case
+folding, no stripping): any characters, quotes, slashes, ``'; DROP TABLE``, emoji. So
+``"e\u0301"`` (e + combining acute, as macOS spells file names) and ``"\u00e9"`` are one
+identity, ``"é"``, whichever spelling enrolls, identifies, removes or asks for its thumbnail.
+A name is looked up as given, then in NFC, then among the non-NFC names that a gallery written
+before names were normalised may hold (so those stay reachable by either spelling, and new
+examples join them). Beyond NFC, names are validated, not altered: a ``str`` of 1 to
+:data:`MAX_NAME_LENGTH` characters, no control characters (Unicode category Cc: tabs,
+newlines, NUL, ...), no invisible characters (format characters such as zero-width spaces and
+direction overrides, except a zero-width (non-)joiner between non-ASCII letters or emoji; line
+/ paragraph separators; private use; blank letters such as the Hangul filler: a name hides
+nothing), no leading or trailing whitespace (refused rather than stripped, so ``"alice"`` and
+``"alice "`` can never be two identities that look the same), encodable as UTF-8 (no lone
+surrogates), and not ``.`` or ``..`` (a browser and most HTTP clients resolve those as path
+steps, so ``/identities/..`` could never reach them).
 
 ``generation`` counts changes to the example set, the one thing an index is derived from: every
 :meth:`GalleryStore.add` and :meth:`GalleryStore.remove` adds 1 in the same transaction as the
@@ -251,10 +255,12 @@ def _invisible(name: str) -> str | None:
 
 
 def check_name(name: object) -> str:
-    """Return ``name`` unchanged if it is a valid identity name, else raise ``ValueError``
-    (``TypeError`` for a non-string). The rules are in the module docstring."""
+    """Return ``name`` in Unicode NFC (the form it is stored in) if it is a valid identity
+    name, else raise ``ValueError`` (``TypeError`` for a non-string). The rules, checked on
+    the NFC form, are in the module docstring."""
     if not isinstance(name, str):
         raise TypeError(f"an identity name must be a str, got {type(name).__name__}")
+    name = unicodedata.normalize("NFC", name)
     if not name:
         raise ValueError("an identity name must not be empty")
     if len(name) > MAX_NAME_LENGTH:
@@ -381,6 +387,8 @@ class GalleryStore:
         self.timeout = timeout
         #: opened read-only (the file or its folder cannot be written): every write refused
         self.readonly = readonly
+        #: NFC form -> stored non-NFC names (older galleries), read at the first need
+        self._legacy: dict[str, list[str]] | None = None
         meta = self.meta
         self.dim: int = int(meta["dim"])
         self.metric: str = str(meta["metric"])
@@ -741,11 +749,44 @@ class GalleryStore:
             "UPDATE meta SET value = ? WHERE key = 'generation'", (json.dumps(int(value) + 1),)
         )
 
+    def _legacy_names(self, db: sqlite3.Connection) -> dict[str, list[str]]:
+        """The stored names that are not in NFC (only a gallery written before names were
+        normalised holds any), by their NFC form; read once (this code writes NFC names only,
+        so the set can only shrink: each hit is checked again)."""
+        if self._legacy is None:
+            legacy: dict[str, list[str]] = {}
+            # NFC leaves ASCII alone: only names with another character can be non-NFC
+            for (stored,) in db.execute(
+                "SELECT name FROM identities WHERE name GLOB '*[^\x01-\x7f]*' ORDER BY id"
+            ):
+                if not unicodedata.is_normalized("NFC", stored):
+                    legacy.setdefault(unicodedata.normalize("NFC", stored), []).append(stored)
+            self._legacy = legacy
+        return self._legacy
+
+    def _find(self, db: sqlite3.Connection, name: str) -> tuple[int, str] | None:
+        """``(row id, metadata)`` of the identity ``name`` names (``None``: none): the exact
+        stored name, else its NFC form, else a non-NFC stored name of an older gallery with
+        that NFC form (see the module docstring)."""
+        query = "SELECT id, metadata FROM identities WHERE name = ?"
+        nfc = unicodedata.normalize("NFC", name)
+        for candidate in dict.fromkeys([name, nfc]):
+            row = db.execute(query, (candidate,)).fetchone()
+            if row is not None:
+                return int(row[0]), str(row[1])
+        if nfc.isascii():
+            return None
+        for candidate in self._legacy_names(db).get(nfc, []):  # read only after a miss
+            row = db.execute(query, (candidate,)).fetchone()
+            if row is not None:
+                return int(row[0]), str(row[1])
+        return None
+
     def _identity_row(self, db: sqlite3.Connection, name: str) -> tuple[int, str]:
-        row = db.execute("SELECT id, metadata FROM identities WHERE name = ?", (name,)).fetchone()
-        if row is None:
+        found = self._find(db, name)
+        if found is None:
             raise UnknownIdentityError(name)
-        return int(row[0]), str(row[1])
+        return found
 
     # ------------------------------------------------------------------ meta
 
@@ -809,16 +850,14 @@ class GalleryStore:
             ValueError / TypeError: bad input (NaN / inf, shape, name, thumbnail); nothing is
             written.
         """
-        check_name(identity)
+        given, identity = identity, check_name(identity)  # stored in NFC
         rows = _check_embeddings(embeddings, self.dim)
         thumbs = _check_thumbnails(thumbnails, rows.shape[0])
         extra = _check_metadata({} if metadata is None else metadata)
         now = time.time()
         blobs = [r.tobytes() for r in rows]
         with self._write(f"enroll {identity!r}") as db:
-            found = db.execute(
-                "SELECT id, metadata FROM identities WHERE name = ?", (identity,)
-            ).fetchone()
+            found = self._find(db, given)
             if found is None:
                 cur = db.execute(
                     "INSERT INTO identities (name, metadata, created) VALUES (?, ?, ?)",
@@ -884,8 +923,8 @@ class GalleryStore:
     def __contains__(self, identity: object) -> bool:
         if not isinstance(identity, str):
             return False
-        row = self._db.execute("SELECT 1 FROM identities WHERE name = ?", (identity,)).fetchone()
-        return row is not None
+        with self._read() as db:
+            return self._find(db, identity) is not None
 
     @property
     def num_identities(self) -> int:
@@ -905,13 +944,13 @@ class GalleryStore:
 
     def identity(self, name: str) -> IdentityInfo:
         """One identity's :class:`IdentityInfo`; ``UnknownIdentityError`` if not enrolled."""
-        row = self._db.execute(
-            "SELECT i.name, COUNT(e.id), i.metadata, i.created FROM identities AS i "
-            "LEFT JOIN examples AS e ON e.identity = i.id WHERE i.name = ? GROUP BY i.id",
-            (name,),
-        ).fetchone()
-        if row is None:
-            raise UnknownIdentityError(name)
+        with self._read() as db:
+            row_id, _ = self._identity_row(db, name)
+            row = db.execute(
+                "SELECT i.name, COUNT(e.id), i.metadata, i.created FROM identities AS i "
+                "LEFT JOIN examples AS e ON e.identity = i.id WHERE i.id = ? GROUP BY i.id",
+                (row_id,),
+            ).fetchone()
         return IdentityInfo(str(row[0]), int(row[1]), json.loads(row[2]), float(row[3]))
 
     def example_ids(self, identity: str) -> list[int]:

@@ -21,7 +21,6 @@ raise ``ValueError`` saying how to get one.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -47,7 +46,7 @@ from deepmetric.inference.threshold import (
     write_threshold,
 )
 from deepmetric.training import load_data, open_trained, resolve_device
-from deepmetric.training.run import PREPROCESS_FILE
+from deepmetric.training.run import PREPROCESS_FILE, read_preprocessing
 
 Progress = Callable[[str], None]
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -338,12 +337,9 @@ def _build(run: _Run, preprocessing: Preprocessing | None) -> Embedder:
 
 def _run_preprocessing(run_dir: Path, config: Config) -> Preprocessing | None:
     """``RUN_DIR/preprocess.json``; for older runs, derived from the training data."""
-    path = run_dir / PREPROCESS_FILE
-    if path.is_file():
-        try:
-            return Preprocessing.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from None
+    recorded = read_preprocessing(run_dir)
+    if recorded is not None:
+        return recorded
     if config.data == "(python objects)":
         return None
     try:

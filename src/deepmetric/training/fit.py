@@ -52,7 +52,7 @@ from deepmetric.training.modes import (
     stratified_indices,
 )
 from deepmetric.training.schedule import set_lr
-from deepmetric.training.source import Source, training_source
+from deepmetric.training.source import Source, check_finite_inputs, training_source
 from deepmetric.training.state import Position, RunState, StopRequested, StopSignals
 
 
@@ -283,8 +283,14 @@ def train_loop(
                 with torch.autocast(
                     device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
                 ):
-                    step = mode.loss(net, x, y, distributed.gather)
+                    try:
+                        step = mode.loss(net, x, y, distributed.gather)
+                    except FloatingPointError:
+                        check_finite_inputs(x, f"the batch of step {pos.step + 1}")
+                        raise
                 value = distributed.mean(float(step.loss.detach()))
+                if not math.isfinite(value):  # NaN inputs (a Dataset of any kind), else diverged
+                    check_finite_inputs(x, f"the batch of step {pos.step + 1}")
                 _check_loss(value, pos.step + 1)
                 _optimizer_step(state, step.loss, t.grad_clip)
                 pos.batch, pos.step = b + 1, pos.step + 1
@@ -410,8 +416,9 @@ def fit(
     config.loss.softmax_weight = softmax_weight
     config.model.builder, config.model.builder_args = builder, dict(builder_args or {})
     validate_config(config)
-    val = Source(val_data, val_labels) if val_data is not None else None
-    train = training_source(Source(train_data, labels), config.train.dihedral_classes)
+    val = Source(val_data, val_labels, name="val_data") if val_data is not None else None
+    train = Source(train_data, labels, name="train_data")
+    train = training_source(train, config.train.dihedral_classes)
     run_config(config, model, train, val, loss, resume=resume, stream=stream)
     return model
 

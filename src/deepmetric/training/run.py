@@ -62,7 +62,9 @@ def train(
     main = distributed.is_main()
     if main:
         _record_preprocessing(config, train_set.data, resume)
-    train_source = training_source(Source(train_set), config.train.dihedral_classes)
+    train_source = training_source(
+        Source(train_set, name=config.data), config.train.dihedral_classes
+    )
     classes = torch.unique(train_source.labels)
     torch.manual_seed(config.seed)  # the same initial weights for the same seed
     model = build_model(config, train_set.inputs[:1], len(classes))
@@ -92,6 +94,18 @@ def train(
 
 #: How the run's images became inputs (:class:`~deepmetric.data.Preprocessing`), for inference.
 PREPROCESS_FILE = "preprocess.json"
+
+
+def read_preprocessing(run_dir: str | os.PathLike[str]) -> Preprocessing | None:
+    """``RUN_DIR/preprocess.json`` (``None`` when the run has none: vector data, or a run
+    older than the file); a damaged file is a ``ValueError`` naming it."""
+    path = Path(run_dir) / PREPROCESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Preprocessing.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _record_preprocessing(config: Config, x: torch.Tensor, resume: bool) -> None:
@@ -254,6 +268,7 @@ __all__ = [
     "TrainedRun",
     "load_trained",
     "open_trained",
+    "read_preprocessing",
     "resume_config",
     "test_report",
     "train",

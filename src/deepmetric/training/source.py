@@ -12,6 +12,21 @@ from torch.utils.data import Dataset
 from deepmetric.data import DIHEDRAL, ArrayDataset, dihedral
 
 
+def check_finite_inputs(x: torch.Tensor, name: str) -> None:
+    """A ``ValueError`` naming ``name`` and counting the NaN / inf values of inputs ``x``
+    (N, ...): images with NaN pixels are the data's fault, not a diverged training."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    finite = torch.isfinite(x)
+    bad = int(x.numel() - finite.sum())
+    if bad:
+        items = int((~finite.reshape(len(x), -1)).any(1).sum())
+        raise ValueError(
+            f"{name} holds {bad:,} non-finite input values (NaN or inf) in {items:,} of its "
+            f"{len(x):,} items: fix or drop those items (not a diverged training)"
+        )
+
+
 class Source:
     """Index access to a data set: ``labels`` (N,) int64 and ``fetch(idx) -> inputs (B, ...)``.
 
@@ -19,8 +34,10 @@ class Source:
     ``Dataset`` of ``(input, label)`` is read item by item (its labels once, at the start,
     unless given)."""
 
-    def __init__(self, data: Dataset, labels: Any = None) -> None:
+    def __init__(self, data: Dataset, labels: Any = None, *, name: str = "the data") -> None:
         self.data = data
+        if isinstance(data, ArrayDataset) and data.data.is_floating_point():
+            check_finite_inputs(data.data, name)
         if labels is not None:
             self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         elif isinstance(data, ArrayDataset):
