@@ -44,6 +44,10 @@ SPEC_FORMS = (
     "idx:DIR",
     "folder:DIR",
     "npz:FILE",
+    "cub200[:DIR]",
+    "cars196[:DIR]",
+    "sop[:DIR]",
+    "inshop[:DIR]",
 )
 
 # IDX type byte -> big-endian numpy dtype.
@@ -511,10 +515,13 @@ def _image_files(class_dir: Path) -> list[Path]:
     return files
 
 
-def _decode_image(path: Path, mode: str | None, size: tuple[int, int]) -> np.ndarray:
+def _decode_image(
+    path: Path, mode: str | None, size: tuple[int, int], resample: str = "bilinear"
+) -> np.ndarray:
     """``(H, W)`` or ``(H, W, 3)`` uint8 array (``mode`` None: ``(H, W)`` when the source is
     grayscale). Decoded, turned upright and brought to 8 bits exactly as inference does it
-    (:func:`~deepmetric.data.preprocess.decode_image`, :func:`~.preprocess.upright_8bit`)."""
+    (:func:`~deepmetric.data.preprocess.decode_image`, :func:`~.preprocess.upright_8bit`),
+    resized with PIL's ``resample`` filter."""
     from PIL import Image
 
     from deepmetric.data.preprocess import decode_image, upright_8bit
@@ -526,7 +533,8 @@ def _decode_image(path: Path, mode: str | None, size: tuple[int, int]) -> np.nda
     try:
         upright, gray = upright_8bit(img)
         target = mode or ("L" if gray else "RGB")
-        out = upright.convert(target).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        filter_ = getattr(Image.Resampling, resample.upper())
+        out = upright.convert(target).resize((size[1], size[0]), filter_)
         return np.asarray(out, dtype=np.uint8)
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot convert image ({e})") from None
@@ -556,13 +564,15 @@ def load_image_folder(
     *,
     mode: Literal["L", "RGB"] | None = None,
     size: int | tuple[int, int] = 64,
+    resample: str = "bilinear",
 ) -> ArrayDataset:
     """One subfolder per class (sorted names give ids ``0..C-1``), images resized to ``size``.
 
     ``size`` is ``(H, W)`` or one int for both. ``mode`` ``"L"`` or ``"RGB"``; by default
-    RGB unless every image is grayscale. Returns inputs ``(N, C, H, W)``, kept as uint8 pixels
-    (read as floats ``v / 255`` in [0, 1]): memory N x C x H x W bytes, filled as the images
-    are decoded.
+    RGB unless every image is grayscale. ``resample``: PIL's filter (a name of
+    :data:`~deepmetric.data.preprocess.RESAMPLE`). Returns inputs ``(N, C, H, W)``, kept as
+    uint8 pixels (read as floats ``v / 255`` in [0, 1]): memory N x C x H x W bytes, filled as
+    the images are decoded.
     Hidden files and non-image files are ignored; only the class folders' direct children
     are read. ``split="test"`` needs ``directory/train`` and ``directory/test``: class ids
     then come from the union of both splits' class folders, so they agree across splits.
@@ -573,6 +583,10 @@ def load_image_folder(
         raise DatasetError(f"{root}: not a folder")
     if mode not in (None, "L", "RGB"):
         raise ValueError(f"mode must be 'L', 'RGB' or None, got {mode!r}")
+    from deepmetric.data.preprocess import RESAMPLE
+
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {', '.join(RESAMPLE)}, got {resample!r}")
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     split = _check_split(split)
     if (root / "train").is_dir() and (root / "test").is_dir():
@@ -589,7 +603,7 @@ def load_image_folder(
     files = [(path, class_id[name]) for name in present for path in _image_files(root / name)]
     buffer = _PixelBuffer(len(files), hw, rgb=mode == "RGB")
     for i, (path, _) in enumerate(files):
-        buffer.put(i, _decode_image(path, mode, hw))
+        buffer.put(i, _decode_image(path, mode, hw, resample))
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ArrayDataset(torch.from_numpy(buffer.pixels), labels, classes)
 
@@ -700,7 +714,15 @@ def _npz_x(x: np.ndarray, path: Path, key: str) -> torch.Tensor:
     if x.dtype == np.uint8:
         t = torch.from_numpy(x)  # pixels, read as v / 255
     elif np.issubdtype(x.dtype, np.floating):
-        t = torch.from_numpy(x.astype(np.float32))
+        with np.errstate(over="ignore"):  # beyond float32: inf, counted just below
+            t = torch.from_numpy(x.astype(np.float32))
+        bad = int(t.numel() - torch.isfinite(t).sum())
+        if bad:
+            items = int((~torch.isfinite(t.reshape(len(t), -1))).any(1).sum())
+            raise DatasetError(
+                f"{path}: {key} holds {bad:,} non-finite values (NaN or inf, after conversion "
+                f"to float32) in {items:,} of its {len(t):,} items: fix or drop those items"
+            )
     else:
         raise DatasetError(f"{path}: {key} must be uint8 or float, got {x.dtype}")
     return t.unsqueeze(1) if t.ndim == 3 else t
@@ -760,7 +782,8 @@ def load_dataset(
     ``root`` is the download cache of the named datasets (see :func:`data_home`); path
     specs ignore it. ``opts`` go to the loader: :func:`fetch_mnist_family` (``download``,
     ``mirrors``, ``search_dirs``, ``fetch``), :func:`~deepmetric.data.omniglot.load_omniglot`
-    (the same, with ``md5`` and ``size``) or :func:`load_image_folder` (``mode``, ``size``).
+    (the same, with ``md5`` and ``size``) or :func:`load_image_folder` (``mode``, ``size``,
+    ``resample``).
     See each loader for what ``split="test"`` means for it.
     """
     kind, sep, arg = spec.partition(":")
@@ -770,6 +793,10 @@ def load_dataset(
         from deepmetric.data.omniglot import load_omniglot  # it imports this module
 
         return load_omniglot(split, root=root, **opts)  # type: ignore[arg-type]
+    if kind in ("cub200", "cars196", "sop", "inshop"):  # lazy ImageFiles: data/benchmarks.py
+        from deepmetric.data.benchmarks import load_benchmark
+
+        return load_benchmark(kind, arg or None, split, root=root, **opts)  # type: ignore[return-value, arg-type]
     loaders: dict[str, Callable[..., ArrayDataset]] = {
         "idx": load_idx_dir,
         "folder": load_image_folder,
