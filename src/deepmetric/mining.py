@@ -6,10 +6,18 @@ reference set is the batch itself (R = B) and an item is never its own positive.
 of other items (a memory bank, a gallery) is passed as ``ref_labels``; then every reference item
 with the anchor's label is a positive, so do not include the anchors themselves there.
 
-A triplet (a, p, n) is *valid* when ``label[a] == ref_label[p]`` (a != p in the batch case) and
-``label[a] != ref_label[n]``. Nothing here builds a B x R x R tensor. Each anchor's positives are
-packed into P "slots" (P = the largest number of positives of an anchor: K - 1 in a P x K batch),
-and the triplets are counted or chosen in one of two exact ways:
+**Multi-label data.** ``labels`` may also be multi-hot (B, L) 0/1 integers (``ref_labels``
+(R, L)): a positive shares at least one label with the anchor, a negative shares none, and an
+item with no label has no positive and is a negative of everyone; or a boolean positive mask
+(B, R), with no ``ref_labels``: a square mask is the batch against itself (its diagonal is
+ignored), any other shape a reference set. :func:`tile_masks` is the one place any form
+becomes pairs; :func:`check_pair_labels` checks them.
+
+A triplet (a, p, n) is *valid* when a and p are positives (``label[a] == ref_label[p]``, a != p
+in the batch case) and a and n negatives (``label[a] != ref_label[n]``). Nothing here builds a
+B x R x R tensor. Each anchor's positives are packed into P "slots" (P = the largest number of
+positives of an anchor: K - 1 in a P x K batch), and the triplets are counted or chosen in one
+of two exact ways:
 
 - ``method="sort"``: sort each anchor's negative distances once, then a ``searchsorted`` per
   positive pair and per negative pair: O(B R log R) time, O(B R) memory;
@@ -99,6 +107,84 @@ def check_labels(labels: torch.Tensor, n: int, name: str = "labels") -> None:
         raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
     if len(labels) != n:
         raise ValueError(f"{name} has length {len(labels)} but there are {n} embeddings")
+
+
+LabelForm = Literal["classes", "multi_hot", "mask"]
+
+
+def check_pair_labels(
+    labels: object,
+    ref_labels: object,
+    n: int,
+    n_refs: int,
+    *,
+    same_set: bool,
+    name: str = "labels",
+) -> LabelForm:
+    """Check labels in one of three forms and return which, or raise a one-line ``ValueError``:
+
+    - ``"classes"``: integer (n,), one class per item; ``ref_labels`` integer (n_refs,);
+    - ``"multi_hot"``: a 2-D integer or floating-point (n, L) tensor of 0 and 1, item i has
+      label l when ``labels[i, l] == 1``; ``ref_labels`` (n_refs, L) likewise;
+    - ``"mask"``: a 2-D **boolean** (n, n_refs) tensor, ``labels[i, j]`` True when reference j
+      is a positive of item i (the batch itself: (n, n); its diagonal is ignored); no
+      ``ref_labels`` (the mask already says everything).
+
+    A 2-D boolean tensor is always read as a mask, so pass multi-hot labels as 0/1 integers;
+    a (B, 1) one is refused (a column of classes, the usual slip, not one label column).
+    ``same_set``: the references are the batch, ``ref_labels`` is then None.
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() == 1:
+        check_labels(labels, n, name)
+        if ref_labels is not None:
+            check_labels(ref_labels, n_refs, "ref_labels")
+        return "classes"
+    if labels.dim() != 2:
+        raise ValueError(
+            f"{name} must be (B,) classes, (B, L) multi-hot or a (B, R) boolean mask, "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if labels.dtype == torch.bool:
+        if ref_labels is not None:
+            raise ValueError(f"{name} is a boolean positive mask: pass no ref_labels with it")
+        if labels.shape != (n, n_refs):
+            raise ValueError(
+                f"{name} is a boolean positive mask of shape {tuple(labels.shape)}, expected "
+                f"({n}, {n_refs}) (multi-hot labels must be 0/1 integers, not booleans)"
+            )
+        return "mask"
+    if labels.shape[1] == 1:  # the usual slip is a column of classes, labels[:, None]
+        raise ValueError(
+            f"{name} has shape {tuple(labels.shape)}: pass classes 1-D (B,); multi-hot labels "
+            "need at least 2 columns"
+        )
+    _check_multi_hot(labels, n, name)
+    if same_set:
+        if ref_labels is not None:
+            raise ValueError("ref_labels must be None when the references are the batch")
+        return "multi_hot"
+    if not isinstance(ref_labels, torch.Tensor) or ref_labels.dim() != 2:
+        raise ValueError(f"{name} are multi-hot (B, L): ref_labels must be multi-hot (R, L) too")
+    _check_multi_hot(ref_labels, n_refs, "ref_labels")
+    if ref_labels.shape[1] != labels.shape[1]:
+        raise ValueError(
+            f"{name} have {labels.shape[1]} label columns, ref_labels {ref_labels.shape[1]}"
+        )
+    return "multi_hot"
+
+
+def _check_multi_hot(labels: torch.Tensor, n: int, name: str) -> None:
+    if labels.dtype.is_complex:
+        raise ValueError(f"{name} must be a real 0/1 multi-hot tensor, got {labels.dtype}")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"{name} has {labels.shape[0]} rows but there are {n} items (classes are 1-D (n,), "
+            "multi-hot (n, L))"
+        )
+    if labels.numel() and not ((labels == 0) | (labels == 1)).all():
+        raise ValueError(f"{name} is multi-hot (B, L) and must hold only 0 and 1")
 
 
 def _check_index(t: object, name: str, n: int) -> torch.Tensor:
@@ -227,21 +313,18 @@ def check_method(method: str) -> None:
 def _check_dist(dist: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor | None) -> None:
     if not isinstance(dist, torch.Tensor) or dist.dim() != 2:
         raise ValueError("dist must be a 2-D (B, R) tensor")
-    check_labels(labels, dist.shape[0])
-    if ref_labels is None:
-        if dist.shape[0] != dist.shape[1]:
-            raise ValueError(
-                f"dist is {tuple(dist.shape)}: without ref_labels it must be square (B, B)"
-            )
-    else:
-        check_labels(ref_labels, dist.shape[1], "ref_labels")
+    b, r = dist.shape
+    form = check_pair_labels(labels, ref_labels, b, r, same_set=ref_labels is None and b == r)
+    if ref_labels is None and b != r and form != "mask":
+        raise ValueError(f"dist is {(b, r)}: without ref_labels it must be square (B, B)")
 
 
 # ----------------------------------------------------------------------------- masks
 
 
 def pair_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> PairMasks:
-    """Positive and negative (B, R) masks; without ``ref_labels`` the diagonal is excluded."""
+    """Positive and negative (B, R) masks of labels in any form (see :func:`tile_masks`);
+    without ``ref_labels`` the references are the batch and the diagonal is excluded."""
     if ref_labels is None:
         return tile_masks(labels, labels, self_offset=0)
     return tile_masks(labels, ref_labels, self_offset=None)
@@ -250,15 +333,35 @@ def pair_masks(labels: torch.Tensor, ref_labels: torch.Tensor | None = None) -> 
 def tile_masks(
     labels: torch.Tensor, ref_labels: torch.Tensor, *, self_offset: int | None
 ) -> PairMasks:
-    """Masks (T, R) of anchors labelled ``labels`` (T,) against ``ref_labels`` (R,). With
-    ``self_offset`` the references are the batch and anchor r is its item ``self_offset + r``,
-    never its own positive (rows of :func:`pair_masks` without ``ref_labels``)."""
-    same = labels[:, None] == ref_labels[None, :]
-    positive = same
+    """Positive and negative (T, R) masks of a tile of T anchors against R references: the one
+    place labels become pairs, for each of the three label forms (see :func:`check_pair_labels`)
+    of the tile's rows ``labels`` and the references' ``ref_labels``:
+
+    - classes, (T,) and (R,) integers: positive ``labels[a] == ref_labels[r]``;
+    - multi-hot, (T, L) and (R, L) 0/1: positive when the two share a label,
+      ``labels[a] . ref_labels[r] > 0``; an item with no label (an all-zero row) shares none, so
+      it has no positive and is a negative of everyone;
+    - a boolean positive mask, its rows (T, R) as ``labels`` (``ref_labels`` is then unused):
+      positive ``labels[a, r]``.
+
+    Negative is "not positive". With ``self_offset`` the references are the batch and anchor a
+    is its item ``self_offset + a``: that pair is neither positive nor negative (a mask's
+    diagonal is ignored). Slicing rows of the batch's labels (``labels[start:stop]``) gives a
+    tile's labels in every form, so tiled code never holds more than (T, R).
+    """
+    if labels.dim() == 1:
+        same = labels[:, None] == ref_labels[None, :]
+    elif labels.dtype == torch.bool:
+        same = labels
+    else:
+        same = (labels.to(torch.float32) @ ref_labels.to(torch.float32).T) > 0
+    positive, negative = same, ~same
     if self_offset is not None:
         positive = same.clone()
         positive.diagonal(offset=self_offset).fill_(False)
-    return PairMasks(positive=positive, negative=~same)
+        if labels.dim() != 1:  # a class label always equals itself: no work there
+            negative.diagonal(offset=self_offset).fill_(False)
+    return PairMasks(positive=positive, negative=negative)
 
 
 def _tiles(
@@ -269,9 +372,10 @@ def _tiles(
     (rows, R) temporaries stay bounded whatever B."""
     labels = labels.to(dist.device)
     ref = labels if ref_labels is None else ref_labels.to(dist.device)
+    same_set = ref_labels is None and dist.shape[0] == dist.shape[1]  # a (B, R) mask: refs
     budget = default_tile_bytes(dist.device)
     for start, stop in row_blocks(dist.shape[0], dist.shape[1], budget):
-        offset = start if ref_labels is None else None
+        offset = start if same_set else None
         yield start, stop, dist[start:stop], tile_masks(labels[start:stop], ref, self_offset=offset)
 
 

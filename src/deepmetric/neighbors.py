@@ -29,7 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from deepmetric.distances import Metric, check_embeddings, check_metric, pairwise
-from deepmetric.mining import check_labels  # the one label validator, re-exported
+from deepmetric.mining import (  # the one label validator, re-exported
+    check_labels,
+    check_pair_labels,
+    tile_masks,
+)
 
 try:  # optional: exact flat-index search, used only when installed
     import faiss as _faiss  # type: ignore[import-not-found]
@@ -283,6 +287,13 @@ def retrieval_metrics(
     Queries with ``R = 0`` (their class has no other item) are excluded from every metric;
     with no query left the metrics are NaN.
 
+    Multi-label data: ``labels`` multi-hot (N, L) 0/1 integers, item j relevant to query i when
+    they share a label (``labels[i] . labels[j] > 0``), or a boolean (N, N) relevance mask (its
+    diagonal ignored); ``R_i`` is then the number of other items relevant to i (an item with no
+    label has ``R = 0`` and is excluded), and every metric above reads "relevant" for "of
+    class c". Relevance is computed per chunk of queries (:func:`deepmetric.mining.tile_masks`),
+    memory O(chunk x N). ``per_class`` needs class labels (N,).
+
     With ``per_class``, also ``by_class``: one row per label (ascending) with ``class``,
     ``queries`` and the means of ``precision_at_1``, ``r_precision``, ``map_at_r`` over that
     class's queries, and where its misses go: of all the slots ``j <= R_i`` of the class's
@@ -295,14 +306,22 @@ def retrieval_metrics(
     """
     check_metric(metric)
     check_items(embeddings)
-    check_labels(labels, embeddings.shape[0])
+    n = embeddings.shape[0]
+    multi = isinstance(labels, torch.Tensor) and labels.dim() == 2
+    if multi:
+        check_pair_labels(labels, None, n, n, same_set=True)
+        if per_class:
+            raise ValueError("per_class needs class labels (N,), not multi-hot labels or a mask")
+    else:
+        check_labels(labels, n)
     check_positive_int(chunk, "chunk")
     ks = tuple(ks)
     if not ks:
         raise ValueError("ks must not be empty")
     for k in ks:
         check_positive_int(k, "every k in ks")
-    n = embeddings.shape[0]
+    if multi:
+        return _multi_label_retrieval(embeddings, labels, metric, ks, chunk)
     _, cls, counts = torch.unique(
         labels.to(embeddings.device), return_inverse=True, return_counts=True
     )
@@ -342,6 +361,53 @@ def retrieval_metrics(
     if tally is not None:
         out["by_class"] = tally.rows(torch.unique(labels).tolist())
     return out
+
+
+def _multi_label_retrieval(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    metric: Metric,
+    ks: tuple[int, ...],
+    chunk: int,
+) -> dict[str, Any]:
+    """:func:`retrieval_metrics` of checked multi-hot labels or a relevance mask: relevance
+    from :func:`deepmetric.mining.tile_masks` (positive = relevant, self excluded), one chunk of
+    query rows at a time."""
+    n = embeddings.shape[0]
+    labels = labels.to(embeddings.device)
+
+    def relevant(start: int, stop: int) -> torch.Tensor:  # (c, N) bool
+        return tile_masks(labels[start:stop], labels, self_offset=start).positive
+
+    r_all = torch.cat([relevant(s, min(s + chunk, n)).sum(dim=1) for s in range(0, n, chunk)])
+    width = min(max(max(ks), int(r_all.max())), n - 1)
+    names = ["precision_at_1", "r_precision", "map_at_r", *(f"recall@{k}" for k in ks)]
+    totals = dict.fromkeys(names, 0.0)
+    queries = 0
+    with torch.no_grad():
+        emb = embeddings.detach()
+        for start, _, idx in knn_chunks(emb, emb, width, metric, True, chunk):
+            stop = start + idx.shape[0]
+            r = r_all[start:stop]
+            valid = r > 0
+            if not valid.any():
+                continue
+            rel = relevant(start, stop).gather(1, idx)[valid]
+            scores = _query_scores(rel, r[valid], ks)
+            for name in names:
+                totals[name] += float(scores[name].sum())
+            queries += int(valid.sum())
+
+    def mean(name: str) -> float:
+        return totals[name] / queries if queries else math.nan
+
+    return {
+        "precision_at_1": mean("precision_at_1"),
+        "r_precision": mean("r_precision"),
+        "map_at_r": mean("map_at_r"),
+        "recall_at_k": {str(k): mean(f"recall@{k}") for k in ks},
+        "queries": queries,
+    }
 
 
 class _ClassTally:

@@ -1,6 +1,8 @@
 """Retrieval and clustering metrics: pure functions over embeddings and labels.
 
-Shapes: ``embeddings`` is an (N, D) floating-point tensor, ``labels`` an (N,) integer tensor.
+Shapes: ``embeddings`` is an (N, D) floating-point tensor, ``labels`` an (N,) integer tensor
+(:func:`retrieval_metrics` also takes multi-hot (N, L) labels or a boolean (N, N) relevance
+mask: relevant = shares a label).
 In the retrieval metrics every item is a query against all the *other* items (leave-one-out:
 a query is never its own neighbour). Neighbours come from :mod:`deepmetric.neighbors` (exact,
 chunked, faiss when installed), ordered by distance, ties broken by the lower index.

@@ -24,16 +24,27 @@ def check_batch(
     labels: torch.Tensor,
     ref_embeddings: torch.Tensor | None = None,
     ref_labels: torch.Tensor | None = None,
+    *,
+    multi_label: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Check a batch (and its reference set); return ``(labels, ref_labels)`` on the
-    embeddings' device."""
+    embeddings' device. With ``multi_label`` the labels may also be multi-hot (B, L) or a
+    boolean positive mask (B, R) (:func:`deepmetric.mining.check_pair_labels`); a mask comes
+    without ``ref_labels``, even with ``ref_embeddings``."""
     if labels is None:
         raise ValueError("labels is None: pass integer labels (B,)")
-    if (ref_embeddings is None) != (ref_labels is None):
+    mask = multi_label and _is_mask(labels)
+    if not mask and (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("pass ref_embeddings and ref_labels together, or neither")
-    labels_out, ref_out = check_given_batch(embeddings, labels, ref_embeddings, ref_labels)
+    labels_out, ref_out = check_given_batch(
+        embeddings, labels, ref_embeddings, ref_labels, multi_label=multi_label
+    )
     assert labels_out is not None
     return labels_out, ref_out
+
+
+def _is_mask(labels: object) -> bool:
+    return isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.dtype == torch.bool
 
 
 def check_given_batch(
@@ -41,6 +52,8 @@ def check_given_batch(
     labels: torch.Tensor | None,
     ref_embeddings: torch.Tensor | None = None,
     ref_labels: torch.Tensor | None = None,
+    *,
+    multi_label: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """:func:`check_batch` for a loss on given tuples (``indices=``): the labels (and the
     reference labels) may be None, and are checked when given; ``ref_labels`` needs
@@ -48,9 +61,8 @@ def check_given_batch(
     check_embeddings(embeddings)
     if len(embeddings) == 0:
         raise ValueError("empty batch: embeddings has 0 rows")
-    if labels is not None:
+    if labels is not None and not multi_label:
         miners.check_labels(labels, len(embeddings))
-        labels = labels.to(embeddings.device)
     if ref_embeddings is None and ref_labels is not None:
         raise ValueError("ref_labels were passed without ref_embeddings")
     if ref_embeddings is not None:
@@ -60,9 +72,23 @@ def check_given_batch(
                 f"ref_embeddings has dimension {ref_embeddings.shape[1]}, "
                 f"embeddings has {embeddings.shape[1]}"
             )
-        if ref_labels is not None:
+        if ref_labels is not None and not multi_label:
             miners.check_labels(ref_labels, len(ref_embeddings), "ref_labels")
-            ref_labels = ref_labels.to(embeddings.device)
+    if multi_label and labels is not None:
+        n_refs = len(embeddings) if ref_embeddings is None else len(ref_embeddings)
+        same_set = ref_embeddings is None
+        miners.check_pair_labels(labels, ref_labels, len(embeddings), n_refs, same_set=same_set)
+    elif multi_label and ref_labels is not None and ref_embeddings is not None:
+        if ref_labels.dim() == 1:
+            miners.check_labels(ref_labels, len(ref_embeddings), "ref_labels")
+        else:
+            miners.check_pair_labels(
+                ref_labels, None, len(ref_embeddings), 0, same_set=True, name="ref_labels"
+            )
+    if labels is not None:
+        labels = labels.to(embeddings.device)
+    if ref_labels is not None:
+        ref_labels = ref_labels.to(embeddings.device)
     return labels, ref_labels
 
 

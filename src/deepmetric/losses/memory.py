@@ -71,6 +71,11 @@ class CrossBatchMemory(nn.Module):
         return self._embeddings[order], self._labels[order]
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            raise ValueError(
+                "CrossBatchMemory takes one class per item, labels (B,): the memory stores "
+                "class labels, not multi-hot rows or a positive mask"
+            )
         check_batch(embeddings, labels)
         value = self.loss(embeddings, labels)
         if not self.training:

@@ -49,6 +49,12 @@ class MultiSimilarityLoss(nn.Module):
     scalar: 0 with a zero gradient (never NaN) when nothing is kept (a single class, no positive
     pair, B = 1, an empty reference set).
 
+    Multi-label data: ``labels`` multi-hot (B, L) 0/1 integers (``ref_labels`` (R, L)), a
+    positive sharing at least one label with the anchor and a negative none (an item with no
+    label has no positive, so keeps nothing, and is everyone's negative); or a boolean positive
+    mask (B, B) (with ``ref_embeddings``: (B, R), no ``ref_labels``), its diagonal ignored
+    (:func:`deepmetric.mining.tile_masks`).
+
     Defaults: ``alpha=2``, ``beta=50``, ``epsilon=0.1``, the paper's values and
     pytorch-metric-learning's defaults; ``base=0.5`` (lambda) as in the authors' code and
     pytorch-metric-learning (the paper's text gives lambda = 1).
@@ -85,7 +91,9 @@ class MultiSimilarityLoss(nn.Module):
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        labels, ref_labels = check_batch(embeddings, labels, ref_embeddings, ref_labels)
+        labels, ref_labels = check_batch(
+            embeddings, labels, ref_embeddings, ref_labels, multi_label=True
+        )
         tiles = RowTiles(embeddings, ref_embeddings, "cosine", tile_bytes=self.tile_bytes)
         if tiles.shape[1] == 0:
             return zero(embeddings)  # an empty reference set
@@ -93,7 +101,7 @@ class MultiSimilarityLoss(nn.Module):
         total = tiles.x.new_zeros(())
         for tile in tiles:
             with torch.no_grad():
-                offset = tile.start if ref_labels is None else None
+                offset = tile.start if ref_embeddings is None else None
                 masks = miners.tile_masks(labels[tile.start : tile.stop], ref, self_offset=offset)
                 value, grad = self._tile_sum(1.0 - tile.dist, masks)
                 total += value

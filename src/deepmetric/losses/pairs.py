@@ -62,7 +62,7 @@ class _PairwiseLoss(nn.Module):
         ``indices``, or what ``self.miner`` returns for the batch."""
         if indices is not None and self.miner is not None:
             raise ValueError("this loss has a miner: pass indices= to a loss built without one")
-        labels, _ = check_given_batch(embeddings, labels)
+        labels, _ = check_given_batch(embeddings, labels, multi_label=True)
         name = "indices"
         if self.miner is not None:
             if labels is None:
@@ -86,7 +86,10 @@ class ContrastiveLoss(_PairwiseLoss):
     - ``loss(x1 (N, D), x2 (N, D), same (N,))``: explicit pairs, ``same`` 1/True for a similar
       pair; the mean over the N pairs.
     - ``loss(embeddings (B, D), labels (B,))``: the mean over all B (B - 1) / 2 unordered pairs
-      i < j of the batch; 0 when B = 1. O(B^2).
+      i < j of the batch; 0 when B = 1. O(B^2). Multi-label: ``labels`` multi-hot (B, L) 0/1
+      integers, a pair similar when the two share a label (two items with no label are
+      dissimilar); or a boolean (B, B) mask of the similar pairs, diagonal ignored (an
+      asymmetric mask: each ordered pair (i, j) counts by ``mask[i, j]``, half each).
     - ``loss(embeddings (B, D), labels or None, indices=Pairs(a1, p, a2, n))``: your own pairs
       of the batch, similar ``(a1[i], p[i])`` and dissimilar ``(a2[j], n[j])``
       (:class:`~deepmetric.mining.Pairs`; :class:`~deepmetric.mining.PairMasks` are read too);
@@ -124,8 +127,7 @@ class ContrastiveLoss(_PairwiseLoss):
             return self._pairs(x, y, same)
         if y is None:
             raise ValueError("labels is None: pass labels (B,), or the pairs through indices=")
-        check_batch(x, y)
-        y = y.to(x.device)
+        y, _ = check_batch(x, y, multi_label=True)
         n = len(x)
         if n < 2:
             return zero(x)
@@ -134,10 +136,11 @@ class ContrastiveLoss(_PairwiseLoss):
         for tile in tiles:
             with torch.no_grad():
                 # v = d for similar pairs, relu(margin - d) for dissimilar ones; loss terms
-                # 0.5 v^2 and derivative +v / -v. The diagonal (d = 0, similar) adds 0; each
-                # unordered pair appears twice in the full matrix.
+                # 0.5 v^2 and derivative +v / -v. The diagonal (d = 0, counted similar) adds
+                # 0; each unordered pair appears twice in the full matrix.
                 d = tile.dist
-                same = y[tile.start : tile.stop, None] == y[None, :]
+                masks = miners.tile_masks(y[tile.start : tile.stop], y, self_offset=tile.start)
+                same = ~masks.negative
                 v = torch.where(same, d, (self.margin - d).clamp_min_(0.0))
                 total += 0.5 * torch.vdot(v.flatten(), v.flatten())
                 tiles.backprop(tile, torch.where(same, v, -v))
@@ -164,6 +167,10 @@ class LiftedStructuredLoss(_PairwiseLoss):
     each positive pair i < j gets ``J_ij = log(S_i + S_j) + D_ij`` and the loss is
     ``1 / (2 |P|) * sum over positive pairs of relu(J_ij)^2``. ``log S_i`` is a logsumexp, so
     nothing overflows; O(B^2). 0 when there is no positive pair or a single class.
+    Multi-label: ``labels`` multi-hot (B, L) 0/1 integers (positive: the two share a label;
+    negative: they share none; an item with no label is everyone's negative) or a boolean (B, B)
+    positive mask, diagonal ignored, read on its upper triangle for the positive pairs i < j;
+    an item without negatives has ``S_i = 0``; 0 when no item has a negative.
 
     **Your own pairs**: ``loss(embeddings, labels or None, indices=Pairs(a1, p, a2, n))`` (or
     :class:`~deepmetric.mining.PairMasks`) uses the given positive pairs ``(a1[i], p[i])`` as P
@@ -187,26 +194,34 @@ class LiftedStructuredLoss(_PairwiseLoss):
             return self._given(embeddings, self._given_pairs(embeddings, labels, indices))
         if labels is None:
             raise ValueError("labels is None: pass labels (B,), or the pairs through indices=")
-        check_batch(embeddings, labels)
-        labels = labels.to(embeddings.device)
-        classes, counts = labels.unique(return_counts=True)
-        n_pairs = int((counts * (counts - 1)).sum()) // 2
-        if n_pairs == 0 or len(classes) < 2:  # no positive pair, or no negative at all
-            return zero(embeddings)
+        labels, _ = check_batch(embeddings, labels, multi_label=True)
+        if labels.dim() == 1:  # classes: count the pairs before computing any distance
+            classes, counts = labels.unique(return_counts=True)
+            n_pairs = int((counts * (counts - 1)).sum()) // 2
+            if n_pairs == 0 or len(classes) < 2:  # no positive pair, or no negative at all
+                return zero(embeddings)
         tiles = RowTiles(embeddings, metric=self.metric, tile_bytes=self.tile_bytes)
         with torch.no_grad():
             # Pass 1: log S_i over each row's negatives, and each row's positive partners
             # j > i (packed in slots) with their distances.
             log_s = tiles.x.new_empty(len(labels))
             partners: list[tuple[miners.Slots, torch.Tensor]] = []
+            n_pairs = 0
             for tile in tiles:
                 masks = self._masks(labels, tile.start, tile.stop)
                 a = torch.where(masks.negative, self.margin - tile.dist, -torch.inf)
                 log_s[tile.start : tile.stop] = torch.logsumexp(a, dim=1)
                 slots = miners.positive_slots(masks.positive)
                 partners.append((slots, tile.dist.gather(1, slots.index)))
+                n_pairs += int(slots.valid.sum())
+            nothing = n_pairs == 0 or bool(torch.isinf(log_s).all())  # multi-label's exit
+        if nothing:
+            return zero(embeddings)
+        with torch.no_grad():
             # The hinges and, for every row i, c_i (see _coefficients), over all rows.
             total, g, c = self._coefficients(log_s, partners)
+            # A row without negatives (multi-label) has log S = -inf and no softmax term.
+            log_s_safe = torch.where(torch.isinf(log_s), 0.0, log_s)
         # Pass 2: the gradient, tile by tile.
         for (start, stop), g_rows, (slots, _) in zip(tiles.blocks(), g, partners):
             tile = tiles.tile(start, stop)
@@ -214,7 +229,7 @@ class LiftedStructuredLoss(_PairwiseLoss):
                 masks = self._masks(labels, start, stop)
                 a = torch.where(masks.negative, self.margin - tile.dist, -torch.inf)
                 # softmax over the negatives, times -c_i; g at the positive partners
-                grad = a.sub_(log_s[start:stop, None]).exp_().mul_(-c[start:stop, None])
+                grad = a.sub_(log_s_safe[start:stop, None]).exp_().mul_(-c[start:stop, None])
                 grad.scatter_add_(1, slots.index, g_rows)
             tiles.backprop(tile, grad)
         return tiles.loss(total / (2 * n_pairs), scale=1.0 / (2 * n_pairs))
@@ -271,7 +286,8 @@ class LiftedStructuredLoss(_PairwiseLoss):
             j = torch.logaddexp(log_s[rows, None], log_s[partner]) + d_pos
             hinge = torch.where(slots.valid, F.relu(j), 0.0)
             g = 2.0 * hinge
-            share = torch.sigmoid(log_s[rows, None] - log_s[partner])  # S_i / (S_i + S_j)
+            # S_i / (S_i + S_j); 1/2 (unused: g = 0) where neither has a negative
+            share = torch.sigmoid((log_s[rows, None] - log_s[partner]).nan_to_num_(0.0))
             c[rows] += (g * share).sum(dim=1)
             c.scatter_add_(0, partner.flatten(), (g * (1 - share)).flatten())
             total += (hinge**2).sum()

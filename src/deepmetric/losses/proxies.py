@@ -90,6 +90,11 @@ class _ClassVectors(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the batch; return the (B,) mask of the items whose label is in ``classes`` and
         the (K,) row of each of them. Unknown labels raise unless ``ignore_unknown``."""
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            raise ValueError(
+                f"{type(self).__name__} takes one class per item, labels (B,): its proxies stand "
+                "for classes, so multi-hot labels or a positive mask have none to pull to"
+            )
         check_batch(embeddings, labels)
         if embeddings.shape[1] != self.dim:
             raise ValueError(

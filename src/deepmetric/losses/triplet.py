@@ -85,6 +85,13 @@ class TripletLoss(nn.Module):
     ``ref_labels (R,)`` to take positives and negatives from a reference set (a memory bank)
     instead of the batch. Returns a scalar; 0 when there is no valid triplet.
 
+    **Multi-label data.** ``labels`` may be multi-hot (B, L) 0/1 integers (``ref_labels``
+    (R, L)): p is a positive of a when they share a label, n a negative when they share none
+    (an item with no label has no positive and is everyone's negative); or a boolean positive
+    mask (B, B) (with ``ref_embeddings``: (B, R), and no ``ref_labels``), its diagonal ignored.
+    See :func:`deepmetric.mining.tile_masks`; memory stays bounded for multi-hot labels (the
+    label rows are tiled too); a mask is (B, R) by nature.
+
     **Your own triplets.** ``loss(embeddings, labels, indices=Triplets(anchor, positive,
     negative))`` skips mining: ``anchor`` (T,) indexes the batch, ``positive`` and ``negative``
     (T,) the reference set (the batch itself without ``ref_embeddings``). ``labels`` (and
@@ -171,12 +178,14 @@ class TripletLoss(nn.Module):
             return self._given(embeddings, labels, ref_embeddings, ref_labels, indices)
         if labels is None:
             raise ValueError("labels is None: pass labels (B,), or the triplets through indices=")
-        labels, ref_labels = check_batch(embeddings, labels, ref_embeddings, ref_labels)
+        labels, ref_labels = check_batch(
+            embeddings, labels, ref_embeddings, ref_labels, multi_label=True
+        )
         tiles = RowTiles(embeddings, ref_embeddings, self.metric, tile_bytes=self.tile_bytes)
         ref = labels if ref_labels is None else ref_labels
         total, count = tiles.x.new_zeros(()), 0
         for tile in tiles:
-            offset = tile.start if ref_labels is None else None
+            offset = tile.start if ref_embeddings is None else None
             masks = miners.tile_masks(labels[tile.start : tile.stop], ref, self_offset=offset)
             value, n, grad = self._tile_sum(tile.dist, masks)
             total += value
@@ -197,13 +206,16 @@ class TripletLoss(nn.Module):
         """The mean hinge over given triplets, or over those ``self.miner`` returns."""
         if indices is not None and self.miner is not None:
             raise ValueError("this loss has a miner: pass indices= to a loss built without one")
-        labels, ref_labels = check_given_batch(embeddings, labels, ref_embeddings, ref_labels)
+        labels, ref_labels = check_given_batch(
+            embeddings, labels, ref_embeddings, ref_labels, multi_label=True
+        )
         ref = embeddings if ref_embeddings is None else ref_embeddings
         name = "indices"
         if self.miner is not None:
             if labels is None:
                 raise ValueError("labels is None: the miner needs labels (B,)")
-            if ref_embeddings is not None and ref_labels is None:
+            mask = labels.dim() == 2 and labels.dtype == torch.bool
+            if ref_embeddings is not None and ref_labels is None and not mask:
                 raise ValueError("ref_labels is None: the miner needs them with ref_embeddings")
             with torch.no_grad():
                 dist = pairwise(embeddings, ref_embeddings, self.metric)
