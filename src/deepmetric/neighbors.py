@@ -320,18 +320,33 @@ def retrieval_metrics(
         raise ValueError("ks must not be empty")
     for k in ks:
         check_positive_int(k, "every k in ks")
+    labels = labels.to(embeddings.device)
+    tally = None
     if multi:
-        return _multi_label_retrieval(embeddings, labels, metric, ks, chunk)
-    _, cls, counts = torch.unique(
-        labels.to(embeddings.device), return_inverse=True, return_counts=True
-    )
-    r_all = counts[cls] - 1
+
+        def relevant(start: int, stop: int, idx: torch.Tensor) -> torch.Tensor:  # (c, k) bool
+            return tile_masks(labels[start:stop], labels, self_offset=start).positive.gather(1, idx)
+
+        r_all = torch.cat(
+            [
+                tile_masks(labels[s : s + chunk], labels, self_offset=s).positive.sum(dim=1)
+                for s in range(0, n, chunk)
+            ]
+        )
+    else:
+        _, cls, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        r_all = counts[cls] - 1
+
+        def relevant(start: int, stop: int, idx: torch.Tensor) -> torch.Tensor:
+            return cls[idx] == cls[start:stop][:, None]
+
+        if per_class:
+            tally = _ClassTally(len(counts), embeddings.device)
     width = min(max(max(ks), int(r_all.max())), n - 1)
 
     names = ["precision_at_1", "r_precision", "map_at_r", *(f"recall@{k}" for k in ks)]
     totals = dict.fromkeys(names, 0.0)
     queries = 0
-    tally = _ClassTally(len(counts), embeddings.device) if per_class else None
     with torch.no_grad():
         emb = embeddings.detach()
         for start, _, idx in knn_chunks(emb, emb, width, metric, True, chunk):
@@ -340,7 +355,7 @@ def retrieval_metrics(
             valid = r > 0
             if not valid.any():
                 continue
-            rel = cls[idx[valid]] == cls[start:stop][valid][:, None]
+            rel = relevant(start, stop, idx)[valid]
             scores = _query_scores(rel, r[valid], ks)
             for name in names:
                 totals[name] += float(scores[name].sum())
@@ -361,53 +376,6 @@ def retrieval_metrics(
     if tally is not None:
         out["by_class"] = tally.rows(torch.unique(labels).tolist())
     return out
-
-
-def _multi_label_retrieval(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    metric: Metric,
-    ks: tuple[int, ...],
-    chunk: int,
-) -> dict[str, Any]:
-    """:func:`retrieval_metrics` of checked multi-hot labels or a relevance mask: relevance
-    from :func:`deepmetric.mining.tile_masks` (positive = relevant, self excluded), one chunk of
-    query rows at a time."""
-    n = embeddings.shape[0]
-    labels = labels.to(embeddings.device)
-
-    def relevant(start: int, stop: int) -> torch.Tensor:  # (c, N) bool
-        return tile_masks(labels[start:stop], labels, self_offset=start).positive
-
-    r_all = torch.cat([relevant(s, min(s + chunk, n)).sum(dim=1) for s in range(0, n, chunk)])
-    width = min(max(max(ks), int(r_all.max())), n - 1)
-    names = ["precision_at_1", "r_precision", "map_at_r", *(f"recall@{k}" for k in ks)]
-    totals = dict.fromkeys(names, 0.0)
-    queries = 0
-    with torch.no_grad():
-        emb = embeddings.detach()
-        for start, _, idx in knn_chunks(emb, emb, width, metric, True, chunk):
-            stop = start + idx.shape[0]
-            r = r_all[start:stop]
-            valid = r > 0
-            if not valid.any():
-                continue
-            rel = relevant(start, stop).gather(1, idx)[valid]
-            scores = _query_scores(rel, r[valid], ks)
-            for name in names:
-                totals[name] += float(scores[name].sum())
-            queries += int(valid.sum())
-
-    def mean(name: str) -> float:
-        return totals[name] / queries if queries else math.nan
-
-    return {
-        "precision_at_1": mean("precision_at_1"),
-        "r_precision": mean("r_precision"),
-        "map_at_r": mean("map_at_r"),
-        "recall_at_k": {str(k): mean(f"recall@{k}") for k in ks},
-        "queries": queries,
-    }
 
 
 class _ClassTally:
