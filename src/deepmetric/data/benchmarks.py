@@ -75,7 +75,7 @@ from deepmetric.data.datasets import (
     Fetch,
     _decode_image,
     data_home,
-    download_file,
+    download_first,
     pixels_to_float,
 )
 from deepmetric.data.preprocess import RESAMPLE
@@ -244,16 +244,11 @@ def _download(
     elif not urls or expected is None:
         reason = "it has no download URL with a published checksum"
     else:
-        failures = []
-        for url in urls:
-            try:
-                download_file(url, path, expected, fetch=fetch)
-                return
-            except DatasetError as e:
-                failures.append(str(e))
-            except OSError as e:
-                failures.append(f"{url}: {e}")
-        reason = f"the download failed ({'; '.join(failures)})"
+        try:
+            download_first(urls, path, expected, fetch=fetch)
+            return
+        except DatasetError as e:
+            reason = str(e)
     raise DatasetError(
         f"{bench.name}: {path} is missing, and {reason}. Get {archive.name} from {bench.page} "
         f"and put it into {path.parent} (set DEEPMETRIC_DATA, root= or {bench.name}:DIR to move it)"

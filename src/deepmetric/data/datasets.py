@@ -409,27 +409,36 @@ def _has_split(directory: Path, split: Split) -> bool:
     )
 
 
+def download_first(
+    urls: Sequence[str], dest: str | os.PathLike[str], md5: str, *, fetch: Fetch | None = None
+) -> Path:
+    """:func:`download_file` from the first of ``urls`` that works (mirrors, in order); a
+    :class:`DatasetError` "the download failed (...)" naming every failure otherwise."""
+    failures: list[str] = []
+    for url in urls:
+        try:
+            return download_file(url, dest, md5, fetch=fetch)
+        except DatasetError as e:
+            failures.append(str(e))
+        except OSError as e:
+            failures.append(f"{url}: {e}")
+    raise DatasetError(f"the download failed ({'; '.join(failures)})")
+
+
 def _download_split(
     family: Family, target: Path, split: Split, mirrors: Sequence[str], fetch: Fetch | None
-) -> list[str]:
-    """Download the split's two ``.gz`` files into ``target``; returns the failures."""
-    failures: list[str] = []
+) -> str | None:
+    """Download the split's two ``.gz`` files into ``target``; the failure, or None."""
     for name in IDX_FILES[split]:
         gz = f"{name}.gz"
         if (target / name).is_file() or (target / gz).is_file():
             continue
-        for mirror in mirrors:
-            url = mirror.rstrip("/") + "/" + gz
-            try:
-                download_file(url, target / gz, family.md5[gz], fetch=fetch)
-                break
-            except DatasetError as e:
-                failures.append(str(e))
-            except OSError as e:
-                failures.append(f"{url}: {e}")
-        else:
-            return failures
-    return []
+        urls = [mirror.rstrip("/") + "/" + gz for mirror in mirrors]
+        try:
+            download_first(urls, target / gz, family.md5[gz], fetch=fetch)
+        except DatasetError as e:
+            return str(e)
+    return None
 
 
 def fetch_mnist_family(
@@ -470,10 +479,10 @@ def fetch_mnist_family(
             return directory
     reason = "downloading is off (download=False)"
     if download:
-        failures = _download_split(family, target, split, mirrors or family.mirrors, fetch)
-        if not failures:
+        failure = _download_split(family, target, split, mirrors or family.mirrors, fetch)
+        if failure is None:
             return target
-        reason = f"the download failed ({'; '.join(failures)})"
+        reason = failure
     files = ", ".join(f"{n}.gz" for n in IDX_FILES[split])
     hint = f"; {family.hint}" if family.hint else ""
     raise DatasetError(

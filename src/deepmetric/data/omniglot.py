@@ -46,7 +46,7 @@ from deepmetric.data.datasets import (
     Split,
     _check_split,
     data_home,
-    download_file,
+    download_first,
 )
 
 #: split -> the archive holding it; its top folder is the archive's name without ``.zip``
@@ -102,16 +102,11 @@ def fetch_omniglot(
     reason = "downloading is off (download=False)"
     if download:
         expected = (MD5 if md5 is None else md5)[name]
-        failures: list[str] = []
-        for mirror in mirrors or MIRRORS:
-            url = mirror.rstrip("/") + "/" + name
-            try:
-                return download_file(url, target / name, expected, fetch=fetch)
-            except DatasetError as e:
-                failures.append(str(e))
-            except OSError as e:
-                failures.append(f"{url}: {e}")
-        reason = f"the download failed ({'; '.join(failures)})"
+        urls = [mirror.rstrip("/") + "/" + name for mirror in mirrors or MIRRORS]
+        try:
+            return download_first(urls, target / name, expected, fetch=fetch)
+        except DatasetError as e:
+            reason = str(e)
     raise DatasetError(
         f"omniglot ({split}): no local copy, and {reason}. Put {name} (from {MIRRORS[0]}) "
         f"into {target} (the cache folder; set DEEPMETRIC_DATA or root= to move it)"
