@@ -141,7 +141,7 @@ def _row(label: str, items: int, seconds: float, unit_extra: str = "") -> str:
 def _test_images(count: int) -> tuple[np.ndarray, str]:
     """``count`` uint8 (H, W) images: the Fashion-MNIST test split, else random pixels."""
     try:
-        from deepmetric.data.datasets import load_dataset
+        from deepmetric.data import load_dataset
 
         ds = load_dataset("fashion-mnist", "test", download=False)
         x = (ds.x[:count, 0] * 255).round().to(torch.uint8).numpy()

@@ -34,7 +34,8 @@ from typing import NamedTuple
 import pytest
 import tiny_data
 
-from deepmetric.data.datasets import MNIST_FAMILY, fetch_mnist_family, load_dataset
+from deepmetric.data import load_dataset
+from deepmetric.data.datasets import MNIST_FAMILY, fetch_mnist_family
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

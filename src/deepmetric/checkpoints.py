@@ -57,6 +57,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+#: The folder of a run folder that holds its checkpoints.
+CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
 MODEL = "model.safetensors"
 STATE_TENSORS = "state.safetensors"
@@ -303,7 +305,7 @@ def save_checkpoint(
     model_tensors = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(state, tensors)).encode("utf-8")  # fails before touching the disk
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     try:
         final = _write_checkpoint(root, name, model_tensors, tensors, tree, config_yaml)
     except (OSError, SafetensorError) as error:  # ENOSPC, EFBIG, EROFS, EACCES, ...
@@ -364,7 +366,7 @@ class CheckpointFallback(RuntimeWarning):
 def find_latest(run_dir: str | Path) -> tuple[Path, str | None]:
     """The checkpoint :func:`latest_checkpoint` returns, and why it is not the one
     ``checkpoints/latest`` names (``None`` when it is), without a warning."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint in {run_dir} (no {root} folder)")
     pointer = root / LATEST
@@ -417,7 +419,7 @@ def holds_checkpoints(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds checkpoints, usable or not: a ``checkpoints/latest`` pointer or
     a checkpoint folder (what an interrupted save leaves, ``.tmp-*``, ``.del-*``, does not
     count: a run killed during its first save holds none)."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return False
     return any(
@@ -442,7 +444,7 @@ def load_latest(run_dir: str | Path) -> Loaded:
     back warns (:class:`CheckpointFallback`, one line saying which checkpoint and why);
     ``CheckpointError`` naming every damaged checkpoint when none loads. Nothing is written."""
     first, why = find_latest(run_dir)
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     reasons = [why.rpartition("; falling back to ")[0]] if why is not None else []
     others = [p for _, _, p in reversed(_complete(root)) if p != first]
     for folder in [first, *others]:

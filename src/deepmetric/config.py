@@ -21,6 +21,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+#: The ``data`` a run of ``fit()`` on Python objects records: no data set spec.
+FIT_DATA = "(python objects)"
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or has a value of the wrong type."""
@@ -152,6 +155,13 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name
+
+    @property
+    def from_fit(self) -> bool:
+        """Whether ``fit()`` trained the run on Python objects (``data`` is
+        :data:`FIT_DATA`): its data and, without a registered builder, its network are not in
+        the run folder."""
+        return self.data == FIT_DATA
 
 
 # ----------------------------------------------------------------------------- typing

@@ -37,6 +37,8 @@ __all__ = [
     "build_backbone",
     "build_registered",
     "embed",
+    "embedding_part",
+    "embedding_state",
     "projections",
     "register_model",
 ]
@@ -616,6 +618,27 @@ class JointNet(nn.Module):
 #: name -> function returning a fresh (untrained) embedding network; filled by
 #: :func:`register_model` when the module defining the network is imported.
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+#: The views that share one embedding network (``embedding_net``) with something around it.
+WithEmbeddingNet = SiameseNet | TripletNet | JointNet
+EMBEDDING_PREFIX = "embedding_net."
+
+
+def embedding_part(model: nn.Module) -> nn.Module:
+    """The part of ``model`` that maps inputs to embeddings: a Siamese, triplet or joint
+    view's shared ``embedding_net`` (the classifier head dropped), else ``model`` itself."""
+    return model.embedding_net if isinstance(model, WithEmbeddingNet) else model
+
+
+def embedding_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of :func:`embedding_part` in a saved state dict: the ``embedding_net.``
+    entries with that prefix removed (a joint run's head left out) when there are any,
+    else ``state`` as it is."""
+    if not any(k.startswith(EMBEDDING_PREFIX) for k in state):
+        return state
+    n = len(EMBEDDING_PREFIX)
+    return {k[n:]: v for k, v in state.items() if k.startswith(EMBEDDING_PREFIX)}
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:

@@ -17,7 +17,6 @@ from deepmetric.data.datasets import (
     data_home,
     download_file,
     fetch_mnist_family,
-    load_dataset,
     load_idx,
     load_idx_dir,
     load_image_folder,
@@ -28,6 +27,7 @@ from deepmetric.data.datasets import (
 )
 from deepmetric.data.preprocess import Preprocessing
 from deepmetric.data.samplers import PairSampler, PKSampler, balanced_pairs, random_triplets
+from deepmetric.data.specs import load_dataset
 
 __all__ = [
     "DIHEDRAL",

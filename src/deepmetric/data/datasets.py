@@ -778,44 +778,6 @@ def _check_split(split: str) -> Split:
     return split  # type: ignore[return-value]
 
 
-def load_dataset(
-    spec: str,
-    split: Split = "train",
-    *,
-    root: str | os.PathLike[str] | None = None,
-    **opts: object,
-) -> ArrayDataset:
-    """Load a dataset by spec: ``mnist``, ``fashion-mnist``, ``kmnist``, ``omniglot``,
-    ``idx:DIR``, ``folder:DIR`` or ``npz:FILE``.
-
-    ``root`` is the download cache of the named datasets (see :func:`data_home`); path
-    specs ignore it. ``opts`` go to the loader: :func:`fetch_mnist_family` (``download``,
-    ``mirrors``, ``search_dirs``, ``fetch``), :func:`~deepmetric.data.omniglot.load_omniglot`
-    (the same, with ``md5`` and ``size``) or :func:`load_image_folder` (``mode``, ``size``,
-    ``resample``).
-    See each loader for what ``split="test"`` means for it.
-    """
-    kind, sep, arg = spec.partition(":")
-    if not sep and spec in MNIST_FAMILY:
-        return load_mnist_family(spec, split, root=root, **opts)
-    if spec == "omniglot":
-        from deepmetric.data.omniglot import load_omniglot  # it imports this module
-
-        return load_omniglot(split, root=root, **opts)  # type: ignore[arg-type]
-    if kind in ("cub200", "cars196", "sop", "inshop"):  # lazy ImageFiles: data/benchmarks.py
-        from deepmetric.data.benchmarks import load_benchmark
-
-        return load_benchmark(kind, arg or None, split, root=root, **opts)  # type: ignore[return-value, arg-type]
-    loaders: dict[str, Callable[..., ArrayDataset]] = {
-        "idx": load_idx_dir,
-        "folder": load_image_folder,
-        "npz": load_npz,
-    }
-    if not sep or kind not in loaders or not arg:
-        raise ValueError(f"unknown dataset spec {spec!r}; valid forms: {', '.join(SPEC_FORMS)}")
-    return loaders[kind](arg, split, **opts)
-
-
 # --------------------------------------------------------------------------- splits
 
 

@@ -41,7 +41,6 @@ the run was trained on: the weights are loaded on the CPU and moved there.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +53,8 @@ from deepmetric.checkpoints import weights_sha256
 from deepmetric.config import Config, ConfigError
 from deepmetric.data import ArrayDataset, Preprocessing, class_split, load_dataset
 from deepmetric.data.datasets import Split
+from deepmetric.data.training_data import load_training_data, resolve_val_classes
+from deepmetric.devices import resolve_device
 from deepmetric.distances import paired_at
 from deepmetric.evaluate import figures
 from deepmetric.evaluate.diagnostics import JudgedPairs, per_class_table, test_triplet_categories
@@ -67,17 +68,15 @@ from deepmetric.evaluate.metrics import (
 from deepmetric.evaluate.pairs import verification_pairs
 from deepmetric.evaluate.report import write_report
 from deepmetric.evaluate.roc import (
-    choose_threshold,
     eer,
     out_of_fold,
     roc_curve,
     verification_metrics,
 )
+from deepmetric.evaluate.threshold import threshold_of_pairs, validation_pairs
 from deepmetric.evaluate.transfer import DEFAULT_FARS, open_set, threshold_transfer
 from deepmetric.models import embed
-from deepmetric.training import open_trained, resolve_device, untrained_network
-from deepmetric.training.builders import load_training_data, resolve_val_classes
-from deepmetric.training.run import read_preprocessing
+from deepmetric.runs import LOG_FILE, VALIDATION_PROTOCOL, Run, Threshold
 
 Progress = Callable[[str], None]
 
@@ -90,7 +89,6 @@ UNTRAINED_NOTE = (
 #: Folds of the cross-validation used when there is no validation threshold (the LFW protocol).
 FOLDS = 10
 
-VALIDATION_PROTOCOL = "threshold chosen on the run's validation split, not on these pairs"
 CROSS_VALIDATION_PROTOCOL = (
     f"{FOLDS}-fold cross-validation on these pairs (LFW protocol): each pair is judged with the "
     f"threshold fitted on the other {FOLDS - 1} folds (accuracy: mean over folds; per-class "
@@ -267,10 +265,11 @@ def _scored_and_validation(
 ) -> tuple[ArrayDataset, ArrayDataset | None, dict[str, Any]]:
     """``(scored set, validation set or None, notes for metrics.json["data"])``.
 
-    The validation set is the run's own (:func:`~deepmetric.training.load_data`), only when the
-    run's own data is evaluated; on its train split, the scored set leaves it out. The notes
-    hold the resolved ``train.val_classes`` (``"val_classes"``: spec, count, ids) when set, and
-    on the run's own data how many scored classes training saw (:func:`_seen_notes`).
+    The validation set is the run's own (:func:`~deepmetric.data.training_data.load_data`),
+    only when the run's own data is evaluated; on its train split, the scored set leaves it
+    out. The notes hold the resolved ``train.val_classes`` (``"val_classes"``: spec, count,
+    ids) when set, and on the run's own data how many scored classes training saw
+    (:func:`_seen_notes`).
     """
     if not own:
         notes = _val_notes(config, None) | {"classes_seen_in_training": None}
@@ -318,7 +317,7 @@ def _seen_notes(scored: ArrayDataset, trained: ArrayDataset) -> dict[str, Any]:
 
 def _val_notes(config: Config, val_classes: list[int] | None) -> dict[str, Any]:
     """``{"val_classes": {"spec", "count", "ids"}}``: the run's ``train.val_classes`` as
-    written and resolved (:func:`~deepmetric.training.builders.resolve_val_classes`; resolved
+    written and resolved (:func:`~deepmetric.data.training_data.resolve_val_classes`; resolved
     here when not given); ``{}`` when unset."""
     ids = val_classes if val_classes is not None else resolve_val_classes(config)
     if ids is None:
@@ -350,16 +349,17 @@ def evaluate_run(
     started = time.perf_counter()
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
-    run_dir = Path(run_dir)
     torch_device = _device(device)
-    config, net, _, fallback = open_trained(run_dir)  # fallback: the latest is damaged
+    run = Run.open(run_dir)
+    run_dir, config = run.path, run.config
+    net, _, _, fallback = run.network()  # fallback: the latest is damaged
     weights = weights_sha256(net.state_dict())  # the threshold is for these weights only
     net.to(torch_device)
     own = data is None
     spec = data or config.data
-    if own and config.data == "(python objects)":
+    if own and run.from_fit:
         raise ConfigError(f"{run_dir} was trained on Python objects: pass data= (--data)")
-    pre = read_preprocessing(run_dir) if spec.startswith("folder:") else None
+    pre = run.preprocessing() if spec.startswith("folder:") else None
     opts = _folder_options(config, pre) if spec.startswith("folder:") else {}
     metric, margin = config.loss.metric, config.loss.margin
     plan = FewShotPlan() if few_shot is None else few_shot
@@ -376,7 +376,7 @@ def evaluate_run(
     except ValueError as error:
         raise ConfigError(str(error)) from None
     names = test_set.classes or [str(c) for c in range(int(test_set.y.max()) + 1)]
-    out_dir = run_dir / "eval" if out is None else Path(out)
+    out_dir = run.eval_dir if out is None else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     progress(f"embedding {len(test_set):,} {split} items of {spec} on {torch_device}")
@@ -385,8 +385,8 @@ def evaluate_run(
     threshold = val = None
     if val_set is not None and _has_pairs(val_set.y):
         val_emb = embed(net, val_set.inputs, torch_device)
-        _, _, val_dist, val_same = _pairs(val_emb, val_set.y, metric, config.seed)
-        threshold = max(0.0, choose_threshold(val_dist, val_same))  # a distance: never < 0
+        val_dist, val_same = validation_pairs(val_emb, val_set.y, metric, config.seed)
+        threshold = threshold_of_pairs(val_dist, val_same)
         val = _Validation(val_emb.cpu(), val_set.y.cpu(), val_dist.cpu(), val_same.cpu())
     progress("metrics")
     metrics = retrieval_and_verification(
@@ -402,7 +402,7 @@ def evaluate_run(
     _one_shot_blocks(metrics, emb.cpu(), test_set.inputs[:], test_set.y, **few)
     dist, same = metrics.pop("_pairs")
     progress("untrained-network baseline")
-    untrained_net = untrained_network(config, test_set.inputs[:1]).to(torch_device)
+    untrained_net = run.untrained_network(test_set.inputs[:1]).to(torch_device)
     untrained = embed(untrained_net, test_set.inputs, torch_device)
     metrics["untrained_network_baseline"] = {
         **retrieval_metrics(untrained, test_set.y, metric=metric),
@@ -494,32 +494,21 @@ def evaluate_run(
     written = [out_dir / "metrics.json", out_dir / "report.html"]
     if threshold is not None and out is None and fallback is not None:
         progress(
-            f"{run_dir / 'threshold.json'} left as it is: these are the weights of an older "
+            f"{run.threshold_path} left as it is: these are the weights of an older "
             "checkpoint, the latest one is damaged"
         )
     elif threshold is not None and out is None:  # fitted on the run's validation split
         assert val_set is not None
-        _write_json(
-            run_dir / "threshold.json",
-            {
-                "threshold": threshold,
-                "metric": metric,
-                "protocol": VALIDATION_PROTOCOL,
-                "validation_items": len(val_set),
-                "far": None,
-                "weights_sha256": weights,
-            },
+        record = Threshold(
+            value=threshold,
+            metric=metric,
+            protocol=VALIDATION_PROTOCOL,
+            validation_items=len(val_set),
+            weights_sha256=weights,
         )
-        written.append(run_dir / "threshold.json")
+        written.append(run.write_threshold(record))
     progress("wrote " + ", ".join(str(p) for p in written))
     return metrics
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2))
-    os.replace(partial, path)
 
 
 def _strict(value: Any) -> Any:
@@ -548,7 +537,7 @@ def _figures(
     tags: dict[int, str],
 ) -> list[tuple[Path, str]]:
     figs: list[tuple[Path, str]] = []
-    log = run_dir / "log.jsonl"
+    log = run_dir / LOG_FILE
     if log.exists():
         records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         figs.append(

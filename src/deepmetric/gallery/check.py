@@ -42,17 +42,20 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from deepmetric.gallery.gallery import build_index, index_path, load_embedder
-from deepmetric.gallery.index import GalleryIndex, IndexFileError, check_sums, load_index
+from deepmetric.gallery.index import (
+    GalleryIndex,
+    IndexFileError,
+    build_index,
+    check_sums,
+    index_path,
+    load_index,
+)
 from deepmetric.gallery.store import Examples, GalleryError, GalleryStore
-from deepmetric.inference import Threshold
-
-if TYPE_CHECKING:
-    from deepmetric.inference import Embedder
+from deepmetric.inference import Embedder, Threshold
 
 __all__ = ["CheckReport", "Problem", "check_gallery"]
 
@@ -141,7 +144,7 @@ def _model_problems(
             problem(f"the recorded model {source} no longer exists (give the model with --run)")
         else:
             try:
-                embedder = load_embedder(source, device=device)
+                embedder = Embedder.load(source, device=device)
             except (ValueError, OSError, RuntimeError, ImportError, GalleryError) as error:
                 problem(f"the recorded model {source} cannot be loaded: {error}")
     if embedder is not None and isinstance(record, dict):

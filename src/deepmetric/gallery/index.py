@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmetric.distances import METRICS, Metric, check_metric
+from deepmetric.gallery.store import Examples, GalleryStore
 from deepmetric.neighbors import check_positive_int, smallest_k
 
 try:  # optional: faiss flat / HNSW indexes
@@ -78,6 +79,7 @@ __all__ = [
     "HNSW_EF_CONSTRUCTION",
     "HNSW_EF_SEARCH",
     "HNSW_M",
+    "INDEX_SUFFIX",
     "REBUILD_FRACTION",
     "ExactIndex",
     "FaissIndex",
@@ -85,10 +87,12 @@ __all__ = [
     "IdentityMatches",
     "IndexFileError",
     "SearchResult",
+    "build_index",
     "check_sums",
     "faiss_available",
     "hnsw_ef_search",
     "identity_lookup",
+    "index_path",
     "load_index",
     "make_index",
     "top_identities",
@@ -933,3 +937,27 @@ def top_identities(
         pending = np.asarray(still, dtype=np.int64)
         want *= 2
     return IdentityMatches(names, dist, ids)
+
+
+# --------------------------------------------------------------------------- a gallery's index
+
+#: the index folder of gallery ``G`` is ``G`` + this suffix
+INDEX_SUFFIX = ".index"
+
+
+def index_path(path: str | Path) -> Path:
+    """The index folder of the gallery file ``path``: ``path`` + :data:`INDEX_SUFFIX`."""
+    path = Path(path)
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def build_index(store: GalleryStore, snapshot: tuple[int, Examples] | None = None) -> GalleryIndex:
+    """A new index (type chosen for its size by :func:`make_index`) of every example of
+    ``store``, stamped with the generation the examples were read at; ``snapshot``: a
+    ``store.snapshot()`` already read."""
+    generation, examples = store.snapshot() if snapshot is None else snapshot
+    index = make_index(dim=store.dim, metric=store.metric, size_hint=len(examples.ids))  # type: ignore[arg-type]
+    index.add(examples.embeddings, examples.ids)
+    index.generation = generation
+    index.gallery_id = store.gallery_id
+    return index

@@ -22,7 +22,6 @@ raise ``ValueError`` saying how to get one.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,30 +30,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepmetric.checkpoints import load_checkpoint, load_model_state, weights_sha256
+from deepmetric.checkpoints import weights_sha256
 from deepmetric.config import Config
 from deepmetric.data import Preprocessing
 from deepmetric.data.preprocess import Inputs
+from deepmetric.data.training_data import load_data
+from deepmetric.devices import resolve_device
 from deepmetric.distances import check_metric, paired
-from deepmetric.inference.threshold import (
+from deepmetric.evaluate.threshold import fit_threshold
+from deepmetric.files import Progress, print_stderr
+from deepmetric.inference.onnx_file import read_onnx
+from deepmetric.runs import (
     THRESHOLD_FILE,
     VALIDATION_PROTOCOL,
+    ModelIdentity,
+    Run,
     Threshold,
     far_protocol,
-    fit_threshold,
-    read_threshold,
-    write_threshold,
 )
-from deepmetric.training import load_data, open_trained, resolve_device
-from deepmetric.training.run import PREPROCESS_FILE, read_preprocessing
 
-Progress = Callable[[str], None]
 Forward = Callable[[torch.Tensor], torch.Tensor]
-
-
-def print_stderr(text: str) -> None:
-    """The default ``progress``: one line on stderr."""
-    print(text, file=sys.stderr)
 
 
 class Verification(NamedTuple):
@@ -63,6 +58,19 @@ class Verification(NamedTuple):
     distance: float
     threshold: float
     same: bool
+
+    def to_json(self, a: str | None, b: str | None, metric: str) -> dict[str, Any]:
+        """The record of ``deepmetric verify --json`` and the service's ``POST /verify``:
+        ``{"a", "b", "distance", "threshold", "same", "metric"}`` (``a``, ``b``: the inputs'
+        names as given)."""
+        return {
+            "a": a,
+            "b": b,
+            "distance": self.distance,
+            "threshold": self.threshold,
+            "same": self.same,
+            "metric": metric,
+        }
 
 
 class Embedder:
@@ -142,16 +150,18 @@ class Embedder:
             raise ValueError(self._no_threshold)
         return self._threshold
 
-    def identity(self) -> dict[str, Any]:
-        """What makes two Embedders interchangeable: ``weights_sha256`` (see
-        :func:`weights_sha256`), ``preprocessing`` (a dict, or ``None``), ``dim``, ``metric``."""
+    @property
+    def model_identity(self) -> ModelIdentity:
+        """What makes two Embedders interchangeable (:class:`~deepmetric.runs.ModelIdentity`):
+        the weights' sha256 (see :func:`weights_sha256`), the preprocessing, ``dim``,
+        ``metric``."""
         pre = self.preprocessing.to_dict() if self.preprocessing is not None else None
-        return {
-            "weights_sha256": self._weights,
-            "preprocessing": pre,
-            "dim": self._dim,
-            "metric": self._metric,
-        }
+        return ModelIdentity(self._weights, pre, self._dim, self._metric)
+
+    def identity(self) -> dict[str, Any]:
+        """:attr:`model_identity` as a plain dict: ``weights_sha256``, ``preprocessing`` (a
+        dict, or ``None``), ``dim``, ``metric``."""
+        return self.model_identity.to_dict()
 
     def __repr__(self) -> str:
         return f"Embedder({self.source!r}, dim={self._dim}, metric={self._metric!r})"
@@ -225,7 +235,7 @@ class Embedder:
         The threshold: ``threshold.json`` when it belongs to these weights; otherwise, with
         ``calibrate``, one chosen on the validation split (saved for the latest checkpoint;
         ``progress`` gets one line saying so). A ``fit()`` run is rebuilt with its registered
-        builder (see :func:`deepmetric.training.load_trained`).
+        builder (see :meth:`deepmetric.runs.Run.network`).
         """
         run = _load_run(run_dir, checkpoint, device)
         embedder = _build(run, preprocessing)
@@ -258,14 +268,34 @@ class Embedder:
         )
 
     @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        *,
+        device: str | torch.device = "auto",
+        calibrate: bool = False,
+        progress: Progress = print_stderr,
+    ) -> Embedder:
+        """The one way from a path to an Embedder: a run folder (:meth:`from_run` on
+        ``device``, its threshold chosen and saved when it has none only with ``calibrate``)
+        or an exported ``.onnx`` file (:meth:`from_onnx`). Anything else is a one-line
+        ``ValueError`` naming the path: missing, or neither."""
+        path = Path(source)
+        if path.is_dir():
+            return cls.from_run(path, device=device, calibrate=calibrate, progress=progress)
+        if path.suffix.lower() == ".onnx" and path.is_file():
+            return cls.from_onnx(path)
+        if not path.exists():
+            raise ValueError(f"the model {path} does not exist (moved or deleted?)")
+        raise ValueError(f"{path}: neither a run folder nor an .onnx file")
+
+    @classmethod
     def from_onnx(cls, path: str | Path) -> Embedder:
         """An exported model (``deepmetric export``): onnxruntime on the CPU, default threads;
         preprocessing, metric and threshold from the file's metadata, the identity computed
         from the graph's weights (a file changed after its export has not its run's identity,
         nor its threshold: see :mod:`deepmetric.inference.export`)."""
-        from deepmetric.inference.export import load_onnx
-
-        return load_onnx(cls, path)
+        return cls(**read_onnx(path)._asdict())
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -291,34 +321,31 @@ def _chunks(inputs: Inputs, size: int) -> list[Any]:
 
 
 class _Run(NamedTuple):
-    run_dir: Path
-    config: Config
+    run: Run
     net: nn.Module
     device: torch.device
     latest: bool  # the checkpoint is the one ``checkpoints/latest`` names, and it loaded
 
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def config(self) -> Config:
+        return self.run.config
+
 
 def _load_run(run_dir: str | Path, checkpoint: str, device: str | torch.device) -> _Run:
-    run_dir = Path(run_dir)
     torch_device = resolve_device(device)  # a bad or absent device: said before any loading
-    config, net, folder, fallback = open_trained(run_dir)  # fallback: the latest is damaged
-    loaded = checkpoint in ("latest", folder.name)
-    if not loaded:
-        folder = run_dir / "checkpoints" / checkpoint
-        if "/" in checkpoint or checkpoint.startswith(".") or not folder.is_dir():
-            raise ValueError(f"{run_dir}: no checkpoint named {checkpoint!r} in {folder.parent}")
-        state, _ = load_checkpoint(folder)
-        prefix = "embedding_net."
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        load_model_state(net, state, source=folder)
-    net.to(torch_device).eval()
-    return _Run(run_dir, config, net, torch_device, loaded and fallback is None)
+    run = Run.open(run_dir)
+    loaded = run.network(checkpoint)
+    loaded.net.to(torch_device).eval()
+    return _Run(run, loaded.net, torch_device, loaded.latest)
 
 
 def _build(run: _Run, preprocessing: Preprocessing | None) -> Embedder:
     """The Embedder of a loaded run, with its saved threshold when that fits the weights."""
-    pre = preprocessing or _run_preprocessing(run.run_dir, run.config)
+    pre = preprocessing or run.run.inference_preprocessing()
     weights = weights_sha256(run.net.state_dict())
     threshold, why = _saved_threshold(run, weights)
     return Embedder(
@@ -333,23 +360,6 @@ def _build(run: _Run, preprocessing: Preprocessing | None) -> Embedder:
         source=str(run.run_dir),
         device=run.device,
     )
-
-
-def _run_preprocessing(run_dir: Path, config: Config) -> Preprocessing | None:
-    """``RUN_DIR/preprocess.json``; for older runs, derived from the training data."""
-    recorded = read_preprocessing(run_dir)
-    if recorded is not None:
-        return recorded
-    if config.data == "(python objects)":
-        return None
-    try:
-        train_set, _ = load_data(config)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"{run_dir} has no {PREPROCESS_FILE} and its training data cannot be read to derive "
-            f"it ({error}): pass preprocessing= (deepmetric.data.Preprocessing)"
-        ) from None
-    return Preprocessing.from_images(train_set.data)
 
 
 def _output_dim(net: nn.Module, config: Config, pre: Preprocessing | None) -> int:
@@ -373,8 +383,8 @@ def _torch_forward(net: nn.Module, device: torch.device) -> Forward:
 
 def _saved_threshold(run: _Run, weights: str) -> tuple[Threshold | None, str]:
     """``threshold.json`` when it belongs to these weights (and metric), else why not."""
-    path = run.run_dir / THRESHOLD_FILE
-    saved = read_threshold(path)
+    path = run.run.threshold_path
+    saved = run.run.threshold()
     if saved is None:
         return None, f"{run.run_dir} has no {THRESHOLD_FILE}"
     if saved.metric != run.config.loss.metric:
@@ -388,7 +398,7 @@ def _saved_threshold(run: _Run, weights: str) -> tuple[Threshold | None, str]:
 
 def _no_validation(run: _Run) -> str:
     config = run.config
-    if config.data == "(python objects)":
+    if config.from_fit:
         return (
             f"{run.run_dir} was trained by fit() on Python objects, so its validation data is "
             "not in the run folder: choose a threshold on held-out labelled data with "
@@ -423,7 +433,7 @@ def _calibrate(
         )
     else:
         no_split = run.config.train.val_fraction == 0 and run.config.train.val_classes is None
-        if run.config.data == "(python objects)" or no_split:
+        if run.config.from_fit or no_split:
             raise ValueError(_no_validation(run))
         try:
             _, val = load_data(run.config)
@@ -446,7 +456,7 @@ def _calibrate(
         protocol=protocol,
         far=far,
         validation_items=len(y),
-        weights_sha256=embedder.identity()["weights_sha256"],
+        weights_sha256=embedder.model_identity.weights_sha256,
     )
 
 
@@ -454,8 +464,7 @@ def _save(run: _Run, threshold: Threshold) -> str:
     """Save into ``threshold.json`` for the latest checkpoint; say where (or why not)."""
     if not run.latest:
         return f"not saved ({THRESHOLD_FILE} is for the latest checkpoint, left as it is)"
-    write_threshold(run.run_dir / THRESHOLD_FILE, threshold)
-    return f"saved to {run.run_dir / THRESHOLD_FILE}"
+    return f"saved to {run.run.write_threshold(threshold)}"
 
 
 def calibrate_threshold(
@@ -471,8 +480,9 @@ def calibrate_threshold(
     """Choose the verification threshold of a run and save it in ``RUN_DIR/threshold.json``
     (``save=False``: only return it, e.g. for a gallery that keeps its own).
 
-    On the run's validation split only (:func:`deepmetric.training.load_data`), never on data
-    it will judge: ``far=None``: the accuracy-maximising threshold (as ``deepmetric evaluate``);
+    On the run's validation split only (:func:`deepmetric.data.training_data.load_data`),
+    never on data it will judge: ``far=None``: the accuracy-maximising threshold (as
+    ``deepmetric evaluate``);
     ``far=1e-3``: the largest threshold with a false accept rate ``<= far`` on the validation
     pairs. ``data=(inputs, labels)``: held-out labelled data instead (for runs without a
     validation split). Saved only for the latest checkpoint. Raises ``ValueError`` (saying how

@@ -23,18 +23,19 @@ from torch.utils.data import Dataset
 from deepmetric import distributed
 from deepmetric.checkpoints import CheckpointError, find_latest, holds_checkpoints
 from deepmetric.config import (
+    FIT_DATA,
     Config,
     ConfigError,
     LossConfig,
     TrainConfig,
     config_to_yaml,
-    dump_config,
 )
 from deepmetric.config import validate as validate_config
 from deepmetric.data import augment
 from deepmetric.losses import CrossBatchMemory
 from deepmetric.models import projections
 from deepmetric.neighbors import nearest_other, retrieval_metrics
+from deepmetric.runs import Run
 from deepmetric.training.builders import (
     build_mode,
     build_optimizer,
@@ -259,8 +260,7 @@ def train_loop(
                 f"note: {run_dir} has no complete checkpoint: training from the start", file=stream
             )
     if resume and run_dir is not None and main:  # the resolved config, epochs=N included
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")
+        Run.create(config, run_dir)
     amp_dtype = autocast_dtype(t.amp, device)
     net = _parallel(model, device)
     n_views = mode.n_views if isinstance(mode, PKMode) else 1
@@ -408,7 +408,7 @@ def fit(
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; valid: {', '.join(sorted(valid))}")
-    config = Config(name=Path(out).name if out else "fit", data="(python objects)", seed=seed)
+    config = Config(name=Path(out).name if out else "fit", data=FIT_DATA, seed=seed)
     config.mode, config.epochs = mode, epochs  # type: ignore[assignment]
     config.out = str(out) if out is not None else None
     config.train = dataclasses.replace(TrainConfig(), p=p, k=k, augment=augment, **options)
@@ -524,8 +524,7 @@ def start_run_folder(config: Config, run_dir: Path, resume: bool, *, write: bool
         )
     if not write:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
+    Run.create(config, run_dir)
 
 
 __all__ = ["Source", "fit", "run_config", "train_loop"]

@@ -19,6 +19,7 @@ import torch
 
 from deepmetric import mining
 from deepmetric.distances import Metric, pairwise
+from deepmetric.files import write_text_atomically
 
 LOG_FILE = "log.jsonl"
 
@@ -81,9 +82,7 @@ def truncate_log(run_dir: Path, step: int) -> None:
             continue
         if record.get("kind") != "summary" and record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(LOG_FILE + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 class EventFile:

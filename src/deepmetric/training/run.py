@@ -12,8 +12,6 @@ uninterrupted one (in ``offline`` mode, at any epoch boundary).
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,17 +21,16 @@ import torch
 from torch import nn
 
 from deepmetric import distributed
-from deepmetric.checkpoints import holds_checkpoints, load_latest, load_model_state
-from deepmetric.config import Config, ConfigError, config_from_dict, read_yaml_file
+from deepmetric.config import Config
 from deepmetric.data import Preprocessing, load_dataset
-from deepmetric.models import build_registered, embed
+from deepmetric.models import embed, embedding_part
 from deepmetric.neighbors import nearest_other
+from deepmetric.runs import Run, mirror_of
 from deepmetric.training.builders import (
     build_loss,
     build_model,
     load_data,
     load_options,
-    mirror_of,
     resolve_device,
 )
 from deepmetric.training.fit import check_resumable, run_config
@@ -79,7 +76,7 @@ def train(
     )
     if not main:
         return {"kind": "summary", "run_dir": str(config.run_dir), **summary}
-    net = model.embedding_net if hasattr(model, "embedding_net") else model
+    net = embedding_part(model)
     summary = {
         "kind": "summary",
         **test_report(config, net),  # where it trained
@@ -92,36 +89,15 @@ def train(
     return summary
 
 
-#: How the run's images became inputs (:class:`~deepmetric.data.Preprocessing`), for inference.
-PREPROCESS_FILE = "preprocess.json"
-
-
-def read_preprocessing(run_dir: str | os.PathLike[str]) -> Preprocessing | None:
-    """``RUN_DIR/preprocess.json`` (``None`` when the run has none: vector data, or a run
-    older than the file); a damaged file is a ``ValueError`` naming it."""
-    path = Path(run_dir) / PREPROCESS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return Preprocessing.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
-
-
 def _record_preprocessing(config: Config, x: torch.Tensor, resume: bool) -> None:
-    """Write ``RUN_DIR/preprocess.json`` atomically when the data are images (N, C, H, W) in
-    [0, 1]; not into the folder of another run (``train`` refuses that one next), and not
-    over the file of the run being resumed."""
+    """Write ``RUN_DIR/preprocess.json`` when the data are images (N, C, H, W) in [0, 1]; not
+    into the folder of another run (``train`` refuses that one next), and not over the file
+    of the run being resumed."""
     pre = Preprocessing.from_images(x)
-    run_dir = config.run_dir
-    if pre is None or (
-        holds_checkpoints(run_dir) and (not resume or (run_dir / PREPROCESS_FILE).exists())
-    ):
+    run = Run(config.run_dir, config)
+    if pre is None or (run.holds_checkpoints() and (not resume or run.preprocess_path.exists())):
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    partial = run_dir / f"{PREPROCESS_FILE}.partial"
-    partial.write_text(json.dumps(pre.to_dict(), indent=2))
-    os.replace(partial, run_dir / PREPROCESS_FILE)
+    run.write_preprocessing(pre)
 
 
 def test_report(
@@ -147,33 +123,10 @@ def test_report(
 
 
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
-    """The config saved in ``run_dir``; ``epochs=N`` may be overridden to train longer (the
-    learning-rate schedule is then re-planned over N epochs: see
-    :mod:`deepmetric.training.schedule`)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder: {path} is missing")
-    values = read_yaml_file(path, "run config")  # the hardened loader, as for any config
-    if not isinstance(values, dict):
-        raise ConfigError(f"run config {path}: expected a mapping, got {type(values).__name__}")
-    values["out"] = str(run_dir)
-    if isinstance(values.get("model"), dict):  # runs made before model.mirror: without
-        values["model"].setdefault("mirror", False)
-    try:
-        config = config_from_dict(values)
-    except ConfigError as error:
-        raise ConfigError(f"run config {path}: {error}") from None
-    for text in overrides or []:
-        key, _, value = text.partition("=")
-        if key != "epochs":
-            raise ConfigError(f"only epochs=N can change on resume, got {key!r}")
-        try:
-            config.epochs = int(value)
-        except ValueError:
-            raise ConfigError(f"epochs must be an integer, got {value!r}") from None
-        if config.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {config.epochs}")
-    return config
+    """The config saved in ``run_dir`` (:meth:`Run.open <deepmetric.runs.Run.open>`);
+    ``epochs=N`` may be overridden to train longer (the learning-rate schedule is then
+    re-planned over N epochs: see :mod:`deepmetric.training.schedule`)."""
+    return Run.open(run_dir, overrides).config
 
 
 class TrainedRun(NamedTuple):
@@ -188,22 +141,12 @@ class TrainedRun(NamedTuple):
 
 
 def open_trained(run_dir: str | Path) -> TrainedRun:
-    """The config and the embedding network (weights of the latest checkpoint that loads,
-    eval mode, on the CPU) of a run, and where the weights came from; a damaged latest
-    checkpoint falls back to the previous one with a one-line warning
-    (:func:`~deepmetric.checkpoints.load_latest`). In joint mode the classifier head is
-    dropped. A run of ``fit`` with a registered ``builder`` is rebuilt with it (the module
-    registering it must be imported)."""
-    run_dir = Path(run_dir)
-    config = resume_config(run_dir)
-    folder, model_state, _, fallback = load_latest(run_dir)
-    prefix = "embedding_net."
-    if any(k.startswith(prefix) for k in model_state):
-        model_state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
-    net = _embedding_network(config, _sample_input(config, model_state), run_dir)
-    load_model_state(net, model_state, source=folder)
-    net.eval()
-    return TrainedRun(config, net, folder, fallback)
+    """The config and the embedding network of a run (:meth:`Run.network
+    <deepmetric.runs.Run.network>`: the latest checkpoint that loads, eval mode, on the CPU,
+    no classifier head) and where the weights came from."""
+    run = Run.open(run_dir)
+    loaded = run.network()
+    return TrainedRun(run.config, loaded.net, loaded.checkpoint, loaded.fallback)
 
 
 def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module]:
@@ -213,62 +156,15 @@ def load_trained(run_dir: str | Path) -> tuple[Config, nn.Module]:
 
 
 def untrained_network(config: Config, sample: torch.Tensor) -> nn.Module:
-    """The run's embedding network with random weights, drawn after ``torch.manual_seed(
-    config.seed)`` as :func:`train` draws them: for a run of ``deepmetric train`` these are its
-    initial weights (joint mode builds the embedding network before its head). The baseline
-    that says what training added to the architecture. Eval mode, on the CPU; the global RNG
-    state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        net = _embedding_network(config, sample, config.run_dir)
-    return net.eval()
-
-
-def _embedding_network(config: Config, sample: torch.Tensor, run_dir: Path) -> nn.Module:
-    """A new embedding network of the run's architecture (its registered builder, else the
-    config's backbone, sized for inputs like ``sample``); no classifier head."""
-    if config.model.builder is not None:
-        return build_registered(config.model.builder, **config.model.builder_args)
-    if config.data == "(python objects)":
-        raise ConfigError(
-            f"{run_dir} was trained by fit() with a model of its own and no builder: pass "
-            "builder= (a function registered with deepmetric.models.register_model) to fit"
-        )
-    return build_model(replace(config, mode="batch"), sample, 1)
-
-
-#: the first layer of each built-in backbone, whose weight says the input's channels / features
-#: (a checkpoint's keys come sorted by name, not in the network's order)
-FIRST_LAYER = {
-    "small_cnn": "backbone.conv1.0.weight",
-    "vgg_small": "backbone.features.0.weight",
-    "resnet_small": "backbone.stem.0.weight",
-    "mlp": "backbone.net.0.weight",
-}
-
-
-def _sample_input(config: Config, model_state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A dummy input of the shape the saved backbone expects (read from its first layer);
-    empty for a run of ``fit`` (its builder, if any, needs none)."""
-    if config.model.builder is not None or config.data == "(python objects)":
-        return torch.zeros(0)
-    name = FIRST_LAYER[config.model.backbone]
-    first = next((v for k, v in model_state.items() if k.endswith(name)), None)
-    if first is None:
-        raise ConfigError(
-            f"the checkpoint has no {name}: not a model.backbone={config.model.backbone} network"
-        )
-    if config.model.backbone == "mlp":
-        return torch.zeros(1, first.shape[1])
-    return torch.zeros(1, first.shape[1], 28, 28)
+    """The run's embedding network with its initial random weights
+    (:meth:`Run.untrained_network <deepmetric.runs.Run.untrained_network>`)."""
+    return Run(config.run_dir, config).untrained_network(sample)
 
 
 __all__ = [
-    "PREPROCESS_FILE",
     "TrainedRun",
     "load_trained",
     "open_trained",
-    "read_preprocessing",
     "resume_config",
     "test_report",
     "train",
