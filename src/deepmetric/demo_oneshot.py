@@ -31,16 +31,18 @@ import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from deepmetric.config import load_config
-from deepmetric.data import load_dataset
+from deepmetric.config import Config, load_config
+from deepmetric.data import ArrayDataset, load_dataset
+from deepmetric.data.training_data import load_options
+from deepmetric.devices import resolve_device
 from deepmetric.gallery.gallery import Gallery, Identification, index_path
-from deepmetric.inference import Embedder
+from deepmetric.inference import Embedder, Threshold
 from deepmetric.training import train
-from deepmetric.training.builders import load_options, resolve_device
 from deepmetric.training.fit import has_checkpoint
 
 SEEN = [0, 1, 2, 3, 4, 5]
@@ -183,41 +185,90 @@ def main(
     resolve_device(device)  # a bad or absent device: said before any training
     run = Path(run)
     seen = [] if config is not None else [f"train.classes={SEEN}".replace(" ", "")]
-    config_path = config
-    config = load_config(config_path, [*seen, f"out={run}", f"train.device={device}", *overrides])
-    if config.train.classes is None and stranger_classes is None:
-        raise ValueError(f"{config_path}: set train.classes (the classes trained on, 'seen')")
-    faces = _face_of_items(config.data, "test")
-    face = None
-    if enroll_face is not None:
-        if faces is None:
-            raise ValueError(f"{config.data} does not name its faces: drop --enroll-face")
-        if enroll_face not in faces[0]:
-            raise ValueError(f"no face {enroll_face!r} in {config.data}; faces: {faces[0]}")
-        face = faces[0].index(enroll_face)
+    cfg = load_config(config, [*seen, f"out={run}", f"train.device={device}", *overrides])
+    if cfg.train.classes is None and stranger_classes is None:
+        raise ValueError(f"{config}: set train.classes (the classes trained on, 'seen')")
+    faces = _face_of_items(cfg.data, "test")
+    face = _face_index(cfg.data, faces, enroll_face)
+    _train_once(cfg, run)
+    embedder = Embedder.from_run(run, device=device, calibrate=far is None, progress=print)
+    test = load_dataset(cfg.data, "test", **load_options(cfg))  # type: ignore[arg-type]
+    plan = _plan(cfg, test, enroll, strangers, stranger_classes, face, faces)
+    folder = run / "oneshot"
+    gallery_file = folder / "gallery.db"
+    threshold, answers = _identify(gallery_file, embedder, run, far, test, plan)
+    result = _scores(plan, answers, threshold.value)
+    figure = _figure_of(folder / "oneshot.png", test, plan, answers)
+    _say(result, plan, threshold, enroll_face, figure, gallery_file)
+    return result
+
+
+class _Plan(NamedTuple):
+    """Who is enrolled and who asks: the enrolled classes and the item enrolled for each, the
+    genuine queries (other items of those classes), the strangers (never enrolled), the test
+    labels and class names, what the strangers are (for the printout)."""
+
+    classes: list[int]
+    enrolled: dict[int, int]
+    genuine: np.ndarray
+    strangers: np.ndarray
+    stranger_note: str
+    labels: np.ndarray
+    names: dict[int, str]
+
+
+def _face_index(
+    spec: str, faces: tuple[list[str], np.ndarray] | None, name: str | None
+) -> int | None:
+    """The index of the face ``name`` to enroll (None: any face)."""
+    if name is None:
+        return None
+    if faces is None:
+        raise ValueError(f"{spec} does not name its faces: drop --enroll-face")
+    if name not in faces[0]:
+        raise ValueError(f"no face {name!r} in {spec}; faces: {faces[0]}")
+    return faces[0].index(name)
+
+
+def _train_once(config: Config, run: Path) -> None:
+    """Train ``config`` into ``run`` unless it already holds a trained run."""
     if has_checkpoint(run):  # a run killed before its first save is trained again
         print(f"reusing the trained run {run} (delete it to train again)")
-    else:
-        which = (
-            "the training split"
-            if config.train.classes is None
-            else f"classes {config.train.classes}"
-        )
-        print(f"training on {which} of {config.data} into {run}")
-        train(config)
-    embedder = Embedder.from_run(run, device=device, calibrate=far is None, progress=print)
+        return
+    which = (
+        "the training split" if config.train.classes is None else f"classes {config.train.classes}"
+    )
+    print(f"training on {which} of {config.data} into {run}")
+    train(config)
 
-    test = load_dataset(config.data, "test", **load_options(config))  # type: ignore[arg-type]
-    labels = test.y.numpy()
+
+def _seen_classes(config: Config, labels: np.ndarray) -> list[int]:
+    """The classes trained on: ``train.classes``, else every training class, which must then
+    be disjoint from the test classes."""
     if config.train.classes is not None:
-        seen = sorted(set(config.train.classes))
-    else:  # no train.classes: the test classes must be disjoint from the trained ones
-        trained = load_dataset(config.data, "train", **load_options(config))  # type: ignore[arg-type]
-        seen = sorted(set(trained.y.unique().tolist()))
-        if set(seen) & set(labels.tolist()):
-            raise ValueError(
-                f"{config.data}: its test classes are also training classes; set train.classes"
-            )
+        return sorted(set(config.train.classes))
+    trained = load_dataset(config.data, "train", **load_options(config))  # type: ignore[arg-type]
+    seen = sorted(set(trained.y.unique().tolist()))
+    if set(seen) & set(labels.tolist()):
+        raise ValueError(
+            f"{config.data}: its test classes are also training classes; set train.classes"
+        )
+    return seen
+
+
+def _plan(
+    config: Config,
+    test: ArrayDataset,
+    enroll: int | None,
+    strangers: int,
+    stranger_classes: int | None,
+    face: int | None,
+    faces: tuple[list[str], np.ndarray] | None,
+) -> _Plan:
+    """Draw (with the config's seed) the enrolled unseen classes, the item of each to enroll,
+    and the strangers."""
+    labels = test.y.numpy()
+    seen = _seen_classes(config, labels)
     unseen = sorted(set(np.unique(labels).tolist()) - set(seen))
     if not unseen:
         raise ValueError(f"{config.data}: no test class outside train.classes {seen}")
@@ -229,89 +280,110 @@ def main(
             f"and keep {stranger_classes or 0} as strangers"
         )
     drawn = rng.permutation(unseen).tolist()
-    enrolled_classes = sorted(drawn[:wanted])
+    classes = sorted(drawn[:wanted])
     names = _names(test.classes, sorted(set(seen) | set(unseen)))
-
-    face_ids = faces[1] if faces is not None else None
-    enrolled = _enrolled_items(labels, enrolled_classes, rng, face, face_ids)
+    enrolled = _enrolled_items(labels, classes, rng, face, faces[1] if faces else None)
     genuine = np.array(
         [i for i in range(len(labels)) if labels[i] in enrolled and i != enrolled[labels[i]]],
         dtype=np.int64,
     )
     if stranger_classes is not None:
-        stranger_pool = sorted(drawn[wanted : wanted + stranger_classes])
-        stranger_ids = np.flatnonzero(np.isin(labels, stranger_pool))
-        stranger_note = f"every test image of {len(stranger_pool)} other unseen classes"
+        pool_classes = sorted(drawn[wanted : wanted + stranger_classes])
+        stranger_ids = np.flatnonzero(np.isin(labels, pool_classes))
+        note = f"every test image of {len(pool_classes)} other unseen classes"
     else:
         pool = np.flatnonzero(np.isin(labels, seen))
         stranger_ids = np.sort(rng.choice(pool, size=min(strangers, len(pool)), replace=False))
-        stranger_note = f"test images of the trained classes {seen}, never enrolled"
-    unseen = enrolled_classes
+        note = f"test images of the trained classes {seen}, never enrolled"
+    return _Plan(classes, enrolled, genuine, stranger_ids, note, labels, names)
 
-    folder = run / "oneshot"
-    gallery_file = folder / "gallery.db"
+
+def _identify(
+    gallery_file: Path,
+    embedder: Embedder,
+    run: Path,
+    far: float | None,
+    test: ArrayDataset,
+    plan: _Plan,
+) -> tuple[Threshold, list[Identification]]:
+    """A new gallery (the demo's own of a previous run removed) with one item of each
+    enrolled class; the answers to the genuine queries, then to the strangers."""
     for leftover in (Path(f"{gallery_file}-wal"), Path(f"{gallery_file}-shm"), gallery_file):
-        leftover.unlink(missing_ok=True)  # the demo's own gallery of a previous run
+        leftover.unlink(missing_ok=True)
     shutil.rmtree(index_path(gallery_file), ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
+    gallery_file.parent.mkdir(parents=True, exist_ok=True)
     with Gallery.create(gallery_file, embedder, source=run, far=far, progress=print) as gallery:
-        threshold = gallery.threshold
-        for c, i in enrolled.items():
-            gallery.enroll(names[c], test.inputs[i : i + 1], metadata={"test_index": i})
-        queries = np.concatenate([genuine, stranger_ids])
-        answers = gallery.identify(test.inputs[queries], k=len(unseen))
+        for c, i in plan.enrolled.items():
+            gallery.enroll(plan.names[c], test.inputs[i : i + 1], metadata={"test_index": i})
+        queries = np.concatenate([plan.genuine, plan.strangers])
+        return gallery.threshold, gallery.identify(test.inputs[queries], k=len(plan.classes))
 
-    truth = [names[int(labels[i])] for i in genuine]
-    got = answers[: len(genuine)]
+
+def _scores(plan: _Plan, answers: list[Identification], threshold: float) -> dict[str, float]:
+    """The figures :func:`main` returns."""
+    truth = [plan.names[int(plan.labels[i])] for i in plan.genuine]
+    got = answers[: len(plan.genuine)]
     top1 = np.array([a.candidates[0].identity == t for a, t in zip(got, truth)])
     accepted = np.array([a.identity is not None for a in got])
     right = np.array([a.identity == t for a, t in zip(got, truth)])
-    rejected = np.array([a.identity is None for a in answers[len(genuine) :]])
+    rejected = np.array([a.identity is None for a in answers[len(plan.genuine) :]])
     accepted_all = int(accepted.sum()) + int((~rejected).sum())
-    result = {
+    return {
         "one_shot_accuracy": _rate(top1),
         "accepted_accuracy": _rate(right[accepted]),
         "genuine_acceptance": _rate(accepted),
         "stranger_rejection": _rate(rejected),
         "accepted_precision": int(right.sum()) / accepted_all if accepted_all else math.nan,
-        "threshold": threshold.value,
-        "genuine": len(genuine),
-        "strangers": len(stranger_ids),
-        "enrolled": len(enrolled),
+        "threshold": threshold,
+        "genuine": len(plan.genuine),
+        "strangers": len(plan.strangers),
+        "enrolled": len(plan.enrolled),
     }
 
+
+def _figure_of(path: Path, test: ArrayDataset, plan: _Plan, answers: list[Identification]) -> Path:
+    """The enrolled items of the first classes, a few genuine queries of each with their
+    answers, then strangers from across their classes."""
+    genuine, strangers, labels, names = plan.genuine, plan.strangers, plan.labels, plan.names
+    got = answers[: len(genuine)]
     shown: list[tuple[torch.Tensor, str, Identification]] = []
     per_class = 6
-    for c in unseen[:FIGURE_CLASSES]:  # a few genuine queries of each class, then strangers
+    for c in plan.classes[:FIGURE_CLASSES]:
         for j in np.flatnonzero(labels[genuine] == c)[:per_class]:
             shown.append((test.inputs[genuine[j]], names[c], got[j]))
-    spread = np.unique(np.linspace(0, len(stranger_ids) - 1, 2 * per_class).round().astype(int))
-    for j in spread if len(stranger_ids) else []:  # strangers from across the trained classes
-        i = stranger_ids[j]
+    spread = np.unique(np.linspace(0, len(strangers) - 1, 2 * per_class).round().astype(int))
+    for j in spread if len(strangers) else []:
+        i = strangers[j]
         shown.append(
             (test.inputs[i], f"stranger ({names[int(labels[i])]})", answers[len(genuine) + j])
         )
-    shown_enrolled = [(names[c], test.inputs[enrolled[c]]) for c in unseen[:FIGURE_CLASSES]]
-    figure = _figure(
-        folder / "oneshot.png",
-        shown_enrolled,
-        shown,
-        columns=max(per_class, len(shown_enrolled)),
-    )
+    enrolled = [(names[c], test.inputs[plan.enrolled[c]]) for c in plan.classes[:FIGURE_CLASSES]]
+    return _figure(path, enrolled, shown, columns=max(per_class, len(enrolled)))
 
-    listed = ", ".join(names[c] for c in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+
+def _say(
+    result: dict[str, float],
+    plan: _Plan,
+    threshold: Threshold,
+    enroll_face: str | None,
+    figure: Path,
+    gallery_file: Path,
+) -> None:
+    """Print the figures, one line each."""
+    classes = plan.classes
+    listed = ", ".join(plan.names[c] for c in classes[:10]) + (", ..." if len(classes) > 10 else "")
     how = "one enrolled test image each" + (
         f" (face {enroll_face})" if enroll_face is not None else ""
     )
     print(
-        f"one-shot identification of {len(unseen)} classes never trained on ({listed}), "
-        f"{how}; {len(genuine)} genuine queries, {len(stranger_ids)} strangers "
-        f"({stranger_note})"
+        f"one-shot identification of {len(classes)} classes never trained on ({listed}), "
+        f"{how}; {len(plan.genuine)} genuine queries, {len(plan.strangers)} strangers "
+        f"({plan.stranger_note})"
     )
     print(f"threshold {threshold.value:.4f} ({threshold.metric}): {threshold.protocol}")
     print(
-        f"one-shot accuracy (top-1 among the {len(unseen)} enrolled, threshold ignored): "
-        f"{result['one_shot_accuracy']:.4f} (chance {1 / len(unseen):.4f})"
+        f"one-shot accuracy (top-1 among the {len(classes)} enrolled, threshold ignored): "
+        f"{result['one_shot_accuracy']:.4f} (chance {1 / len(classes):.4f})"
     )
     print(
         f"accepted answers (genuine queries within the threshold): accuracy "
@@ -321,4 +393,3 @@ def main(
     print(f"genuine queries accepted: {result['genuine_acceptance']:.4f}")
     print(f"strangers rejected (answered unknown): {result['stranger_rejection']:.4f}")
     print(f"figure: {figure}; gallery: {gallery_file}")
-    return result

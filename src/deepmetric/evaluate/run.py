@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -75,10 +74,9 @@ from deepmetric.evaluate.roc import (
 )
 from deepmetric.evaluate.threshold import threshold_of_pairs, validation_pairs
 from deepmetric.evaluate.transfer import DEFAULT_FARS, open_set, threshold_transfer
+from deepmetric.files import Progress, write_json_atomically
 from deepmetric.models import embed
 from deepmetric.runs import LOG_FILE, VALIDATION_PROTOCOL, Run, Threshold
-
-Progress = Callable[[str], None]
 
 RAW_NOTE = "the same retrieval metrics on the raw inputs (flattened, L2-normalised), no network"
 UNTRAINED_NOTE = (
@@ -325,6 +323,16 @@ def _val_notes(config: Config, val_classes: list[int] | None) -> dict[str, Any]:
     return {"val_classes": {"spec": config.train.val_classes, "count": len(ids), "ids": ids}}
 
 
+class _Sets(NamedTuple):
+    """What one evaluation scores: the scored set, the validation set (or None), the notes
+    for ``metrics.json["data"]``, the class names."""
+
+    scored: ArrayDataset
+    val: ArrayDataset | None
+    about: dict[str, Any]
+    names: list[str]
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -351,164 +359,232 @@ def evaluate_run(
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     torch_device = _device(device)
     run = Run.open(run_dir)
-    run_dir, config = run.path, run.config
     net, _, _, fallback = run.network()  # fallback: the latest is damaged
     weights = weights_sha256(net.state_dict())  # the threshold is for these weights only
     net.to(torch_device)
-    own = data is None
-    spec = data or config.data
-    if own and run.from_fit:
-        raise ConfigError(f"{run_dir} was trained on Python objects: pass data= (--data)")
-    pre = run.preprocessing() if spec.startswith("folder:") else None
-    opts = _folder_options(config, pre) if spec.startswith("folder:") else {}
-    metric, margin = config.loss.metric, config.loss.margin
+    spec = data or run.config.data
+    if data is None and run.from_fit:
+        raise ConfigError(f"{run.path} was trained on Python objects: pass data= (--data)")
     plan = FewShotPlan() if few_shot is None else few_shot
     for far in fars:
         if not 0.0 < far < 1.0:
             raise ConfigError(f"--far takes rates in (0, 1), got {far:g}")
-
-    test_set, val_set, about = _scored_and_validation(config, spec, split, own, opts)
-    test_set, val_set = _scaled(test_set, pre), None if val_set is None else _scaled(val_set, pre)
-    if len(torch.unique(test_set.y)) < 2:
-        raise ConfigError(f"{spec} ({split}) has fewer than 2 classes: nothing to evaluate")
-    try:
-        plan.check(test_set.y, f"{spec} ({split})")
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    names = test_set.classes or [str(c) for c in range(int(test_set.y.max()) + 1)]
+    sets = _load_sets(run, spec, split, own=data is None, plan=plan)
     out_dir = run.eval_dir if out is None else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    progress(f"embedding {len(test_set):,} {split} items of {spec} on {torch_device}")
-    emb = embed(net, test_set.inputs, torch_device)
-
-    threshold = val = None
-    if val_set is not None and _has_pairs(val_set.y):
-        val_emb = embed(net, val_set.inputs, torch_device)
-        val_dist, val_same = validation_pairs(val_emb, val_set.y, metric, config.seed)
-        threshold = threshold_of_pairs(val_dist, val_same)
-        val = _Validation(val_emb.cpu(), val_set.y.cpu(), val_dist.cpu(), val_same.cpu())
-    progress("metrics")
-    metrics = retrieval_and_verification(
-        emb, test_set.y, metric=metric, margin=margin, threshold=threshold, seed=config.seed
-    )
-    progress("raw-input baseline")
-    metrics["raw_input_baseline"] = {
-        **raw_input_baseline(test_set.inputs[:], test_set.y, per_class=True),
-        "note": RAW_NOTE,
-    }
-    progress("few-shot episodes, threshold transfer, open-set identification")
-    few = dict(metric=metric, plan=plan, fars=tuple(fars), val=val, seed=config.seed)
-    _one_shot_blocks(metrics, emb.cpu(), test_set.inputs[:], test_set.y, **few)
+    progress(f"embedding {len(sets.scored):,} {split} items of {spec} on {torch_device}")
+    emb = embed(net, sets.scored.inputs, torch_device)
+    threshold, val = _validation_threshold(net, sets.val, run.config, torch_device)
+    metrics = _scored_metrics(run, emb, sets.scored, threshold, val, plan, fars, progress)
     dist, same = metrics.pop("_pairs")
-    progress("untrained-network baseline")
-    untrained_net = run.untrained_network(test_set.inputs[:1]).to(torch_device)
-    untrained = embed(untrained_net, test_set.inputs, torch_device)
-    metrics["untrained_network_baseline"] = {
-        **retrieval_metrics(untrained, test_set.y, metric=metric),
-        "note": UNTRAINED_NOTE,
-    }
-    if config.train.classes is not None:
-        seen = torch.as_tensor(_class_ids(config.train.classes, test_set), dtype=test_set.y.dtype)
-        unseen = ~torch.isin(test_set.y, seen)
-        if _has_pairs(test_set.y[unseen]):
-            unseen_metrics = retrieval_and_verification(
-                emb[unseen],
-                test_set.y[unseen],
-                metric=metric,
-                margin=margin,
-                threshold=threshold,  # None: its own cross-validation on its own pairs
-                seed=config.seed,
-            )
-            unseen_metrics["note"] = "classes not in train.classes: never seen in training"
-            unseen_metrics["raw_input_baseline"] = {
-                **raw_input_baseline(test_set.inputs[unseen], test_set.y[unseen], per_class=True),
-                "note": RAW_NOTE,
-            }
-            unseen_plan = plan._replace(explicit=False)  # checked on the whole set above
-            _one_shot_blocks(
-                unseen_metrics,
-                emb[unseen].cpu(),
-                test_set.inputs[unseen],
-                test_set.y[unseen],
-                **(few | {"plan": unseen_plan}),
-            )
-            unseen_metrics.pop("_pairs")
-            unseen_metrics["untrained_network_baseline"] = {
-                **retrieval_metrics(untrained[unseen], test_set.y[unseen], metric=metric),
-                "note": UNTRAINED_NOTE,
-            }
-            metrics["unseen_classes"] = unseen_metrics
+    untrained = _untrained_baseline(run, sets.scored, torch_device, metrics)
+    if run.config.train.classes is not None:
+        unseen = _unseen_metrics(run, emb, untrained, sets.scored, threshold, val, plan, fars)
+        if unseen is not None:
+            metrics["unseen_classes"] = unseen
 
     progress("figures")
-    tags = _class_tags(config, test_set, about.get("val_classes", {}).get("ids"))
+    tags = _class_tags(run.config, sets.scored, sets.about.get("val_classes", {}).get("ids"))
+    metric = run.config.loss.metric
     figs = _figures(
-        run_dir,
+        run.path,
         out_dir,
         metrics,
         emb,
-        test_set,
-        names,
+        sets.scored,
+        sets.names,
         dist,
         same,
         metric,
         embedding_map,
-        config.seed,
+        run.config.seed,
         tags,
     )
     metrics["data"] = {
         "spec": spec,
         "split": split,
-        "items": len(test_set),
+        "items": len(sets.scored),
         "metric": metric,
-        "class_names": names,
-        "classes": len(torch.unique(test_set.y)),
-        **about,
+        "class_names": sets.names,
+        "classes": len(torch.unique(sets.scored.y)),
+        **sets.about,
         "device": str(torch_device),
     }
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    (out_dir / "metrics.json").write_text(json.dumps(_strict(metrics), indent=2))
-    facts = [
-        ("run", str(run_dir)),
-        ("data", f"{spec} ({split}, {len(test_set):,} items)"),
-        (
-            "model",
-            f"{config.model.backbone} → {emb.shape[1]}-d, {metric} distance"
-            + (" (features before the projection head)" if config.model.projection_head else ""),
-        ),
-        (
-            "trained with",
-            f"{config.mode} mode, {config.loss.name} loss"
-            + (f" ({config.loss.mining})" if config.loss.name == "triplet" else "")
-            + f", margin {margin}, {config.epochs} epochs",
-        ),
-    ]
-    write_report(
-        out_dir / "report.html",
-        title=f"deepmetric evaluation: {config.name}",
-        metrics=metrics,
-        class_names=names,
-        figures=figs,
-        facts=facts,
-    )
-    written = [out_dir / "metrics.json", out_dir / "report.html"]
+    written = _write_outputs(run, out_dir, metrics, sets, spec, split, emb.shape[1], figs)
     if threshold is not None and out is None and fallback is not None:
         progress(
             f"{run.threshold_path} left as it is: these are the weights of an older "
             "checkpoint, the latest one is damaged"
         )
     elif threshold is not None and out is None:  # fitted on the run's validation split
-        assert val_set is not None
+        assert sets.val is not None
         record = Threshold(
             value=threshold,
             metric=metric,
             protocol=VALIDATION_PROTOCOL,
-            validation_items=len(val_set),
+            validation_items=len(sets.val),
             weights_sha256=weights,
         )
         written.append(run.write_threshold(record))
     progress("wrote " + ", ".join(str(p) for p in written))
     return metrics
+
+
+def _load_sets(run: Run, spec: str, split: Split, *, own: bool, plan: FewShotPlan) -> _Sets:
+    """The scored and validation sets as the run's inputs (folder data read as its
+    ``preprocess.json`` says), checked: two classes or more, the few-shot plan possible."""
+    pre = run.preprocessing() if spec.startswith("folder:") else None
+    opts = _folder_options(run.config, pre) if spec.startswith("folder:") else {}
+    scored, val, about = _scored_and_validation(run.config, spec, split, own, opts)
+    scored, val = _scaled(scored, pre), None if val is None else _scaled(val, pre)
+    if len(torch.unique(scored.y)) < 2:
+        raise ConfigError(f"{spec} ({split}) has fewer than 2 classes: nothing to evaluate")
+    try:
+        plan.check(scored.y, f"{spec} ({split})")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    names = scored.classes or [str(c) for c in range(int(scored.y.max()) + 1)]
+    return _Sets(scored, val, about, names)
+
+
+def _validation_threshold(
+    net: torch.nn.Module, val_set: ArrayDataset | None, config: Config, device: torch.device
+) -> tuple[float | None, _Validation | None]:
+    """The threshold chosen on the validation set's verification pairs (best accuracy) and
+    the validation embeddings and pairs; ``(None, None)`` without validation pairs."""
+    if val_set is None or not _has_pairs(val_set.y):
+        return None, None
+    val_emb = embed(net, val_set.inputs, device)
+    val_dist, val_same = validation_pairs(val_emb, val_set.y, config.loss.metric, config.seed)
+    val = _Validation(val_emb.cpu(), val_set.y.cpu(), val_dist.cpu(), val_same.cpu())
+    return threshold_of_pairs(val_dist, val_same), val
+
+
+def _scored_metrics(
+    run: Run,
+    emb: torch.Tensor,
+    scored: ArrayDataset,
+    threshold: float | None,
+    val: _Validation | None,
+    plan: FewShotPlan,
+    fars: tuple[float, ...],
+    progress: Progress,
+) -> dict[str, Any]:
+    """Retrieval, verification, per-class, the raw-input baseline, few-shot, threshold
+    transfer and open-set blocks of the scored set (``"_pairs"``: its scored pairs)."""
+    config = run.config
+    metric, margin = config.loss.metric, config.loss.margin
+    progress("metrics")
+    metrics = retrieval_and_verification(
+        emb, scored.y, metric=metric, margin=margin, threshold=threshold, seed=config.seed
+    )
+    progress("raw-input baseline")
+    metrics["raw_input_baseline"] = {
+        **raw_input_baseline(scored.inputs[:], scored.y, per_class=True),
+        "note": RAW_NOTE,
+    }
+    progress("few-shot episodes, threshold transfer, open-set identification")
+    few = dict(metric=metric, plan=plan, fars=tuple(fars), val=val, seed=config.seed)
+    _one_shot_blocks(metrics, emb.cpu(), scored.inputs[:], scored.y, **few)
+    return metrics
+
+
+def _untrained_baseline(
+    run: Run, scored: ArrayDataset, device: torch.device, metrics: dict[str, Any]
+) -> torch.Tensor:
+    """The run's architecture with its initial random weights on the scored set: its
+    retrieval metrics into ``metrics``; returns its embeddings."""
+    untrained_net = run.untrained_network(scored.inputs[:1]).to(device)
+    untrained = embed(untrained_net, scored.inputs, device)
+    metrics["untrained_network_baseline"] = {
+        **retrieval_metrics(untrained, scored.y, metric=run.config.loss.metric),
+        "note": UNTRAINED_NOTE,
+    }
+    return untrained
+
+
+def _unseen_metrics(
+    run: Run,
+    emb: torch.Tensor,
+    untrained: torch.Tensor,
+    scored: ArrayDataset,
+    threshold: float | None,
+    val: _Validation | None,
+    plan: FewShotPlan,
+    fars: tuple[float, ...],
+) -> dict[str, Any] | None:
+    """Every block of the scored metrics again on the classes not in ``train.classes``
+    (never seen in training); ``None`` when they give no verification pairs."""
+    config = run.config
+    metric = config.loss.metric
+    seen = torch.as_tensor(_class_ids(config.train.classes or [], scored), dtype=scored.y.dtype)
+    unseen = ~torch.isin(scored.y, seen)
+    labels = scored.y[unseen]
+    if not _has_pairs(labels):
+        return None
+    block = retrieval_and_verification(
+        emb[unseen],
+        labels,
+        metric=metric,
+        margin=config.loss.margin,
+        threshold=threshold,  # None: its own cross-validation on its own pairs
+        seed=config.seed,
+    )
+    block["note"] = "classes not in train.classes: never seen in training"
+    block["raw_input_baseline"] = {
+        **raw_input_baseline(scored.inputs[unseen], labels, per_class=True),
+        "note": RAW_NOTE,
+    }
+    unseen_plan = plan._replace(explicit=False)  # checked on the whole set already
+    few = dict(metric=metric, plan=unseen_plan, fars=tuple(fars), val=val, seed=config.seed)
+    _one_shot_blocks(block, emb[unseen].cpu(), scored.inputs[unseen], labels, **few)
+    block.pop("_pairs")
+    block["untrained_network_baseline"] = {
+        **retrieval_metrics(untrained[unseen], labels, metric=metric),
+        "note": UNTRAINED_NOTE,
+    }
+    return block
+
+
+def _write_outputs(
+    run: Run,
+    out_dir: Path,
+    metrics: dict[str, Any],
+    sets: _Sets,
+    spec: str,
+    split: Split,
+    dim: int,
+    figs: list[tuple[Path, str]],
+) -> list[Path]:
+    """``metrics.json`` (strict JSON, atomically) and ``report.html``; their paths."""
+    config = run.config
+    write_json_atomically(out_dir / "metrics.json", _strict(metrics))
+    facts = [
+        ("run", str(run.path)),
+        ("data", f"{spec} ({split}, {len(sets.scored):,} items)"),
+        (
+            "model",
+            f"{config.model.backbone} → {dim}-d, {config.loss.metric} distance"
+            + (" (features before the projection head)" if config.model.projection_head else ""),
+        ),
+        (
+            "trained with",
+            f"{config.mode} mode, {config.loss.name} loss"
+            + (f" ({config.loss.mining})" if config.loss.name == "triplet" else "")
+            + f", margin {config.loss.margin}, {config.epochs} epochs",
+        ),
+    ]
+    write_report(
+        out_dir / "report.html",
+        title=f"deepmetric evaluation: {config.name}",
+        metrics=metrics,
+        class_names=sets.names,
+        figures=figs,
+        facts=facts,
+    )
+    return [out_dir / "metrics.json", out_dir / "report.html"]
 
 
 def _strict(value: Any) -> Any:
