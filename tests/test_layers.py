@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "deepmetric"
 
 #: low to high; a module may import its own layer and the ones before it
 LAYERS = [
-    ["files", "distributed", "distances", "tiles"],
+    ["checks", "files", "distributed", "distances", "tiles"],
     ["mining"],
     ["losses"],
     ["neighbors"],

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepmetric.checks import integer_at_least
 from deepmetric.distances import Metric, check_embeddings, check_metric, pairwise
 from deepmetric.mining import (  # the one label validator, re-exported
     check_labels,
@@ -43,7 +44,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "check_items",
     "check_labels",
-    "check_positive_int",
     "knn_chunks",
     "nearest_neighbors",
     "nearest_other",
@@ -59,11 +59,6 @@ def check_items(embeddings: torch.Tensor, name: str = "embeddings") -> None:
     check_embeddings(embeddings, name)
     if embeddings.shape[0] < 2:
         raise ValueError(f"{name} must hold at least 2 items, got {embeddings.shape[0]}")
-
-
-def check_positive_int(value: int, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 # --------------------------------------------------------------------------- neighbours
@@ -194,8 +189,8 @@ def nearest_neighbors(
     check_metric(metric)
     check_embeddings(queries, "queries")
     check_embeddings(refs, "refs")
-    check_positive_int(k, "k")
-    check_positive_int(chunk, "chunk")
+    integer_at_least("k", k)
+    integer_at_least("chunk", chunk)
     if queries.shape[1] != refs.shape[1]:
         raise ValueError(
             f"queries and refs must have the same dimension, got {queries.shape[1]} "
@@ -314,12 +309,12 @@ def retrieval_metrics(
             raise ValueError("per_class needs class labels (N,), not multi-hot labels or a mask")
     else:
         check_labels(labels, n)
-    check_positive_int(chunk, "chunk")
+    integer_at_least("chunk", chunk)
     ks = tuple(ks)
     if not ks:
         raise ValueError("ks must not be empty")
     for k in ks:
-        check_positive_int(k, "every k in ks")
+        integer_at_least("every k in ks", k)
     labels = labels.to(embeddings.device)
     tally = None
     if multi:

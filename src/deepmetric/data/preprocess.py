@@ -44,6 +44,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from deepmetric.checks import positive_int
 from deepmetric.config import MAX_IMAGE_SIDE
 
 #: The most pixels (width x height) an image file may declare: PIL's own default limit.
@@ -69,8 +70,7 @@ Inputs = Any
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"preprocessing {name} must be a positive integer, got {value!r}")
+    positive_int(f"preprocessing {name}", value)
     if value > MAX_IMAGE_SIDE:  # as the config's image_size: refused before any allocation
         raise ValueError(f"preprocessing {name} must be <= {MAX_IMAGE_SIDE}, got {value!r}")
     return value

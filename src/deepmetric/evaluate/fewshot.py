@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepmetric.checks import integer_at_least
 from deepmetric.distances import check_embeddings, check_metric
 
 __all__ = [
@@ -121,13 +122,10 @@ def _labels(labels: Any) -> np.ndarray:
 
 
 def _check_counts(shots: int, queries: int | None, episodes: int) -> None:
-    for name, value in (("shots", shots), ("episodes", episodes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if queries is not None and (
-        isinstance(queries, bool) or not isinstance(queries, int) or queries < 1
-    ):
-        raise ValueError(f"queries must be an integer >= 1 or None (all), got {queries!r}")
+    integer_at_least("shots", shots)
+    integer_at_least("episodes", episodes)
+    if queries is not None:
+        integer_at_least("queries", queries, also="or None (all)")
 
 
 def eligible_classes(labels: Any, shots: int) -> np.ndarray:
@@ -143,8 +141,7 @@ def _ways(ways: Ways, available: int, shots: int) -> int:
         if available < 2:
             raise ValueError(f"all-way {shots}-shot needs 2 {need}; there are {available}")
         return available
-    if isinstance(ways, bool) or not isinstance(ways, int) or ways < 2:
-        raise ValueError(f"ways must be an integer >= 2 or 'all', got {ways!r}")
+    integer_at_least("ways", ways, 2, also="or 'all'")
     if ways > available:
         raise ValueError(f"{ways}-way {shots}-shot needs {ways} {need}; there are {available}")
     return ways

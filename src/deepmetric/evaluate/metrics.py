@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepmetric.checks import integer_at_least
 from deepmetric.neighbors import (
     check_items,
     check_labels,
-    check_positive_int,
     nearest_neighbors,
     nearest_other,
     retrieval_metrics,  # defined beside the neighbour search (training reads it too)
@@ -110,9 +110,9 @@ def kmeans(
     Cost per iteration O(N k D), memory O(chunk x k).
     """
     check_items(x, "x")
-    check_positive_int(k, "k")
-    check_positive_int(iters, "iters")
-    check_positive_int(n_init, "n_init")
+    integer_at_least("k", k)
+    integer_at_least("iters", iters)
+    integer_at_least("n_init", n_init)
     if k > x.shape[0]:
         raise ValueError(f"k = {k} exceeds the number of points {x.shape[0]}")
     gen = torch.Generator().manual_seed(seed)

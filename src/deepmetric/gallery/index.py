@@ -64,9 +64,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepmetric.checks import integer_at_least
 from deepmetric.distances import METRICS, Metric, check_metric
 from deepmetric.gallery.store import Examples, GalleryStore
-from deepmetric.neighbors import check_positive_int, smallest_k
+from deepmetric.neighbors import smallest_k
 
 try:  # optional: faiss flat / HNSW indexes
     import faiss as _faiss  # type: ignore[import-not-found]
@@ -224,7 +225,7 @@ class GalleryIndex(ABC):
     def __init__(
         self, *, dim: int, metric: Metric, rebuild_fraction: float | None = REBUILD_FRACTION
     ) -> None:
-        check_positive_int(dim, "dim")
+        integer_at_least("dim", dim)
         check_metric(metric)
         if rebuild_fraction is not None and not 0.0 < rebuild_fraction <= 1.0:
             raise ValueError(f"rebuild_fraction must be in (0, 1] or None, got {rebuild_fraction}")
@@ -379,7 +380,7 @@ class GalleryIndex(ABC):
             definitions), ids (q, k) int64; padding: distance ``inf``, id -1.
         """
         q = _check_matrix(queries, self.dim, "queries", allow_empty=True)
-        check_positive_int(k, "k")
+        integer_at_least("k", k)
         dist = np.full((q.shape[0], k), np.inf, dtype=np.float32)
         ids = np.full((q.shape[0], k), -1, dtype=np.int64)
         kk = min(k, len(self))
@@ -705,8 +706,8 @@ class FaissIndex(GalleryIndex):
         if kind not in ("flat", "hnsw"):
             raise ValueError(f'kind must be "flat" or "hnsw", got {kind!r}')
         for value, name in ((m, "m"), (ef_construction, "ef_construction")):
-            check_positive_int(value, name)
-        check_positive_int(ef_search, "ef_search")
+            integer_at_least(name, value)
+        integer_at_least("ef_search", ef_search)
         self.kind = kind
         self.m, self.ef_construction, self._ef_search = m, ef_construction, ef_search
         self._index = self._new_index()
@@ -719,7 +720,7 @@ class FaissIndex(GalleryIndex):
 
     @ef_search.setter
     def ef_search(self, value: int) -> None:
-        check_positive_int(value, "ef_search")
+        integer_at_least("ef_search", value)
         self._ef_search = value
         if self.kind == "hnsw":
             self._index.hnsw.efSearch = value
@@ -821,8 +822,7 @@ def make_index(*, dim: int, metric: Metric, size_hint: int) -> GalleryIndex:
     """The index for a gallery of about ``size_hint`` examples: :class:`ExactIndex` up to
     :data:`EXACT_MAX`, ``FaissIndex(kind="flat")`` up to :data:`FLAT_MAX`,
     ``FaissIndex(kind="hnsw")`` above (HNSW defaults). Without faiss, always ExactIndex."""
-    if isinstance(size_hint, bool) or not isinstance(size_hint, int) or size_hint < 0:
-        raise ValueError(f"size_hint must be an integer >= 0, got {size_hint!r}")
+    integer_at_least("size_hint", size_hint, 0)
     if _faiss is None or size_hint <= EXACT_MAX:
         return ExactIndex(dim=dim, metric=metric)
     if size_hint <= FLAT_MAX:
@@ -903,9 +903,9 @@ def top_identities(
     Returns:
         :class:`IdentityMatches`.
     """
-    check_positive_int(k, "k")
+    integer_at_least("k", k)
     if fetch is not None:
-        check_positive_int(fetch, "fetch")
+        integer_at_least("fetch", fetch)
     q = _check_matrix(queries, index.dim, "queries", allow_empty=True)
     n_q, live = q.shape[0], len(index)
     names: list[list[Hashable]] = [[] for _ in range(n_q)]

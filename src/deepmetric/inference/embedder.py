@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from deepmetric.checkpoints import weights_sha256
+from deepmetric.checks import positive_int
 from deepmetric.config import Config
 from deepmetric.data import Preprocessing
 from deepmetric.data.preprocess import Inputs
@@ -104,8 +105,7 @@ class Embedder:
         device: torch.device | str = "cpu",
     ) -> None:
         check_metric(metric)
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        positive_int("dim", dim)
         if threshold is not None and threshold.metric != metric:
             raise ValueError(f"the threshold is in {threshold.metric} distance, not {metric}")
         self._forward = forward
@@ -189,8 +189,7 @@ class Embedder:
     def embed(self, inputs: Inputs, batch_size: int = 256) -> torch.Tensor:
         """Embeddings float32 (N, D) on the CPU, ``batch_size`` inputs preprocessed and run at a
         time (eval mode, no autograd)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         out = []
         for chunk in _chunks(inputs, batch_size):
             x = self.preprocess(chunk)

@@ -4,8 +4,6 @@ reaches autograd through :meth:`deepmetric.tiles.RowTiles.loss`.)"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from deepmetric import mining as miners
@@ -95,30 +93,6 @@ def check_given_batch(
 def zero(embeddings: torch.Tensor) -> torch.Tensor:
     """A zero loss still connected to the graph, so ``backward()`` works and gives zeros."""
     return embeddings.sum() * 0.0
-
-
-def check_positive(name: str, value: float) -> float:
-    """``value`` as a float; ``ValueError`` unless it is finite and > 0."""
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
-
-def check_nonnegative(name: str, value: float) -> float:
-    """``value`` as a float; ``ValueError`` unless it is finite and >= 0."""
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
-
-
-def check_finite(name: str, value: float) -> float:
-    """``value`` as a float; ``ValueError`` unless it is finite."""
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
 
 
 def cosine_similarity(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,11 +7,9 @@ import torch
 from torch import nn
 
 from deepmetric import mining as miners
+from deepmetric.checks import finite_number, nonnegative_number, positive_number
 from deepmetric.losses._common import (
     check_batch,
-    check_finite,
-    check_nonnegative,
-    check_positive,
     log1p_sum_exp,
     zero,
 )
@@ -75,10 +73,10 @@ class MultiSimilarityLoss(nn.Module):
         tile_bytes: int | None = None,
     ) -> None:
         super().__init__()
-        self.alpha = check_positive("alpha", alpha)
-        self.beta = check_positive("beta", beta)
-        self.base = check_finite("base", base)
-        self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.alpha = positive_number("alpha", alpha)
+        self.beta = positive_number("beta", beta)
+        self.base = finite_number("base", base)
+        self.epsilon = nonnegative_number("epsilon", epsilon)
         self.tile_bytes = check_tile_bytes(tile_bytes)
 
     def extra_repr(self) -> str:

@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepmetric.checks import integer_at_least, nonnegative_number, positive_number
 from deepmetric.losses._common import (
     check_batch,
     check_margin,
-    check_nonnegative,
-    check_positive,
     cosine_similarity,
     log1p_sum_exp,
     zero,
@@ -65,9 +64,7 @@ def _check_classes(classes: Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_dim(dim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-    return dim
+    return integer_at_least("dim", dim)
 
 
 class _ClassVectors(nn.Module):
@@ -157,8 +154,8 @@ class ProxyAnchorLoss(_ClassVectors):
         ignore_unknown: bool = False,
     ) -> None:
         super().__init__(classes=classes, dim=dim, ignore_unknown=ignore_unknown)
-        self.alpha = check_positive("alpha", alpha)
-        self.delta = check_nonnegative("delta", delta)
+        self.alpha = positive_number("alpha", alpha)
+        self.delta = nonnegative_number("delta", delta)
         self.proxies = nn.Parameter(torch.empty(len(self.classes), self.dim))
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
@@ -227,7 +224,7 @@ class MarginSoftmaxLoss(_ClassVectors):
         if kind not in MARGIN_KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(MARGIN_KINDS)}")
         self.kind = kind
-        self.scale = check_positive("scale", scale)
+        self.scale = positive_number("scale", scale)
         self.margin = check_margin(DEFAULT_MARGIN[kind] if margin is None else margin)
         if kind == "arcface" and self.margin >= math.pi:
             raise ValueError(f"an ArcFace margin is an angle in [0, pi), got {self.margin}")

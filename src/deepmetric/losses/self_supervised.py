@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from deepmetric import mining as miners
+from deepmetric.checks import positive_number
 from deepmetric.distances import check_embeddings
-from deepmetric.losses._common import check_positive
 from deepmetric.tiles import RowTiles, check_tile_bytes
 
 
@@ -44,7 +44,7 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 0.1, tile_bytes: int | None = None) -> None:
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = positive_number("temperature", temperature)
         self.tile_bytes = check_tile_bytes(tile_bytes)
 
     def extra_repr(self) -> str:

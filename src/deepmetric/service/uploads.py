@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from starlette.exceptions import HTTPException
 
+from deepmetric.checks import positive_int
 from deepmetric.data import preprocess
 
 __all__ = [
@@ -270,8 +271,7 @@ class PixelBudget:
     (up to ``wait_s``, then ``TimeoutError``) until a request's pixels fit. One event loop."""
 
     def __init__(self, limit: int = MAX_PIXELS_IN_FLIGHT, *, wait_s: float = PIXEL_WAIT_S) -> None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"the pixel budget must be a positive integer, got {limit!r}")
+        positive_int("the pixel budget", limit)
         self.limit = limit
         self.wait_s = wait_s
         self.in_flight = 0

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from deepmetric.checks import positive_int
 from deepmetric.gallery import Gallery
 from deepmetric.inference import Embedder
 
@@ -56,8 +57,7 @@ class GalleryWorkers:
     def __init__(
         self, path: str | Path, embedder: Embedder, *, threads: int = 4, timeout: float = 30.0
     ) -> None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        positive_int("threads", threads)
         self.path = Path(path)
         self.embedder = embedder
         self.threads = threads
@@ -155,8 +155,7 @@ class MicroBatcher:
     def __init__(
         self, forward: Callable[[torch.Tensor], torch.Tensor], *, max_batch: int = 64
     ) -> None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        positive_int("max_batch", max_batch)
         self._forward = forward
         self.max_batch = max_batch
         self.batches = 0
