@@ -105,9 +105,9 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(path[path.index(nxt) :] + [node, nxt]))
+                cycles.append(" -> ".join([*path[path.index(nxt) :], node, nxt]))
             elif nxt not in state:
-                visit(nxt, path + [node])
+                visit(nxt, [*path, node])
         state[node] = 2
 
     for name in sorted(graph):

@@ -20,10 +20,10 @@ from deepmetric.checkpoints import CheckpointError, latest_checkpoint, load_chec
 from deepmetric.cli import main as cli_main
 from deepmetric.config import ConfigError, load_config
 from deepmetric.data import augment
+from deepmetric.runs import Run
 from deepmetric.training import resume_config, train
 from deepmetric.training.builders import build_model
 from deepmetric.training.log import StepStats, warn_collapse
-from deepmetric.training.run import _sample_input
 
 
 @pytest.fixture(scope="module")
@@ -268,17 +268,18 @@ def test_collapse_without_a_distance_margin_gives_no_margin_advice():
     ("backbone", "shape"),
     [("small_cnn", (3, 28, 28)), ("vgg_small", (3, 28, 28)), ("resnet_small", (3, 28, 28))],
 )
-def test_a_saved_network_says_its_input_channels_whatever_its_key_order(backbone, shape):
+def test_a_saved_network_says_its_input_channels_whatever_its_key_order(backbone, shape, tmp_path):
     """Checkpoints come back with their keys sorted by name (safetensors): VGGSmall's
-    ``backbone.fc`` then sorts before its first convolution, which names the channels."""
+    ``backbone.fc`` then sorts before its first convolution, which names the channels (a run
+    older than preprocess.json: the folder has none)."""
     config = load_config(None, [f"model.backbone={backbone}", "mode=batch"])
     state = build_model(config, torch.zeros(1, *shape), 1).state_dict()
     ordered = dict(sorted(state.items()))
-    assert _sample_input(config, ordered).shape == (1, 3, 28, 28)
+    assert Run(tmp_path, config)._sample_input(ordered).shape == (1, 3, 28, 28)
     wrong = load_config(None, ["model.backbone=small_cnn", "mode=batch"])
     if backbone != "small_cnn":
         with pytest.raises(ConfigError, match=r"not a model\.backbone=small_cnn network"):
-            _sample_input(wrong, ordered)
+            Run(tmp_path, wrong)._sample_input(ordered)
 
 
 def test_amp_dtype_per_device(monkeypatch):

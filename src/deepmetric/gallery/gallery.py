@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -81,16 +82,19 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from deepmetric.checks import positive_int
 from deepmetric.data.preprocess import Inputs, decode_image
+from deepmetric.files import Progress
 from deepmetric.gallery.index import (
+    INDEX_SUFFIX,
     GalleryIndex,
     IndexFileError,
+    build_index,
+    index_path,
     load_index,
-    make_index,
     top_identities,
 )
 from deepmetric.gallery.store import (
-    Examples,
     GalleryError,
     GalleryExistsError,
     GalleryStore,
@@ -117,16 +121,12 @@ __all__ = [
     "load_embedder",
 ]
 
-#: the index folder of gallery ``G`` is ``G`` + this suffix
-INDEX_SUFFIX = ".index"
 #: thumbnails fit in this many pixels, longest side
 THUMBNAIL_SIZE = 64
 #: the most candidate identities the command line and the service answer per query
 MAX_CANDIDATES = 100
 #: embeddings of the same image equal to this, per value, on any device (CPU / CUDA differ)
 SAME_EXAMPLE_ATOL = 5e-3
-
-Progress = Callable[[str], None]
 
 
 class ModelMismatchError(GalleryError, ValueError):
@@ -138,6 +138,10 @@ class Candidate(NamedTuple):
 
     identity: str
     distance: float
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"identity", "distance"}``, as in :meth:`Identification.to_json`."""
+        return {"identity": self.identity, "distance": self.distance}
 
 
 class Identification(NamedTuple):
@@ -153,11 +157,18 @@ class Identification(NamedTuple):
     threshold: float
     candidates: list[Candidate]
 
-
-def index_path(path: str | Path) -> Path:
-    """The index folder of the gallery file ``path``: ``path`` + :data:`INDEX_SUFFIX`."""
-    path = Path(path)
-    return path.with_name(path.name + INDEX_SUFFIX)
+    def to_json(self, input: str | None) -> dict[str, Any]:
+        """The record of ``deepmetric gallery identify --json`` and of each file in the
+        service's ``POST /identify``: ``{"input", "identity", "distance", "threshold",
+        "candidates"}`` (``input``: the file's name as given; ``distance``: ``null`` when
+        not finite, i.e. for an empty gallery)."""
+        return {
+            "input": input,
+            "identity": self.identity,
+            "distance": self.distance if math.isfinite(self.distance) else None,
+            "threshold": self.threshold,
+            "candidates": [c.to_json() for c in self.candidates],
+        }
 
 
 def _describe(identity: Mapping[str, Any]) -> str:
@@ -178,14 +189,7 @@ def _source_of(embedder: Embedder, source: str | Path | None) -> str | None:
 def load_embedder(source: str | Path, *, device: str = "auto") -> Embedder:
     """The Embedder of a run folder or an ``.onnx`` file (no threshold calibration: a
     gallery carries its own threshold)."""
-    path = Path(source)
-    if path.is_dir():
-        return Embedder.from_run(path, device=device, calibrate=False)
-    if path.suffix.lower() == ".onnx" and path.is_file():
-        return Embedder.from_onnx(path)
-    if not path.exists():
-        raise ValueError(f"the model {path} does not exist (moved or deleted?)")
-    raise ValueError(f"{path}: neither a run folder nor an .onnx file")
+    return Embedder.load(source, device=device)
 
 
 def _far_threshold(
@@ -285,18 +289,6 @@ def _items(inputs: Inputs) -> list[Any] | None:
         f"cannot enroll a {type(inputs).__name__}: give image paths, PIL images, a numpy "
         "array or a tensor (or a list of paths / images)"
     )
-
-
-def build_index(store: GalleryStore, snapshot: tuple[int, Examples] | None = None) -> GalleryIndex:
-    """A new index (type chosen for its size by :func:`make_index`) of every example of
-    ``store``, stamped with the generation the examples were read at; ``snapshot``: a
-    ``store.snapshot()`` already read."""
-    generation, examples = store.snapshot() if snapshot is None else snapshot
-    index = make_index(dim=store.dim, metric=store.metric, size_hint=len(examples.ids))  # type: ignore[arg-type]
-    index.add(examples.embeddings, examples.ids)
-    index.generation = generation
-    index.gallery_id = store.gallery_id
-    return index
 
 
 # --------------------------------------------------------------------------- the gallery
@@ -631,8 +623,7 @@ class Gallery:
             The new example ids, in input order.
         """
         check_name(identity)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         items = _items(inputs)
         pre = self.embedder.preprocessing
         chunks: list[torch.Tensor] = []
@@ -769,8 +760,7 @@ class Gallery:
             are enrolled); ``identity`` the first candidate when its ``distance <=
             threshold``, else ``None``; unknown with distance ``inf`` for an empty gallery.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        positive_int("k", k)
         queries = self.embedder.embed(inputs, batch_size=batch_size).numpy()
         return self.identify_embeddings(queries, k=k)
 

@@ -93,6 +93,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from deepmetric.checks import integer_at_least
 from deepmetric.distances import METRICS
 
 __all__ = [
@@ -209,6 +210,16 @@ class IdentityInfo(NamedTuple):
     examples: int
     metadata: dict[str, Any]
     created: float  # Unix seconds
+
+    def to_json(self) -> dict[str, Any]:
+        """The record of ``deepmetric gallery list --json`` and of each identity in the
+        service's ``GET /identities``: ``{"identity", "examples", "metadata", "created"}``."""
+        return {
+            "identity": self.name,
+            "examples": self.examples,
+            "metadata": self.metadata,
+            "created": self.created,
+        }
 
 
 class Examples(NamedTuple):
@@ -492,8 +503,7 @@ class GalleryStore:
         path = Path(path)
         values = dict(meta)
         dim, metric = values.get("dim"), values.get("metric")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f'meta["dim"] must be an integer >= 1, got {dim!r}')
+        integer_at_least('meta["dim"]', dim)
         if metric not in METRICS:
             raise ValueError(f'meta["metric"] must be one of {", ".join(METRICS)}, got {metric!r}')
         reserved = sorted((_RESERVED - {"dim", "metric"}) & values.keys())

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepmetric.distances import paired
 from deepmetric.gallery import Gallery, UnknownIdentityError
 from deepmetric.gallery.store import GalleryBusyError, GalleryReadOnlyError, check_name
-from deepmetric.inference import Embedder
+from deepmetric.inference import Embedder, Verification
 from deepmetric.service.uploads import (
     API_KEY_HEADER,
     BadUploadError,
@@ -122,10 +122,6 @@ class GalleryService:
 
     async def write(self, job: Any) -> Any:
         return await asyncio.wrap_future(self.workers.write(job))
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 class Uploads(NamedTuple):
@@ -368,14 +364,8 @@ def create_app(
             names = up.names
             emb = await service.embed(up.x)
         distance = float(paired(emb[:1], emb[1:], service.metric)[0])
-        return {
-            "a": names[0],
-            "b": names[1],
-            "distance": distance,
-            "threshold": service.threshold,
-            "same": distance <= service.threshold,
-            "metric": service.metric,
-        }
+        decision = Verification(distance, service.threshold, distance <= service.threshold)
+        return decision.to_json(names[0], names[1], service.metric)
 
     @app.post("/identify")
     async def identify(
@@ -388,32 +378,13 @@ def create_app(
             names = up.names
             queries = (await service.embed(up.x)).numpy()
         results = await service.read(lambda g: g.identify_embeddings(queries, k=k))
-        return [
-            {
-                "input": name,
-                "identity": r.identity,
-                "distance": _finite(r.distance),
-                "threshold": r.threshold,
-                "candidates": [
-                    {"identity": c.identity, "distance": c.distance} for c in r.candidates
-                ],
-            }
-            for name, r in zip(names, results)
-        ]
+        return [r.to_json(name) for name, r in zip(names, results)]
 
     @app.get("/identities")
     async def identities() -> list[dict[str, Any]]:
         """Every enrolled identity, ordered by name."""
         infos = await service.read(lambda g: g.identities())
-        return [
-            {
-                "identity": i.name,
-                "examples": i.examples,
-                "metadata": i.metadata,
-                "created": i.created,
-            }
-            for i in infos
-        ]
+        return [info.to_json() for info in infos]
 
     @app.get(
         "/identities/{identity:path}/thumbnail",

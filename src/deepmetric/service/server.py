@@ -10,21 +10,15 @@ import contextlib
 import ipaddress
 import os
 import socket
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from deepmetric.files import print_stderr
 
 if TYPE_CHECKING:
     from deepmetric.inference import Embedder
 
 __all__ = ["load_model", "serve"]
-
-Progress = Callable[[str], None]
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def load_model(source: str | Path, *, device: str = "auto", calibrate: bool) -> Embedder:
@@ -32,12 +26,7 @@ def load_model(source: str | Path, *, device: str = "auto", calibrate: bool) -> 
     run's threshold when it has none, as ``deepmetric gallery create`` does)."""
     from deepmetric.inference import Embedder
 
-    path = Path(source)
-    if path.suffix.lower() == ".onnx" and path.is_file():
-        return Embedder.from_onnx(path)
-    if not path.is_dir():
-        raise ValueError(f"{path}: neither a run folder nor an .onnx file")
-    return Embedder.from_run(path, device=device, calibrate=calibrate, progress=_say)
+    return Embedder.load(source, device=device, calibrate=calibrate, progress=print_stderr)
 
 
 def api_key_from_env(name: str | None) -> str | None:
@@ -177,8 +166,8 @@ def _run(
 
     embedder = load_model(model, device=device, calibrate=not gallery.exists())
     if not gallery.exists():
-        with Gallery.create(gallery, embedder, source=model, progress=_say) as created:
-            _say(f"created {created.path} (threshold {created.threshold.value:.4f})")
+        with Gallery.create(gallery, embedder, source=model, progress=print_stderr) as created:
+            print_stderr(f"created {created.path} (threshold {created.threshold.value:.4f})")
     service = GalleryService(str(gallery), embedder, threads=threads, busy_timeout=busy_timeout)
     service.start()
     import uvicorn
@@ -192,12 +181,12 @@ def _run(
         )
         loopback = host == "localhost" or _is_loopback(host)
         if not loopback and key is None:
-            _say(
+            print_stderr(
                 f"warning: serving on {host} without an API key: anyone who can reach it can "
                 "enroll and remove identities (give --api-key-env NAME)"
             )
         shown = f"[{host}]" if ":" in host else host
-        _say(
+        print_stderr(
             f"serving {gallery} with {model} on http://{shown}:{port}/ (the page; API docs at "
             f"/docs); writes {'need the API key' if key else 'are open'}, reads "
             f"{'need the API key' if protect_reads else 'are open'}"
