@@ -250,7 +250,6 @@ def create_app(
     server shuts down. ``api_key`` (``None``: writes open), ``protect_reads`` and
     ``max_upload_bytes`` (the largest request body) are enforced before the body is read.
     """
-    page = {name: _static(name) for name in ("index.html", "app.js", "style.css")}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -268,7 +267,16 @@ def create_app(
     )
     gate = Gate(app, api_key=api_key, protect_reads=protect_reads, max_body_bytes=max_upload_bytes)
 
-    # ---------------------------------------------------------------- errors as JSON
+    _add_error_handlers(app)
+    _add_page(app)
+    _add_reads(app, service, gate)
+    _add_writes(app, service)
+    return gate
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": "..."}`` with its status: HTTP errors, invalid requests
+    (422), a busy or read-only gallery (503, Retry-After), anything else (500, no trace)."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -300,7 +308,10 @@ def create_app(
             status_code=500,
         )
 
-    # ---------------------------------------------------------------- page
+
+def _add_page(app: FastAPI) -> None:
+    """The page: index.html, app.js and style.css, read once, under the page's CSP."""
+    page = {name: _static(name) for name in ("index.html", "app.js", "style.css")}
 
     def _page_file(name: str, media: str) -> Response:
         return Response(
@@ -321,7 +332,9 @@ def create_app(
     async def style() -> Response:
         return _page_file("style.css", "text/css; charset=utf-8")
 
-    # ---------------------------------------------------------------- reads
+
+def _add_reads(app: FastAPI, service: GalleryService, gate: Gate) -> None:
+    """GET /health, POST /embed, /verify, /identify, GET /identities and thumbnails."""
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -405,7 +418,9 @@ def create_app(
             raise HTTPException(404, f"{identity!r} has no thumbnail")
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
-    # ---------------------------------------------------------------- writes
+
+def _add_writes(app: FastAPI, service: GalleryService) -> None:
+    """POST /identities (enroll) and DELETE /identities/NAME (remove)."""
 
     @app.post("/identities", status_code=201)
     async def enroll(
@@ -436,5 +451,3 @@ def create_app(
         except UnknownIdentityError as error:
             raise HTTPException(404, str(error)) from None
         return {"identity": identity, "examples": ids, "identities": left}
-
-    return gate
