@@ -4,6 +4,11 @@ A config is a tree of dataclasses (:class:`Config` at the root). Files in ``conf
 command-line overrides such as ``epochs=3``, ``data=idx:/data/mnist`` or
 ``train.classes=[0,1,2,3,4,5]`` are merged into the defaults; an unknown key or a value of the
 wrong type raises :class:`ConfigError` listing the valid keys or the expected type.
+
+Components are chosen by name from their tables: ``loss.name`` from
+:data:`deepmetric.losses.LOSSES` (each loss with the ``loss.*`` options it takes),
+``loss.mining`` from :data:`deepmetric.mining.MINING_RULES`, ``model.backbone`` from
+:data:`deepmetric.models.BACKBONES`; a name not in its table is refused listing the choices.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from deepmetric.losses import LOSSES, SHARED_OPTIONS, LossEntry
+from deepmetric.mining import MINING_RULES
+from deepmetric.models import BACKBONES
+
 #: The ``data`` a run of ``fit()`` on Python objects records: no data set spec.
 FIT_DATA = "(python objects)"
 
@@ -33,7 +42,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The embedding network: ``backbone -> Linear(dim) -> optional L2 normalisation``."""
 
-    backbone: Literal["small_cnn", "vgg_small", "resnet_small", "mlp"] = "vgg_small"
+    #: a name of :data:`deepmetric.models.BACKBONES`: small_cnn, vgg_small, resnet_small, mlp
+    backbone: str = "vgg_small"
     dim: int = 128
     normalize: bool = True
     #: small_cnn: BatchNorm after each convolution (vgg_small and resnet_small always have it)
@@ -57,22 +67,21 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """The metric loss (see :mod:`deepmetric.losses`)."""
+    """The metric loss (see :mod:`deepmetric.losses`). Each loss takes some of these options,
+    and each option may mean something else for each loss (loss.margin: a distance for
+    triplet, contrastive and lifted, an angle for arcface, a cosine for cosface):
+    :data:`deepmetric.losses.LOSSES` says which and what. ``softmax_weight``, ``metric``,
+    ``memory``, ``memory_start``, ``ntxent_weight`` and ``temperature`` go with any loss
+    (:data:`deepmetric.losses.SHARED_OPTIONS`); setting another option the loss does not take
+    is an error."""
 
-    #: triplet, contrastive, lifted (structured), multi_similarity, proxy_anchor, arcface,
-    #: cosface (see :mod:`deepmetric.losses`; loss.margin is the angular margin of arcface
-    #: and the cosine margin of cosface)
-    name: Literal[
-        "triplet",
-        "contrastive",
-        "lifted",
-        "multi_similarity",
-        "proxy_anchor",
-        "arcface",
-        "cosface",
-    ] = "triplet"
+    #: a name of :data:`deepmetric.losses.LOSSES`: triplet, contrastive, lifted (structured),
+    #: multi_similarity, proxy_anchor, arcface, cosface, or one registered with
+    #: :func:`deepmetric.losses.register_loss`
+    name: str = "triplet"
     margin: float = 0.2
-    mining: Literal["batch_all", "batch_hard", "semi_hard"] = "batch_all"
+    #: a name of :data:`deepmetric.mining.MINING_RULES`: batch_all, batch_hard, semi_hard
+    mining: str = "batch_all"
     metric: Literal["euclidean", "squared_euclidean", "cosine"] = "euclidean"
     soft: bool = False
     #: weight of the cross-entropy term in ``mode: joint`` (loss = metric + weight * CE)
@@ -384,8 +393,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             config.name = path.stem
     for text in overrides or []:
         _merge(config, parse_override(text))
+    check_names(config)
     validate(config)
+    check_loss_options(config)
     return config
+
+
+def _check_choice(key: str, value: Any, choices: typing.Iterable[str]) -> None:
+    """``value`` of ``key`` is one of ``choices`` (a table's names), else a ``ConfigError``
+    listing them, worded as an unknown ``Literal`` value is."""
+    choices = list(choices)
+    if value not in choices:
+        expected = " | ".join(map(repr, choices))
+        raise ConfigError(f"{key}: expected one of {expected}, got {_show(value)}")
+
+
+def check_names(config: Config) -> None:
+    """``loss.name`` and ``model.backbone`` name registered components (``ConfigError``
+    listing the choices otherwise). :func:`load_config` checks what a user writes; a run
+    folder's config loads whatever it names (evaluating a run needs no loss), and the
+    component is looked up where it is built."""
+    _check_choice("loss.name", config.loss.name, LOSSES)
+    _check_choice("model.backbone", config.model.backbone, BACKBONES)
+
+
+def check_loss_options(config: Config) -> None:
+    """An option ``loss.name`` does not take (see :data:`deepmetric.losses.LOSSES`; the
+    :data:`~deepmetric.losses.SHARED_OPTIONS` go with any loss) set to anything but its
+    default is a ``ConfigError`` naming the options that loss takes. :func:`load_config` runs
+    it on what the user wrote, a file or overrides; a run folder's saved config (every key,
+    the defaults included) is not checked, so old run folders load as they are."""
+    c, entry, default = config.loss, LOSSES[config.loss.name], LossConfig()
+    for f in dataclasses.fields(LossConfig):
+        value = getattr(c, f.name)
+        if f.name in ("name", *entry.options, *SHARED_OPTIONS) or value == getattr(default, f.name):
+            continue
+        own = f"its options: {', '.join(entry.options)}" if entry.options else "it has none"
+        raise ConfigError(
+            f"loss.{f.name}={_show(value)}: loss.name={c.name} takes no {f.name}; {own} "
+            f"(with any loss: {', '.join(SHARED_OPTIONS)})"
+        )
 
 
 def _value(config: Config, key: str) -> Any:
@@ -447,8 +494,10 @@ MAX_IMAGE_SIDE = 1024
 #: seeds are 64-bit signed integers (torch, numpy and the derived per-epoch seeds)
 SEED_LIMIT = 2**63
 
-#: backbones whose last convolutional map ``model.conv_readout`` can read
-_MAPPED = ("small_cnn", "vgg_small")
+
+def _mapped() -> list[str]:
+    """The backbones whose last convolutional map ``model.conv_readout`` can read."""
+    return [name for name, entry in BACKBONES.items() if entry.map_readout]
 
 
 def validate(config: Config) -> None:
@@ -471,13 +520,19 @@ def validate(config: Config) -> None:
             f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}"
         )
     c = config.loss
+    _check_choice("loss.mining", c.mining, MINING_RULES)
     batch_modes = config.mode in ("batch", "joint")
-    if c.memory and not (batch_modes and c.name in ("triplet", "multi_similarity")):
+    # None: a loss registered by code this process has not imported (a run folder's)
+    entry = LOSSES.get(c.name)
+    if entry is not None:
+        _check_loss_entry(entry)
+    if c.memory and entry is not None and not (batch_modes and entry.takes_memory):
+        with_memory = " or ".join(name for name, e in LOSSES.items() if e.takes_memory)
         raise ConfigError(
-            "loss.memory (a cross-batch memory) needs mode=batch or joint and loss.name=triplet "
-            "or multi_similarity"
+            "loss.memory (a cross-batch memory) needs mode=batch or joint and "
+            f"loss.name={with_memory}"
         )
-    if c.name not in ("triplet", "contrastive", "lifted") and not batch_modes:
+    if entry is not None and entry.pk_only and not batch_modes:
         raise ConfigError(f"loss.name={c.name} trains on P x K batches: mode=batch or joint")
     if c.ntxent_weight and not (batch_modes and config.train.augment):
         raise ConfigError(
@@ -495,10 +550,11 @@ def validate(config: Config) -> None:
             "model.projection_head and model.conv_readout shape deepmetric's EmbeddingNet; "
             f"model.builder={m.builder} builds a network of its own"
         )
-    if m.conv_readout and not (m.projection_head and m.backbone in _MAPPED):
+    mapped = _mapped()
+    if m.conv_readout and not (m.projection_head and m.backbone in mapped):
         raise ConfigError(
             "model.conv_readout=true adds the last convolutional map to the features before the "
-            f"head: it needs model.projection_head=true and backbone {' or '.join(_MAPPED)}"
+            f"head: it needs model.projection_head=true and backbone {' or '.join(mapped)}"
         )
     if not 0 <= config.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")
@@ -535,6 +591,17 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"train.offline_p and train.offline_k must be >= 2 (mining needs positive pairs and "
             f"negatives), got {t.offline_p} and {t.offline_k}"
+        )
+
+
+def _check_loss_entry(entry: LossEntry) -> None:
+    """A registered loss declares only ``loss.*`` keys as its options."""
+    keys = {f.name for f in dataclasses.fields(LossConfig)} - {"name"}
+    foreign = [key for key in entry.options if key not in keys]
+    if foreign:
+        raise ConfigError(
+            f"loss {entry.name} declares option(s) {', '.join(foreign)}, which are no loss.* "
+            f"keys (those are: {', '.join(sorted(keys))})"
         )
 
 

@@ -35,7 +35,7 @@ what a loss takes as given tuples (``indices=``) or from a miner of one's own (`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -672,6 +672,37 @@ def _semi_hard_direct(dist: torch.Tensor, masks: PairMasks, d_pos: torch.Tensor)
         value, column = above.copy_(d_neg).masked_fill_(not_above, inf).min(dim=1)
         chosen[:, j] = torch.where(torch.isinf(value), largest, column)
     return chosen
+
+
+def _hardest(dist: torch.Tensor, masks: PairMasks, *, method: Method = "auto") -> Triplets:
+    return batch_hard_tile(dist, masks)  # O(T R) whatever the method
+
+
+class MiningRule(NamedTuple):
+    """A built-in mining rule of :class:`~deepmetric.losses.TripletLoss` (``loss.mining``):
+    what it means (``doc``) and how it picks triplets from rows of a distance matrix
+    (``tile(dist (T, R), masks, method=...) -> Triplets``, ``anchor`` indexing the rows; the loss
+    averages its hinge over them). ``tile`` is None for batch-all: every valid triplet counts,
+    and the loss counts the active ones (:func:`active_counts_tile`) instead of listing them."""
+
+    doc: str
+    tile: Callable[..., Triplets] | None
+
+
+#: The mining rules by name, the table behind ``loss.mining`` and ``TripletLoss(mining=)``.
+MINING_RULES: dict[str, MiningRule] = {
+    "batch_all": MiningRule(
+        "every valid triplet; the mean over those with a loss > 0 (all of them with soft)", None
+    ),
+    "batch_hard": MiningRule(
+        "per anchor, its farthest positive and nearest negative (Hermans et al. 2017)", _hardest
+    ),
+    "semi_hard": MiningRule(
+        "per positive pair, the nearest negative farther than the positive, else the farthest "
+        "(FaceNet)",
+        semi_hard_tile,
+    ),
+}
 
 
 @torch.no_grad()

@@ -3,7 +3,10 @@
 Shapes use ``B`` for the batch size. Image backbones take ``(B, C, H, W)``; the MLP takes
 ``(B, D)``. Every backbone returns ``(B, out_features)`` and declares what it expects through
 ``input_ndim`` and ``in_channels`` (CNNs) or ``in_features`` (MLP), so that
-:class:`EmbeddingNet` can reject badly shaped inputs with a readable error.
+:class:`EmbeddingNet` can reject badly shaped inputs with a readable error: the contract is
+:class:`Backbone` (and :class:`MapReadout` for a convolutional map readout). The built-in
+backbones are registered by name in :data:`BACKBONES` (``model.backbone``), each entry with its
+options and its first layer; :func:`register_backbone` adds one.
 
 Wrappers (:class:`SiameseNet`, :class:`TripletNet`, :class:`JointNet`) hold one
 :class:`EmbeddingNet` and call that very module for every branch, so all branches share one
@@ -14,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +27,16 @@ from torch import nn
 
 __all__ = [
     "BACKBONES",
+    "INPUT_SIZE",
     "MLP",
     "MODEL_BUILDERS",
+    "Backbone",
+    "BackboneEntry",
     "BasicBlock",
     "ClassifierHead",
     "EmbeddingNet",
     "JointNet",
+    "MapReadout",
     "ResNetSmall",
     "SiameseNet",
     "SmallCNN",
@@ -36,10 +44,13 @@ __all__ = [
     "VGGSmall",
     "build_backbone",
     "build_registered",
+    "declared_input",
     "embed",
     "embedding_part",
     "embedding_state",
+    "first_layer_keys",
     "projections",
+    "register_backbone",
     "register_model",
 ]
 
@@ -50,6 +61,53 @@ class Batchable(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: slice) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What :class:`EmbeddingNet` needs of a backbone, and what every registered one declares.
+
+    - ``out_features``: the width of its output ``(B, out_features)`` (the one requirement:
+      ``EmbeddingNet`` refuses a module without it);
+    - ``input_ndim``: the dimensions of an input batch, 4 for images ``(B, C, H, W)``, 2 for
+      vectors ``(B, F)``;
+    - the input size, its dim 1, in the attribute :data:`INPUT_SIZE` names for that
+      ``input_ndim``: ``in_channels`` (C) for images, ``in_features`` (F) for vectors.
+
+    With the last two declared, ``EmbeddingNet`` checks every input and names the expected
+    shape (see :func:`declared_input`). A backbone that can also hand out its last
+    convolutional map is a :class:`MapReadout` as well.
+    """
+
+    out_features: int
+    input_ndim: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class MapReadout(Protocol):
+    """A backbone whose last convolutional map can be read out with its features
+    (``model.conv_readout``): ``forward_with_map(x) -> (map (B, map_features), features
+    (B, out_features))``."""
+
+    map_features: int
+
+    def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+#: the attribute holding a backbone's input size (dim 1 of its input) for each ``input_ndim``
+INPUT_SIZE: dict[int, str] = {4: "in_channels", 2: "in_features"}
+
+
+def declared_input(backbone: nn.Module) -> tuple[int | None, int | None]:
+    """``(input_ndim, input size)`` a backbone declares (see :class:`Backbone`); None for what
+    it leaves out, which is then not checked."""
+    ndim = getattr(backbone, "input_ndim", None)
+    if isinstance(ndim, bool) or not isinstance(ndim, int):
+        return None, None
+    size = getattr(backbone, INPUT_SIZE.get(ndim, ""), None)
+    return ndim, size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -309,12 +367,73 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "small_cnn": SmallCNN,
-    "vgg_small": VGGSmall,
-    "resnet_small": ResNetSmall,
-    "mlp": MLP,
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A backbone by name (``model.backbone``).
+
+    ``factory(in_channels=C, **options)`` (``input_ndim`` 4: images) or
+    ``factory(in_features=F, **options)`` (``input_ndim`` 2: vectors) builds it (a
+    :class:`Backbone`); ``options``: the ``model.*`` config keys it also takes, each with what
+    it means; ``first_layer``: the key of its first layer's weight in its state dict, shaped
+    ``(out, C or F, ...)``, which gives the input size of a run saved without
+    ``preprocess.json``; ``map_readout``: it is a :class:`MapReadout` (``model.conv_readout``).
+    """
+
+    factory: Callable[..., nn.Module]
+    input_ndim: int
+    first_layer: str
+    options: Mapping[str, str] = field(default_factory=dict)
+    map_readout: bool = False
+
+    def build(self, input_size: int, **options: object) -> nn.Module:
+        """The backbone for inputs of this size (channels or features) with ``options``."""
+        return self.factory(**{INPUT_SIZE[self.input_ndim]: input_size}, **options)
+
+
+#: The backbones by name, the table behind ``model.backbone`` (in the order the config lists
+#: them); :func:`register_backbone` adds one.
+BACKBONES: dict[str, BackboneEntry] = {
+    "small_cnn": BackboneEntry(
+        SmallCNN,
+        input_ndim=4,
+        first_layer="conv1.0.weight",
+        options={
+            "batch_norm": "BatchNorm after each convolution",
+            "padding": "1 keeps the border (28 -> 14 -> 7), 0 is the classic network (-> 5)",
+        },
+        map_readout=True,
+    ),
+    "vgg_small": BackboneEntry(
+        VGGSmall, input_ndim=4, first_layer="features.0.weight", map_readout=True
+    ),
+    "resnet_small": BackboneEntry(ResNetSmall, input_ndim=4, first_layer="stem.0.weight"),
+    "mlp": BackboneEntry(MLP, input_ndim=2, first_layer="net.0.weight"),
 }
+
+
+def register_backbone(
+    name: str,
+    factory: Callable[..., nn.Module],
+    *,
+    input_ndim: int,
+    first_layer: str,
+    options: Mapping[str, str] | None = None,
+    map_readout: bool = False,
+    replace: bool = False,
+) -> BackboneEntry:
+    """Register a backbone under ``name`` (see :class:`BackboneEntry` for the fields), so
+    that ``model.backbone=NAME`` builds it; ``replace=True`` replaces an entry of that name
+    (else a ``ValueError``). tests/test_registry.py checks every registered backbone against
+    the :class:`Backbone` contract."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a backbone name is a word such as my_cnn, got {name!r}")
+    if name in BACKBONES and not replace:
+        raise ValueError(f"backbone {name!r} is registered already: pass replace=True")
+    if input_ndim not in INPUT_SIZE:
+        raise ValueError(f"input_ndim must be one of {sorted(INPUT_SIZE)}, got {input_ndim!r}")
+    entry = BackboneEntry(factory, input_ndim, first_layer, dict(options or {}), map_readout)
+    BACKBONES[name] = entry
+    return entry
 
 
 def build_backbone(name: str, **kwargs: object) -> nn.Module:
@@ -323,11 +442,31 @@ def build_backbone(name: str, **kwargs: object) -> nn.Module:
     Raises ``ValueError`` (listing the valid names) for an unknown name.
     """
     try:
-        factory = BACKBONES[name]
+        entry = BACKBONES[name]
     except (KeyError, TypeError):
         valid = ", ".join(sorted(BACKBONES))
         raise ValueError(f"unknown backbone {name!r}; valid names: {valid}") from None
-    return factory(**kwargs)
+    return entry.factory(**kwargs)
+
+
+class _FirstLayers(Mapping[str, str]):
+    """name -> the key of that backbone's first layer in an :class:`EmbeddingNet`'s state
+    dict, for every registered backbone (a live view of :data:`BACKBONES`)."""
+
+    def __getitem__(self, name: str) -> str:
+        return "backbone." + BACKBONES[name].first_layer  # EmbeddingNet.backbone
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(BACKBONES)
+
+    def __len__(self) -> int:
+        return len(BACKBONES)
+
+
+def first_layer_keys() -> Mapping[str, str]:
+    """The first layer of every registered backbone, as a key of an :class:`EmbeddingNet`'s
+    state dict (``backbone.conv1.0.weight`` for small_cnn): a live view of :data:`BACKBONES`."""
+    return _FirstLayers()
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,8 +487,9 @@ class EmbeddingNet(nn.Module):
     """``backbone -> Linear(backbone.out_features, dim) -> optional L2 normalisation``.
 
     The backbone must have an integer ``out_features``. If it also declares ``input_ndim``
-    and ``in_channels`` / ``in_features`` (all backbones here do), inputs are checked and a
-    mismatch raises ``ValueError`` naming the expected and the received shape.
+    and ``in_channels`` / ``in_features`` (all backbones here do: see :class:`Backbone`),
+    inputs are checked and a mismatch raises ``ValueError`` naming the expected and the
+    received shape.
 
     With ``mirror=True`` (images only) the network in eval mode embeds each image and its
     mirror image (flipped left-right) in one forward pass and returns the mean of the two
@@ -373,7 +513,7 @@ class EmbeddingNet(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: Backbone | nn.Module,
         dim: int = 128,
         normalize: bool = True,
         mirror: bool = False,
@@ -392,8 +532,7 @@ class EmbeddingNet(nn.Module):
         self.projection_dim = dim
         if conv_readout and not projection_head:
             raise ValueError("conv_readout=True reads out before the head: needs projection_head")
-        map_features = getattr(backbone, "map_features", None)
-        if conv_readout and not (hasattr(backbone, "forward_with_map") and map_features):
+        if conv_readout and not (isinstance(backbone, MapReadout) and backbone.map_features):
             raise ValueError(
                 f"conv_readout=True needs a backbone with forward_with_map and map_features "
                 f"(SmallCNN, VGGSmall), not {type(backbone).__name__}"
@@ -402,20 +541,15 @@ class EmbeddingNet(nn.Module):
         #: width of the embeddings in eval mode
         self.dim = out_features if projection_head else dim
         if conv_readout:
-            self.dim += int(map_features)  # type: ignore[arg-type]
+            self.dim += int(backbone.map_features)  # type: ignore[union-attr]
         #: eval mode with a projection head: return the head's outputs (validation loss)
         self.project = False
         self.normalize = normalize
-        if mirror and getattr(backbone, "input_ndim", 4) != 4:
+        # Declared input expectation (None: unknown, not checked).
+        self.input_ndim, self._input_size1 = declared_input(backbone)
+        if mirror and self.input_ndim not in (None, 4):
             raise ValueError("mirror=True averages an image with its mirror image: needs images")
         self.mirror = mirror
-        # Declared input expectation (None: unknown, not checked).
-        ndim = getattr(backbone, "input_ndim", None)
-        self.input_ndim: int | None = ndim if isinstance(ndim, int) else None
-        size1 = getattr(backbone, "in_channels", None) if ndim == 4 else None
-        if ndim == 2:
-            size1 = getattr(backbone, "in_features", None)
-        self._input_size1: int | None = size1 if isinstance(size1, int) else None
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` if ``x`` does not match the backbone's declared input shape."""
@@ -446,7 +580,7 @@ class EmbeddingNet(nn.Module):
             return self.fc(self.backbone(x))
         if not self.conv_readout:
             return self.backbone(x)
-        conv_map, features = self.backbone.forward_with_map(x)
+        conv_map, features = self.backbone.forward_with_map(x)  # a MapReadout
         return torch.cat([F.normalize(features, dim=1), F.normalize(conv_map, dim=1)], 1)
 
 

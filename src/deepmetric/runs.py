@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,10 +48,11 @@ from deepmetric.data.training_data import load_data
 from deepmetric.distances import check_metric
 from deepmetric.files import write_json_atomically
 from deepmetric.models import (
+    BACKBONES,
     EmbeddingNet,
-    build_backbone,
     build_registered,
     embedding_state,
+    first_layer_keys,
 )
 
 CONFIG_FILE = "config.yaml"
@@ -166,24 +168,32 @@ class ModelIdentity(NamedTuple):
 
 def embedding_network(config: Config, sample: torch.Tensor) -> EmbeddingNet:
     """A new embedding network of the config's architecture (``model.*``), sized for inputs
-    like ``sample`` (N, C, H, W) for images or (N, F) for ``model.backbone=mlp``; random
+    like ``sample`` (N, C, H, W) for images or (N, F) for a vector backbone (``mlp``); random
     weights, no classifier head. ``ConfigError`` when the backbone cannot take the data."""
     name, m = config.model.backbone, config.model
-    if name == "mlp":
+    if name not in BACKBONES:
+        raise ConfigError(
+            f"model.backbone={name} is not registered (registered: {', '.join(BACKBONES)}): "
+            "import the module that registers it (--import MODULE)"
+        )
+    entry = BACKBONES[name]
+    options = {key: getattr(m, key) for key in entry.options}  # its model.* options
+    if entry.input_ndim == 2:  # vectors: each item flattened
         if m.mirror is True:
-            raise ConfigError("model.mirror=true averages images with their mirror images: not mlp")
+            raise ConfigError(
+                f"model.mirror=true averages images with their mirror images: not {name}"
+            )
         features = 1
         for size in sample.shape[1:]:
             features *= int(size)
-        backbone = build_backbone(name, in_features=features)
+        backbone = entry.build(features, **options)
     else:
         if sample.dim() != 4:
             raise ConfigError(
                 f"model.backbone={name} needs images (N, C, H, W); the data is "
                 f"{tuple(sample.shape)}: use model.backbone=mlp"
             )
-        extra = {"batch_norm": m.batch_norm, "padding": m.padding} if name == "small_cnn" else {}
-        backbone = build_backbone(name, in_channels=sample.shape[1], **extra)
+        backbone = entry.build(sample.shape[1], **options)
     return EmbeddingNet(
         backbone,
         dim=m.dim,
@@ -199,18 +209,15 @@ def mirror_of(config: Config) -> bool:
     with an image backbone)."""
     m = config.model
     if m.mirror is None:
-        return config.train.augment and m.backbone != "mlp"
+        entry = BACKBONES.get(m.backbone)
+        return config.train.augment and (entry is None or entry.input_ndim == 4)
     return m.mirror
 
 
-#: the first layer of each built-in backbone, whose weight says the input's channels /
-#: features (for runs older than ``preprocess.json``: a checkpoint's keys come sorted by name)
-FIRST_LAYER = {
-    "small_cnn": "backbone.conv1.0.weight",
-    "vgg_small": "backbone.features.0.weight",
-    "resnet_small": "backbone.stem.0.weight",
-    "mlp": "backbone.net.0.weight",
-}
+#: the first layer of each registered backbone (its entry's ``first_layer``), whose weight
+#: says the input's channels / features (for runs older than ``preprocess.json``: a
+#: checkpoint's keys come sorted by name); a live view of :data:`deepmetric.models.BACKBONES`
+FIRST_LAYER: Mapping[str, str] = first_layer_keys()
 
 
 class LoadedNetwork(NamedTuple):
@@ -425,14 +432,20 @@ class Run:
         pre = self.preprocessing()
         if pre is not None:
             return torch.zeros(1, *pre.shape)
-        name = FIRST_LAYER[self.config.model.backbone]
-        first = next((v for k, v in state.items() if k.endswith(name)), None)
+        backbone = self.config.model.backbone
+        entry = BACKBONES.get(backbone)
+        if entry is None:
+            raise ConfigError(
+                f"model.backbone={backbone} is not registered (registered: "
+                f"{', '.join(BACKBONES)}): import the module that registers it (--import MODULE)"
+            )
+        first = next((v for k, v in state.items() if k.endswith(entry.first_layer)), None)
         if first is None:
             raise ConfigError(
-                f"the checkpoint has no {name}: not a "
-                f"model.backbone={self.config.model.backbone} network"
+                f"the checkpoint has no {entry.first_layer}: not a model.backbone={backbone} "
+                "network"
             )
-        if self.config.model.backbone == "mlp":
+        if entry.input_ndim == 2:  # vectors
             return torch.zeros(1, first.shape[1])
         return torch.zeros(1, first.shape[1], 28, 28)
 

@@ -8,7 +8,9 @@ Modules: :mod:`~deepmetric.losses.triplet` (``TripletLoss``, ``triplet_margin_lo
 vectors, so their parameters go to the optimiser),
 :mod:`~deepmetric.losses.self_supervised` (``NTXentLoss``: two views, no labels needed),
 :mod:`~deepmetric.losses.memory` (``CrossBatchMemory``: the last M samples as references of a
-batch loss); what they share is in ``_common``.
+batch loss); what they share is in ``_common``. :mod:`~deepmetric.losses.registry` holds them
+by name (``LOSSES``: each loss's ``loss.*`` options and what each means for it, how to build it
+and read it back); ``register_loss`` adds one of your own.
 
 Each loss is an ``nn.Module`` that calls :mod:`deepmetric.distances` and :mod:`deepmetric.mining`;
 none owns a model. All but ``NTXentLoss`` (two views ``z1``, ``z2`` (B, D)) take ``embeddings``
@@ -31,15 +33,25 @@ from deepmetric.losses.memory import CrossBatchMemory
 from deepmetric.losses.multi_similarity import MultiSimilarityLoss
 from deepmetric.losses.pairs import ContrastiveLoss, LiftedStructuredLoss
 from deepmetric.losses.proxies import MARGIN_KINDS, MarginKind, MarginSoftmaxLoss, ProxyAnchorLoss
+from deepmetric.losses.registry import (
+    LOSSES,
+    SHARED_OPTIONS,
+    LossEntry,
+    name_loss,
+    register_loss,
+)
 from deepmetric.losses.self_supervised import NTXentLoss
 from deepmetric.losses.triplet import MINING, Mining, TripletLoss, triplet_margin_loss
 
 __all__ = [
+    "LOSSES",
     "MARGIN_KINDS",
     "MINING",
+    "SHARED_OPTIONS",
     "ContrastiveLoss",
     "CrossBatchMemory",
     "LiftedStructuredLoss",
+    "LossEntry",
     "MarginKind",
     "MarginSoftmaxLoss",
     "Mining",
@@ -47,5 +59,7 @@ __all__ = [
     "NTXentLoss",
     "ProxyAnchorLoss",
     "TripletLoss",
+    "name_loss",
+    "register_loss",
     "triplet_margin_loss",
 ]

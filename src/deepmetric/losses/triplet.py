@@ -5,7 +5,7 @@ explicit (anchor, positive, negative) embeddings."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from deepmetric.losses._common import check_batch, check_given_batch, check_marg
 from deepmetric.tiles import RowTiles, check_tile_bytes
 
 Mining = Literal["batch_all", "batch_hard", "semi_hard"]
-MINING: tuple[str, ...] = get_args(Mining)
+#: the names of :data:`deepmetric.mining.MINING_RULES`, the table ``mining=`` is looked up in
+MINING: tuple[str, ...] = tuple(miners.MINING_RULES)
 
 #: A triplet miner of one's own: ``miner(dist (B, R), labels (B,))`` (with a reference set,
 #: ``miner(dist, labels, ref_labels (R,))``, the signature of :mod:`deepmetric.mining`'s miners)
@@ -240,19 +241,17 @@ class TripletLoss(nn.Module):
     ) -> tuple[torch.Tensor, int, torch.Tensor]:
         """The loss's sum over the triplets of rows of the distance matrix (T, R), how many
         terms it averages over, and the sum's gradient w.r.t. ``dist``."""
-        if self.mining == "batch_hard":
-            triplets = miners.batch_hard_tile(dist, masks)
-        elif self.mining == "semi_hard":
-            triplets = miners.semi_hard_tile(dist, masks, method=self.method)
-        elif self.soft:  # batch-all, soft: every valid triplet counts
+        tile = miners.MINING_RULES[self.mining].tile
+        if tile is not None:  # the rule lists the triplets
+            triplets = tile(dist, masks, method=self.method)
+            hinge = "soft" if self.soft else "margin"
+            value, grad = _triplets_sum(dist, triplets, hinge, self.margin)
+            return value, len(triplets.anchor), grad
+        if self.soft:  # batch-all, soft: every valid triplet counts
             count = int((masks.positive.sum(dim=1) * masks.negative.sum(dim=1)).sum())
             value, grad = _soft_triplet_sum(dist, masks)
             return value, count, grad
-        else:
-            return self._batch_all_sum(dist, masks)
-        hinge = "soft" if self.soft else "margin"
-        value, grad = _triplets_sum(dist, triplets, hinge, self.margin)
-        return value, len(triplets.anchor), grad
+        return self._batch_all_sum(dist, masks)
 
     def _batch_all_sum(
         self, dist: torch.Tensor, masks: miners.PairMasks

@@ -24,17 +24,7 @@ from deepmetric.data.training_data import (
     resolve_val_classes,
 )
 from deepmetric.devices import resolve_device
-from deepmetric.losses import (
-    ContrastiveLoss,
-    CrossBatchMemory,
-    LiftedStructuredLoss,
-    MarginSoftmaxLoss,
-    MultiSimilarityLoss,
-    NTXentLoss,
-    ProxyAnchorLoss,
-    TripletLoss,
-    triplet_margin_loss,
-)
+from deepmetric.losses import LOSSES, CrossBatchMemory, NTXentLoss, triplet_margin_loss
 from deepmetric.models import JointNet, embedding_part
 from deepmetric.runs import embedding_network
 from deepmetric.training.modes import (
@@ -60,7 +50,8 @@ def build_loss(config: Config, classes: Sequence[int] = ()) -> Callable[..., tor
     ``joint``, a pair loss ``(e1, e2, same)`` for ``siamese``, a triplet loss
     ``(ea, ep, en)`` for ``triplet`` and ``offline``. ``classes``: the training label values
     (the proxy losses keep one learnable vector per class; items of other classes, such as a
-    class-disjoint validation batch, are left out of their loss)."""
+    class-disjoint validation batch, are left out of their loss). The batch loss is the
+    ``loss.name`` entry of :data:`deepmetric.losses.LOSSES`, built from its options."""
     c = config.loss
     if config.mode == "siamese" and c.name != "contrastive":
         raise ConfigError("mode=siamese trains on pairs: set loss.name=contrastive")
@@ -68,26 +59,14 @@ def build_loss(config: Config, classes: Sequence[int] = ()) -> Callable[..., tor
         if c.name != "triplet":
             raise ConfigError(f"mode={config.mode} trains on triplets: set loss.name=triplet")
         return functools.partial(triplet_margin_loss, margin=c.margin, metric=c.metric, soft=c.soft)
-    loss: nn.Module
-    if c.name == "triplet":
-        loss = TripletLoss(margin=c.margin, mining=c.mining, metric=c.metric, soft=c.soft)
-    elif c.name == "multi_similarity":
-        loss = MultiSimilarityLoss()
-    elif c.name == "proxy_anchor":
-        loss = ProxyAnchorLoss(classes=list(classes), dim=config.model.dim, ignore_unknown=True)
-    elif c.name in ("arcface", "cosface"):
-        loss = MarginSoftmaxLoss(
-            classes=list(classes),
-            dim=config.model.dim,
-            kind=c.name,  # type: ignore[arg-type]
-            scale=c.scale,
-            margin=c.margin,
-            ignore_unknown=True,
+    entry = LOSSES.get(c.name)
+    if entry is None:
+        raise ConfigError(
+            f"loss.name={c.name} is not registered (registered: {', '.join(LOSSES)}): import "
+            "the module that registers it (--import MODULE)"
         )
-    elif c.name == "contrastive":
-        loss = ContrastiveLoss(margin=c.margin, metric=c.metric)
-    else:
-        loss = LiftedStructuredLoss(margin=c.margin, metric=c.metric)
+    options = {key: getattr(c, key) for key in entry.options}
+    loss = entry.build(options, list(classes), config.model.dim)
     if c.memory:
         return CrossBatchMemory(loss, size=c.memory, start=c.memory_start)
     return loss

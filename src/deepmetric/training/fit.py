@@ -32,7 +32,7 @@ from deepmetric.config import (
 )
 from deepmetric.config import validate as validate_config
 from deepmetric.data import augment
-from deepmetric.losses import CrossBatchMemory
+from deepmetric.losses import LOSSES, CrossBatchMemory, name_loss
 from deepmetric.models import projections
 from deepmetric.neighbors import nearest_other, retrieval_metrics
 from deepmetric.runs import Run
@@ -47,7 +47,6 @@ from deepmetric.training.log import RunLog, batch_stats, truncate_log, warn_coll
 from deepmetric.training.modes import (
     VAL_ITEMS,
     Mode,
-    PKMode,
     Step,
     epoch_seed,
     stratified_indices,
@@ -77,7 +76,7 @@ def _epoch_record(
         "val_map_at_r": float("nan"),
     }
     if val is not None and len(val) >= 2:
-        loss_fn = getattr(mode, "loss_fn", None)
+        loss_fn = mode.loss_fn
         model.eval()
         if isinstance(loss_fn, nn.Module):  # a cross-batch memory: neither read nor written
             loss_fn.eval()
@@ -155,7 +154,8 @@ def _log_step(log: RunLog, config: Config, pos: Position, lr: float, step: Step)
     value = pos.epoch_losses[-1]
     c = config.loss
     stats = batch_stats(value, step.embeddings, step.labels, metric=c.metric, margin=c.margin)
-    distance_margin = c.name in ("triplet", "contrastive", "lifted")  # others: no such margin
+    entry = LOSSES.get(c.name)
+    distance_margin = entry is not None and entry.distance_margin  # others: no such margin
     warn_collapse(stats, c.margin if distance_margin else None)
     log.write({"kind": "step", "step": pos.step, "epoch": pos.epoch, "lr": lr} | vars(stats))
     return f"loss {value:.4f} active {stats.active:.2f} dist {stats.mean_dist:.3f}"
@@ -238,7 +238,7 @@ def train_loop(
     # float16 (CUDA) needs a gradient scaler, bfloat16 does not; the dtype itself (with its
     # warning where a CPU has no bfloat16) is chosen once a resumed run's checkpoint loaded
     use_amp = t.amp and device.type == "cuda"
-    loss_fn = getattr(mode, "loss_fn", None)
+    loss_fn = mode.loss_fn
     state = RunState(
         model,
         build_optimizer(config, model, loss_fn),
@@ -263,7 +263,7 @@ def train_loop(
         Run.create(config, run_dir)
     amp_dtype = autocast_dtype(t.amp, device)
     net = _parallel(model, device)
-    n_views = mode.n_views if isinstance(mode, PKMode) else 1
+    n_views = mode.n_views
     pos, plan, config_yaml = (
         state.pos,
         build_plan(config, mode.steps_per_epoch),
@@ -315,7 +315,7 @@ def train_loop(
             state.save(save_dir, config_yaml)
             stop.check(agree=distributed.largest)
     except StopRequested:
-        if not getattr(mode, "resumable_mid_epoch", True):  # batches depend on the weights
+        if not mode.resumable_mid_epoch:  # batches depend on the weights: redo the epoch
             pos.batch, pos.epoch_losses = 0, []
         state.save(save_dir, config_yaml)
         where = f"continue with --resume {run_dir}" if run_dir else "no run folder (out=None)"
@@ -330,22 +330,32 @@ def train_loop(
     return pos
 
 
-def _loss_config(loss: Any) -> LossConfig:
-    """What a loss object says of itself, for the run's config.yaml (metric, margin, ...)."""
+def _loss_config(loss: Any, *, recorded: bool) -> LossConfig:
+    """What a loss object says of itself (its name and options, read through
+    :data:`deepmetric.losses.LOSSES`), for the run's config.yaml; a ``CrossBatchMemory`` is
+    its loss plus ``loss.memory`` / ``loss.memory_start``.
+
+    ``recorded`` (``fit(out=...)``): a loss no entry can name is a ``ConfigError``. Without a
+    run folder nothing is recorded: such a loss leaves the defaults, but for the ``metric``
+    and ``margin`` it has (validation measures with that metric, the step log uses the
+    margin)."""
     if isinstance(loss, CrossBatchMemory):
-        c = _loss_config(loss.loss)
+        c = _loss_config(loss.loss, recorded=recorded)
         c.memory, c.memory_start = loss.size, loss.start
         return c
+    named = name_loss(loss)
+    if named is not None:
+        name, options = named
+        return dataclasses.replace(LossConfig(name=name), **options)
+    if recorded:
+        what = type(loss).__name__
+        raise ConfigError(
+            f"fit(out=...) records the loss in config.yaml, and no loss.name is registered for "
+            f"a {what}: register it (deepmetric.losses.register_loss('my_loss', {what}, "
+            "options={...})), or pass out=None"
+        )
     c = LossConfig()
-    names = {
-        "ContrastiveLoss": "contrastive",
-        "LiftedStructuredLoss": "lifted",
-        "MultiSimilarityLoss": "multi_similarity",
-        "ProxyAnchorLoss": "proxy_anchor",
-        "MarginSoftmaxLoss": getattr(loss, "kind", "arcface"),
-    }
-    c.name = names.get(type(loss).__name__, "triplet")  # type: ignore[assignment]
-    for key in ("margin", "mining", "metric", "soft"):
+    for key in ("metric", "margin"):
         if hasattr(loss, key):
             setattr(c, key, getattr(loss, key))
     return c
@@ -412,7 +422,7 @@ def fit(
     config.mode, config.epochs = mode, epochs  # type: ignore[assignment]
     config.out = str(out) if out is not None else None
     config.train = dataclasses.replace(TrainConfig(), p=p, k=k, augment=augment, **options)
-    config.loss = _loss_config(loss)
+    config.loss = _loss_config(loss, recorded=out is not None)
     config.loss.softmax_weight = softmax_weight
     config.model.builder, config.model.builder_args = builder, dict(builder_args or {})
     validate_config(config)

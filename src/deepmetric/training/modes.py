@@ -1,6 +1,6 @@
 """Training modes as small strategies: which index batches an epoch runs, and the loss of one.
 
-Every mode has the same four parts:
+Every mode has the same parts, the :class:`Mode` protocol (all the training loop uses):
 
 - ``steps_per_epoch``: batches in one epoch;
 - ``batches(epoch)``: the index batches of that epoch, a pure function of (seed, epoch) (the
@@ -16,7 +16,12 @@ Every mode has the same four parts:
   mean, weighted by batch size), so the validation loss is comparable with the training loss:
   the P x K modes cut a class-stratified sample into batches of the training batch's shape (a
   batch loss such as batch-all depends on the batch size), the pair and triplet modes take
-  one batch of pairs or triplets (their loss is a mean over them).
+  one batch of pairs or triplets (their loss is a mean over them);
+- ``loss_fn``: the loss (its parameters go to the optimiser, its state into checkpoints);
+- ``n_views``: how many augmented views of each item the loop passes (``x`` holds
+  ``n_views`` x B items: 2 with an NT-Xent term);
+- ``resumable_mid_epoch``: whether an epoch interrupted halfway can go on from that batch
+  (False where the batches depend on the weights: the epoch is redone).
 
 The modes: :class:`PKMode` (P x K batches, any loss over ``(embeddings, labels)``),
 :class:`JointMode` (the same plus cross-entropy on a classifier head: the model returns
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -100,6 +105,29 @@ def pk_chunks(labels: torch.Tensor, idx: torch.Tensor, p: int, k: int) -> list[t
     return chunks or [idx]
 
 
+class Mode(Protocol):
+    """What the training loop uses of a training mode (see the module's docstring): the
+    batches of an epoch and the loss of one, on the training and the validation data."""
+
+    name: str
+    loss_fn: Callable[..., torch.Tensor]
+    steps_per_epoch: int
+    resumable_mid_epoch: bool
+
+    @property
+    def n_views(self) -> int: ...
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]: ...
+
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gather: Gather = local
+    ) -> Step: ...
+
+    def loss_of(self, out: Any, y: torch.Tensor, gather: Gather = local) -> Step: ...
+
+    def val_batches(self, labels: torch.Tensor) -> list[torch.Tensor]: ...
+
+
 def _pk_batches(sampler: PKSampler, epoch: int) -> Iterator[torch.Tensor]:
     sampler.set_epoch(epoch)
     for idx in sampler:
@@ -110,6 +138,7 @@ class PKMode:
     """P x K batches and a loss over the batch: ``loss_fn(embeddings (B, D), labels (B,))``."""
 
     name = "batch"
+    resumable_mid_epoch = True
 
     def __init__(
         self,
@@ -219,6 +248,8 @@ class SiameseMode:
     ``loss_fn(e[:B], e[B:], same)``."""
 
     name = "siamese"
+    resumable_mid_epoch = True
+    n_views = 1
 
     def __init__(
         self,
@@ -268,6 +299,8 @@ class TripletMode:
     forward pass, ``loss_fn(ea, ep, en)``; ``len(labels)`` triplets per epoch."""
 
     name = "triplet"
+    resumable_mid_epoch = True
+    n_views = 1
 
     def __init__(
         self,
@@ -362,6 +395,3 @@ class OfflineMode(TripletMode):
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of everything random in ``epoch`` that is not drawn from torch's RNG."""
     return seed * 1_000_003 + epoch
-
-
-Mode = PKMode | JointMode | SiameseMode | TripletMode | OfflineMode
