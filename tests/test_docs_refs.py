@@ -50,3 +50,18 @@ def test_every_test_docs_reliability_names_exists() -> None:
         elif name and not re.search(rf"^(async )?def {name}\(", path.read_text(), re.M):
             missing.append(f"{file}::{name}")
     assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+MODULE = re.compile(r"\b([a-z_]+(?:/[a-z_]+)*(?:\.py|/))(?=[\s,):]|$)")
+
+
+def test_the_architecture_page_names_modules_that_exist() -> None:
+    """Every module or package docs/architecture.md's layer list names is in src/deepmetric."""
+    text = ARCHITECTURE.read_text()
+    block = text.split("## Layers, low to high", 1)[1].split("```")[1]
+    names = {m.group(1) for m in MODULE.finditer(block)}
+    assert len(names) >= 20, names
+    src = ROOT / "src" / "deepmetric"
+    missing = sorted(n for n in names if not (src / n).exists())
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
