@@ -626,3 +626,35 @@ def test_every_mode_declares_what_the_loop_uses(overrides, views, resumable):
 def test_the_mode_protocol_declares_what_the_loop_uses():
     members = set(Mode.__annotations__) | {n for n in vars(Mode) if not n.startswith("_")}
     assert members == {*PROTOCOL, "batches", "loss", "loss_of", "val_batches"}
+
+
+def test_every_mode_of_the_config_has_a_table_entry_that_builds_it():
+    """config.mode's choices and the MODES table agree; each entry builds a Mode of that
+    name over a small labelled set."""
+    import typing
+
+    from deepmetric.config import Config
+    from deepmetric.training.builders import MODES, build_loss, build_mode
+
+    hints = typing.get_type_hints(Config)
+    assert set(typing.get_args(hints["mode"])) == set(MODES)
+    labels = torch.arange(8).repeat_interleave(4)
+    for name in MODES:
+        overrides = [f"mode={name}", "train.p=4", "train.k=4", "train.batch_size=8"]
+        if name in ("triplet", "offline"):
+            overrides.append("loss.name=triplet")
+        if name == "siamese":
+            overrides.append("loss.name=contrastive")
+        config = load_config(None, overrides)
+        net = torch.nn.Linear(2, 2)
+        mode = build_mode(
+            config,
+            labels,
+            build_loss(config, list(range(8))),
+            fetch=lambda idx: torch.zeros(len(idx), 2),
+            embed_net=net,
+            device=torch.device("cpu"),
+            stream=None,
+        )
+        assert mode.name == name, (mode.name, name)
+        assert mode.steps_per_epoch >= 1

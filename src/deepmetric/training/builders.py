@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import Any, NamedTuple, TextIO
 
 import torch
 from torch import nn
@@ -91,6 +91,86 @@ def adapt_p(config: Config, labels: torch.Tensor, stream: TextIO | None = sys.st
     return config.train.p
 
 
+class ModeParts(NamedTuple):
+    """What a mode may need besides the config, the labels and the loss: the training
+    source's ``fetch`` (offline mining embeds items), the embedding network and its device,
+    and where notes go."""
+
+    fetch: Callable[[torch.Tensor], torch.Tensor]
+    embed_net: nn.Module
+    device: torch.device
+    stream: TextIO | None
+
+
+def _views(config: Config) -> tuple[NTXentLoss, float] | None:
+    """The NT-Xent term between two views of every image (``loss.ntxent_weight``), or None."""
+    c = config.loss
+    return (NTXentLoss(temperature=c.temperature), c.ntxent_weight) if c.ntxent_weight else None
+
+
+def _batch_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeParts) -> Mode:
+    p = adapt_p(config, labels, parts.stream)
+    return PKMode(labels, loss_fn, p=p, k=config.train.k, seed=config.seed, views=_views(config))
+
+
+def _joint_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeParts) -> Mode:
+    t = config.train
+    return JointMode(
+        labels,
+        loss_fn,
+        p=adapt_p(config, labels, parts.stream),
+        k=t.k,
+        seed=config.seed,
+        classes=torch.unique(labels),
+        weight=config.loss.softmax_weight,
+        label_smoothing=t.label_smoothing,
+        views=_views(config),
+    )
+
+
+def _siamese_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeParts) -> Mode:
+    return SiameseMode(labels, loss_fn, batch_size=config.train.batch_size, seed=config.seed)
+
+
+def _triplet_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeParts) -> Mode:
+    return TripletMode(labels, loss_fn, batch_size=config.train.batch_size, seed=config.seed)
+
+
+def _offline_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeParts) -> Mode:
+    t = config.train
+    return OfflineMode(
+        labels,
+        loss_fn,
+        batch_size=t.batch_size,
+        seed=config.seed,
+        fetch=parts.fetch,
+        embed_net=parts.embed_net,
+        device=parts.device,
+        metric=config.loss.metric,
+        every=t.offline_every,
+        mine_p=t.offline_p,
+        mine_k=t.offline_k,
+    )
+
+
+class ModeEntry(NamedTuple):
+    """A training mode by name: ``build(config, labels, loss_fn, parts)`` and the ``train.*``
+    options it reads (besides ``seed``)."""
+
+    build: Callable[[Config, torch.Tensor, Any, ModeParts], Mode]
+    options: tuple[str, ...]
+
+
+#: The training modes by ``mode`` name (``config.mode``).
+MODES: dict[str, ModeEntry] = {
+    "batch": ModeEntry(_batch_mode, ("p", "k")),
+    "joint": ModeEntry(_joint_mode, ("p", "k", "label_smoothing")),
+    "siamese": ModeEntry(_siamese_mode, ("batch_size",)),
+    "triplet": ModeEntry(_triplet_mode, ("batch_size",)),
+    "offline": ModeEntry(_offline_mode, ("batch_size", "offline_every", "offline_p", "offline_k")),
+}
+
+
 def build_mode(
     config: Config,
     labels: torch.Tensor,
@@ -101,44 +181,12 @@ def build_mode(
     device: torch.device,
     stream: TextIO | None = sys.stderr,
 ) -> Mode:
-    """The training mode of ``config.mode`` over a training set with these ``labels``."""
-    t = config.train
-    if config.mode in ("batch", "joint"):
-        p = adapt_p(config, labels, stream)
-        c = config.loss
-        views = (
-            (NTXentLoss(temperature=c.temperature), c.ntxent_weight) if c.ntxent_weight else None
-        )
-        if config.mode == "batch":
-            return PKMode(labels, loss_fn, p=p, k=t.k, seed=config.seed, views=views)  # type: ignore[arg-type]
-        return JointMode(
-            labels,
-            loss_fn,  # type: ignore[arg-type]
-            p=p,
-            k=t.k,
-            seed=config.seed,
-            classes=torch.unique(labels),
-            weight=config.loss.softmax_weight,
-            label_smoothing=t.label_smoothing,
-            views=views,
-        )
-    if config.mode == "siamese":
-        return SiameseMode(labels, loss_fn, batch_size=t.batch_size, seed=config.seed)
-    if config.mode == "triplet":
-        return TripletMode(labels, loss_fn, batch_size=t.batch_size, seed=config.seed)
-    return OfflineMode(
-        labels,
-        loss_fn,
-        batch_size=t.batch_size,
-        seed=config.seed,
-        fetch=fetch,
-        embed_net=embed_net,
-        device=device,
-        metric=config.loss.metric,
-        every=t.offline_every,
-        mine_p=t.offline_p,
-        mine_k=t.offline_k,
-    )
+    """The training mode of ``config.mode`` (its :data:`MODES` entry) over a training set with
+    these ``labels``."""
+    entry = MODES.get(config.mode)
+    if entry is None:
+        raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {config.mode!r}")
+    return entry.build(config, labels, loss_fn, ModeParts(fetch, embed_net, device, stream))
 
 
 def build_optimizer(config: Config, model: nn.Module, loss: object = None) -> torch.optim.Optimizer:
@@ -171,6 +219,9 @@ def build_plan(config: Config, steps_per_epoch: int) -> LRPlan:
 
 
 __all__ = [
+    "MODES",
+    "ModeEntry",
+    "ModeParts",
     "TrainingData",
     "adapt_p",
     "build_loss",
