@@ -334,3 +334,69 @@ def test_bad_options_fail_before_any_download(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         load_dataset(f"sop:{tmp_path}", mode="CMYK")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_on_inshop_searches_queries_against_the_gallery(tmp_path, capsys):
+    """A run trained on In-Shop's train items (image_size reaches the benchmark loader) is
+    evaluated with In-Shop's protocol: each query against the gallery only, equal to the
+    retrieval metrics of the network's embeddings of the two parts, beside the raw pixels."""
+    from deepmetric.config import load_config
+    from deepmetric.evaluate import evaluate_run, retrieval_metrics
+    from deepmetric.evaluate.fewshot import raw_pixels
+    from deepmetric.models import embed
+    from deepmetric.runs import Run
+    from deepmetric.training import train
+
+    write_inshop(tmp_path / "inshop", eval_folder=True)
+    spec = f"inshop:{tmp_path / 'inshop'}"
+    overrides = [f"data={spec}", f"out={tmp_path / 'run'}", "image_size=12", "mode=batch"]
+    overrides += ["model.backbone=small_cnn", "model.dim=8", "epochs=1", "train.p=2"]
+    overrides += ["train.k=2", "train.val_fraction=0", "train.device=cpu", "train.augment=false"]
+    train(load_config(None, overrides), stream=None)
+    run = Run.open(tmp_path / "run")
+    assert run.preprocessing() == Preprocessing(3, 12, 12)
+    metrics = evaluate_run(
+        run.path, embedding_map=False, device="cpu", fars=(), progress=lambda _: None
+    )
+    block = metrics["query_gallery"]
+    query, gallery = bm.inshop_query_gallery(tmp_path / "inshop", size=12)
+    net = run.network().net
+    want = retrieval_metrics(
+        embed(net, query.inputs[:]),
+        query.y,
+        ref_embeddings=embed(net, gallery.inputs[:]),
+        ref_labels=gallery.y,
+    )
+    assert block["queries"] == want["queries"] == 4
+    for name in ("precision_at_1", "r_precision", "map_at_r"):
+        assert block[name] == pytest.approx(want[name], abs=1e-6)
+    assert block["precision_at_k"] == pytest.approx(want["precision_at_k"], abs=1e-6)
+    assert (block["queries_given"], block["gallery"]) == (4, 4)
+    raw = retrieval_metrics(
+        raw_pixels(query.inputs[:]),
+        query.y,
+        ref_embeddings=raw_pixels(gallery.inputs[:]),
+        ref_labels=gallery.y,
+    )
+    assert block["raw_input_baseline"]["map_at_r"] == pytest.approx(raw["map_at_r"], abs=1e-6)
+    report = (run.eval_dir / "report.html").read_text()
+    assert "Queries against the gallery (4 queries, 4 gallery images)" in report
+    from deepmetric.cli import main as cli_main
+
+    capsys.readouterr()
+    out = tmp_path / "cli_eval"
+    assert (
+        cli_main(["evaluate", str(run.path), "--device", "cpu", "--no-map", "--out", str(out)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "queries against the gallery (4 queries, 4 gallery images): precision@1" in printed
+
+
+def test_the_benchmarks_take_image_size_from_the_config(tmp_path):
+    """image_size reaches the benchmark loaders as it reaches image folders."""
+    from deepmetric.config import load_config
+    from deepmetric.data.training_data import load_options
+
+    config = load_config(None, ["data=cub200:/x", "image_size=40"])
+    assert load_options(config) == {"size": (40, 40)}
+    assert load_options(load_config(None, ["data=fashion-mnist"])) == {}

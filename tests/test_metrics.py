@@ -43,27 +43,38 @@ def _ranking(query: list[float], refs: list[list[float]], metric: str, skip: int
     return sorted(pairs)
 
 
-def _reference_retrieval(x: torch.Tensor, labels: torch.Tensor, metric: str, ks):
+def _reference_retrieval(
+    x: torch.Tensor, labels: torch.Tensor, metric: str, ks, refs=None, ref_labels=None
+):
+    """Plain loops: each query ranks every other item (or, with ``refs``, every gallery
+    item); relevance = the same class."""
     pts, lab = x.tolist(), labels.tolist()
+    own = refs is None
+    ref_pts = pts if own else refs.tolist()
+    ref_lab = lab if own else ref_labels.tolist()
     p1 = rp = mapr = 0.0
-    recall = dict.fromkeys(ks, 0.0)
+    recall, precision, mapk = (dict.fromkeys(ks, 0.0) for _ in range(3))
     queries = 0
     for i in range(len(lab)):
-        r = sum(1 for j in range(len(lab)) if j != i and lab[j] == lab[i])
+        others = [j for j in range(len(ref_lab)) if not (own and j == i)]
+        r = sum(1 for j in others if ref_lab[j] == lab[i])
         if r == 0:
             continue
-        rel = [lab[j] == lab[i] for _, j in _ranking(pts[i], pts, metric, i)]
+        ranking = _ranking(pts[i], ref_pts, metric, i if own else None)
+        rel = [ref_lab[j] == lab[i] for _, j in ranking]
         queries += 1
         p1 += rel[0]
         rp += sum(rel[:r]) / r
-        ap, hits = 0.0, 0
-        for pos in range(r):
+        hits, prec_at = 0, []
+        for pos in range(len(rel)):
             if rel[pos]:
                 hits += 1
-                ap += hits / (pos + 1)
-        mapr += ap / r
+            prec_at.append(hits / (pos + 1) if rel[pos] else 0.0)
+        mapr += sum(prec_at[:r]) / r
         for k in ks:
             recall[k] += any(rel[:k])
+            precision[k] += sum(rel[:k]) / k
+            mapk[k] += sum(prec_at[:k]) / min(k, r)
     if queries == 0:
         return None
     return {
@@ -71,6 +82,8 @@ def _reference_retrieval(x: torch.Tensor, labels: torch.Tensor, metric: str, ks)
         "r_precision": rp / queries,
         "map_at_r": mapr / queries,
         "recall_at_k": {str(k): v / queries for k, v in recall.items()},
+        "precision_at_k": {str(k): v / queries for k, v in precision.items()},
+        "map_at_k": {str(k): v / queries for k, v in mapk.items()},
         "queries": queries,
     }
 
@@ -229,8 +242,95 @@ def test_retrieval_metrics_match_brute_force(seed, n, n_classes, d, metric, ks, 
     assert got["queries"] == want["queries"]
     for name in ("precision_at_1", "r_precision", "map_at_r"):
         assert got[name] == pytest.approx(want[name], rel=0, abs=1e-9)
-    for k, v in want["recall_at_k"].items():
-        assert got["recall_at_k"][k] == pytest.approx(v, rel=0, abs=1e-9)
+    for block in ("recall_at_k", "precision_at_k", "map_at_k"):
+        for k, v in want[block].items():
+            assert got[block][k] == pytest.approx(v, rel=0, abs=1e-9), (block, k)
+
+
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 10),
+    m=st.integers(1, 12),
+    n_classes=st.integers(1, 4),
+    d=st.integers(1, 3),
+    metric=st.sampled_from(METRICS),
+    ks=st.lists(st.integers(1, 16), min_size=1, max_size=3, unique=True),
+    chunk=st.integers(1, 4),
+)
+def test_queries_against_a_gallery_match_brute_force(seed, n, m, n_classes, d, metric, ks, chunk):
+    """In-Shop's protocol: every query ranks the gallery only (no item is left out), relevant
+    = the gallery items of its class; per-class rows over the queries' classes."""
+    x = _points(seed, n + m, d, metric)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, n_classes, (n + m,), generator=g) * 2 + 5
+    q, q_y, ref, ref_y = x[:n], labels[:n], x[n:], labels[n:]
+    got = retrieval_metrics(
+        q, q_y, metric=metric, ks=ks, chunk=chunk, ref_embeddings=ref, ref_labels=ref_y
+    )
+    want = _reference_retrieval(q, q_y, metric, ks, refs=ref, ref_labels=ref_y)
+    if want is None:
+        assert got["queries"] == 0 and math.isnan(got["precision_at_1"])
+        return
+    assert got["queries"] == want["queries"]
+    for name in ("precision_at_1", "r_precision", "map_at_r"):
+        assert got[name] == pytest.approx(want[name], rel=0, abs=1e-9)
+    for block in ("recall_at_k", "precision_at_k", "map_at_k"):
+        for k, v in want[block].items():
+            assert got[block][k] == pytest.approx(v, rel=0, abs=1e-9), (block, k)
+    rows = retrieval_metrics(
+        q, q_y, metric=metric, ref_embeddings=ref, ref_labels=ref_y, per_class=True
+    )["by_class"]
+    assert sum(r["queries"] for r in rows) == want["queries"]
+
+
+def test_a_gallery_in_multi_hot_labels_equals_the_same_in_a_relevance_mask():
+    g = torch.Generator().manual_seed(3)
+    q, ref = torch.randn(7, 4, generator=g), torch.randn(11, 4, generator=g)
+    q_hot = (torch.rand(7, 3, generator=g) > 0.5).long()
+    ref_hot = (torch.rand(11, 3, generator=g) > 0.5).long()
+    by_hot = retrieval_metrics(q, q_hot, ref_embeddings=ref, ref_labels=ref_hot, ks=(1, 3))
+    mask = (q_hot @ ref_hot.T) > 0
+    by_mask = retrieval_metrics(q, mask, ref_embeddings=ref, ks=(1, 3))
+    assert by_hot == by_mask
+    classes = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    ref_classes = torch.arange(11) % 3
+    one_hot = torch.nn.functional.one_hot
+    by_class = retrieval_metrics(q, classes, ref_embeddings=ref, ref_labels=ref_classes)
+    by_one_hot = retrieval_metrics(
+        q, one_hot(classes, 3), ref_embeddings=ref, ref_labels=one_hot(ref_classes, 3)
+    )
+    assert by_class == by_one_hot
+
+
+def test_a_gallery_with_bad_input_is_one_line():
+    q = torch.randn(3, 2)
+    for call, words in (
+        (
+            lambda: retrieval_metrics(
+                q, torch.arange(3), ref_embeddings=torch.randn(4, 5), ref_labels=torch.arange(4)
+            ),
+            "dimensions",
+        ),
+        (
+            lambda: retrieval_metrics(q, torch.arange(3), ref_embeddings=torch.randn(4, 2)),
+            "need ref_labels",
+        ),
+        (
+            lambda: retrieval_metrics(q, torch.arange(3), ref_labels=torch.arange(4)),
+            "without ref_embeddings",
+        ),
+        (
+            lambda: retrieval_metrics(
+                q,
+                torch.arange(3),
+                ref_embeddings=torch.zeros(0, 2),
+                ref_labels=torch.zeros(0, dtype=torch.long),
+            ),
+            "M >= 1",
+        ),
+    ):
+        with pytest.raises(ValueError, match=words):
+            call()
 
 
 def test_by_class_names_where_the_misses_go():

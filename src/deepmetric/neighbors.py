@@ -240,20 +240,24 @@ def nearest_other(
 
 
 def _query_scores(rel: torch.Tensor, r: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Per-query scores from ``rel (c, k)`` (neighbour j is of the query's class) and
-    ``r (c,)`` (same-class items per query, 1 <= r <= k), as float64 tensors (c,)."""
+    """Per-query scores from ``rel (c, k)`` (neighbour j is relevant to the query) and
+    ``r (c,)`` (relevant items per query, 1 <= r, and min(r, max ks) <= k), as float64 (c,)."""
     width = rel.shape[1]
     ranks = torch.arange(1, width + 1, device=rel.device, dtype=torch.float64)
     r64 = r.to(torch.float64)
     rel_r = rel & (ranks[None, :] <= r64[:, None])  # relevant among the first R
     hits = rel.to(torch.float64).cumsum(dim=1)  # hits[j] = relevant among the first j + 1
+    precision = hits / ranks * rel  # P(j) rel(j)
     out = {
         "precision_at_1": rel[:, 0].to(torch.float64),
         "r_precision": rel_r.sum(dim=1) / r64,
-        "map_at_r": (hits / ranks * rel_r).sum(dim=1) / r64,
+        "map_at_r": (precision * rel_r).sum(dim=1) / r64,
     }
     for k in ks:
-        out[f"recall@{k}"] = rel[:, : min(k, width)].any(dim=1).to(torch.float64)
+        top = min(k, width)
+        out[f"recall@{k}"] = rel[:, :top].any(dim=1).to(torch.float64)
+        out[f"precision@{k}"] = hits[:, top - 1] / k if top else torch.zeros_like(r64)
+        out[f"map@{k}"] = precision[:, :top].sum(dim=1) / torch.clamp(r64, max=k)
     return out
 
 
@@ -265,29 +269,37 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 2, 4, 8),
     chunk: int = 1024,
     per_class: bool = False,
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Leave-one-out retrieval metrics (Musgrave, Belongie, Lim 2020, "A Metric Learning
-    Reality Check").
+    """Retrieval metrics (Musgrave, Belongie, Lim 2020, "A Metric Learning Reality Check"):
+    leave-one-out over one set, or queries against a gallery (``ref_embeddings``, M x D, with
+    ``ref_labels``: DeepFashion In-Shop's protocol, every query searched among the gallery).
 
-    For query i with class c: ``R_i`` = number of *other* items of class c, and ``rel(j)`` = 1
-    if its j-th nearest other item (ties by lower index) has class c.
+    For query i: ``R_i`` = the number of relevant items it can retrieve (leave-one-out: the
+    *other* items of its class; with a gallery: the gallery items of its class), and
+    ``rel(j)`` = 1 if its j-th nearest item (ties by lower index) is relevant.
 
     - ``precision_at_1``: mean of ``rel(1)``.
     - ``r_precision``: mean of ``(sum_{j<=R} rel(j)) / R``.
     - ``map_at_r``: mean of ``(1/R) sum_{j<=R} P(j) rel(j)``, ``P(j) = (sum_{l<=j} rel(l)) / j``.
-    - ``recall_at_k``: ``{"k": share of queries with a same-class item among their k
-      nearest}`` for k in ``ks`` (k beyond N - 1 counts all N - 1 other items).
+    - ``recall_at_k``: ``{"k": share of queries with a relevant item among their k
+      nearest}`` for k in ``ks`` (k beyond the items there are counts them all).
+    - ``precision_at_k``: ``{"k": mean of (sum_{j<=k} rel(j)) / k}`` (slots beyond the items
+      there are count as misses).
+    - ``map_at_k``: ``{"k": mean of (1 / min(k, R)) sum_{j<=k} P(j) rel(j)}`` (1 when the
+      first min(k, R) items are all relevant).
     - ``queries``: how many queries were counted.
 
-    Queries with ``R = 0`` (their class has no other item) are excluded from every metric;
-    with no query left the metrics are NaN.
+    Queries with ``R = 0`` are excluded from every metric; with no query left the metrics are
+    NaN.
 
-    Multi-label data: ``labels`` multi-hot (N, L) 0/1 integers, item j relevant to query i when
-    they share a label (``labels[i] . labels[j] > 0``), or a boolean (N, N) relevance mask (its
-    diagonal ignored); ``R_i`` is then the number of other items relevant to i (an item with no
-    label has ``R = 0`` and is excluded), and every metric above reads "relevant" for "of
-    class c". Relevance is computed per chunk of queries (:func:`deepmetric.mining.tile_masks`),
-    memory O(chunk x N). ``per_class`` needs class labels (N,).
+    Multi-label data: ``labels`` multi-hot (N, L) 0/1 integers (``ref_labels`` (M, L)), item j
+    relevant to query i when they share a label, or a boolean (N, N) relevance mask (its
+    diagonal ignored; with a gallery (N, M) and no ``ref_labels``); ``R_i`` is then the number
+    of items relevant to i, and every metric above reads "relevant" for "of class c".
+    Relevance is computed per chunk of queries (:func:`deepmetric.mining.tile_masks`), memory
+    O(chunk x M). ``per_class`` needs class labels (N,).
 
     With ``per_class``, also ``by_class``: one row per label (ascending) with ``class``,
     ``queries`` and the means of ``precision_at_1``, ``r_precision``, ``map_at_r`` over that
@@ -295,20 +307,34 @@ def retrieval_metrics(
     queries, ``confused_with`` is the other label holding the most (lowest label among equals;
     None when no slot is held by another label) and ``confused_share`` the share it holds.
 
-    One neighbour search with ``k = min(max(max(ks), R_max), N - 1)``, in chunks of ``chunk``
-    queries: memory O(chunk x (N + k)), time O(N^2 D) for the distances plus a top-k per
-    row; a class of 6000 items makes k = 5999, i.e. 5999 neighbours per query chunk row.
+    One neighbour search with ``k = min(max(max(ks), R_max), M')`` (M' = N - 1 leave-one-out,
+    else M), in chunks of ``chunk`` queries: memory O(chunk x (M + k)), time O(N M D) for the
+    distances plus a top-k per row; a class of 6000 items makes k = 5999.
     """
     check_metric(metric)
-    check_items(embeddings)
+    own = ref_embeddings is None
+    if own:
+        check_items(embeddings)  # leave-one-out needs two
+    else:
+        check_embeddings(embeddings)
+        if embeddings.shape[0] < 1:
+            raise ValueError("embeddings must hold at least 1 query")
     n = embeddings.shape[0]
+    refs = embeddings if own else _check_refs(embeddings, ref_embeddings)
+    m = refs.shape[0]
     multi = isinstance(labels, torch.Tensor) and labels.dim() == 2
     if multi:
-        check_pair_labels(labels, None, n, n, same_set=True)
+        check_pair_labels(labels, None if own else ref_labels, n, m, same_set=own)
         if per_class:
             raise ValueError("per_class needs class labels (N,), not multi-hot labels or a mask")
     else:
         check_labels(labels, n)
+        if not own:
+            if ref_labels is None:
+                raise ValueError("ref_embeddings need ref_labels (M,), the gallery's classes")
+            check_labels(ref_labels, m, "ref_labels")
+    if own and ref_labels is not None:
+        raise ValueError("ref_labels without ref_embeddings: pass both, or neither")
     integer_at_least("chunk", chunk)
     ks = tuple(ks)
     if not ks:
@@ -316,35 +342,41 @@ def retrieval_metrics(
     for k in ks:
         integer_at_least("every k in ks", k)
     labels = labels.to(embeddings.device)
+    ref_y = labels if own or ref_labels is None else ref_labels.to(embeddings.device)
     tally = None
     if multi:
 
-        def relevant(start: int, stop: int, idx: torch.Tensor) -> torch.Tensor:  # (c, k) bool
-            return tile_masks(labels[start:stop], labels, self_offset=start).positive.gather(1, idx)
+        def masks(start: int, stop: int) -> torch.Tensor:  # (c, M) bool
+            offset = start if own else None
+            return tile_masks(labels[start:stop], ref_y, self_offset=offset).positive
 
-        r_all = torch.cat(
-            [
-                tile_masks(labels[s : s + chunk], labels, self_offset=s).positive.sum(dim=1)
-                for s in range(0, n, chunk)
-            ]
-        )
+        def relevant(start: int, stop: int, idx: torch.Tensor) -> torch.Tensor:  # (c, k) bool
+            return masks(start, stop).gather(1, idx)
+
+        r_all = torch.cat([masks(s, s + chunk).sum(dim=1) for s in range(0, n, chunk)])
+        names_of_classes: list[int] = []
     else:
-        _, cls, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        r_all = counts[cls] - 1
+        both = labels if own else torch.cat([labels, ref_y])
+        names_t, inverse = torch.unique(both, return_inverse=True)
+        cls, ref_cls = inverse[:n], inverse if own else inverse[n:]
+        counts = torch.bincount(ref_cls, minlength=len(names_t))
+        r_all = counts[cls] - (1 if own else 0)
 
         def relevant(start: int, stop: int, idx: torch.Tensor) -> torch.Tensor:
-            return cls[idx] == cls[start:stop][:, None]
+            return ref_cls[idx] == cls[start:stop][:, None]
 
+        names_of_classes = names_t.tolist()
         if per_class:
-            tally = _ClassTally(len(counts), embeddings.device)
-    width = min(max(max(ks), int(r_all.max())), n - 1)
+            tally = _ClassTally(len(names_t), embeddings.device)
+    width = min(max(max(ks), int(r_all.max())), m - 1 if own else m)
 
-    names = ["precision_at_1", "r_precision", "map_at_r", *(f"recall@{k}" for k in ks)]
+    names = ["precision_at_1", "r_precision", "map_at_r"]
+    names += [f"{what}@{k}" for what in ("recall", "precision", "map") for k in ks]
     totals = dict.fromkeys(names, 0.0)
     queries = 0
     with torch.no_grad():
-        emb = embeddings.detach()
-        for start, _, idx in knn_chunks(emb, emb, width, metric, True, chunk):
+        emb, ref = embeddings.detach(), refs.detach()
+        for start, _, idx in knn_chunks(emb, ref, width, metric, own, chunk):
             stop = start + idx.shape[0]
             r = r_all[start:stop]
             valid = r > 0
@@ -356,7 +388,7 @@ def retrieval_metrics(
                 totals[name] += float(scores[name].sum())
             queries += int(valid.sum())
             if tally is not None:
-                tally.add(cls[start:stop][valid], cls[idx[valid]], r[valid], scores)
+                tally.add(cls[start:stop][valid], ref_cls[idx[valid]], r[valid], scores)
 
     def mean(name: str) -> float:
         return totals[name] / queries if queries else math.nan
@@ -366,11 +398,27 @@ def retrieval_metrics(
         "r_precision": mean("r_precision"),
         "map_at_r": mean("map_at_r"),
         "recall_at_k": {str(k): mean(f"recall@{k}") for k in ks},
+        "precision_at_k": {str(k): mean(f"precision@{k}") for k in ks},
+        "map_at_k": {str(k): mean(f"map@{k}") for k in ks},
         "queries": queries,
     }
     if tally is not None:
-        out["by_class"] = tally.rows(torch.unique(labels).tolist())
+        out["by_class"] = tally.rows(names_of_classes)
     return out
+
+
+def _check_refs(embeddings: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """The gallery ``refs`` (M, D), M >= 1, of the queries' D; one-line errors otherwise."""
+    if not isinstance(refs, torch.Tensor) or refs.dim() != 2 or refs.shape[0] < 1:
+        shape = tuple(refs.shape) if isinstance(refs, torch.Tensor) else type(refs).__name__
+        raise ValueError(f"ref_embeddings must be a 2-D tensor (M, D) with M >= 1, got {shape}")
+    if refs.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"ref_embeddings have {refs.shape[1]} dimensions, the queries {embeddings.shape[1]}"
+        )
+    if not torch.isfinite(refs).all():
+        raise ValueError("ref_embeddings hold NaN or inf")
+    return refs.to(embeddings.device)
 
 
 class _ClassTally:

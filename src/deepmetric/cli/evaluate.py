@@ -103,8 +103,22 @@ def _print_scores(m: dict[str, Any]) -> None:
         f"MAP@R {raw['map_at_r']:.4f}; untrained network: precision@1 "
         f"{rand['precision_at_1']:.4f}  MAP@R {rand['map_at_r']:.4f}"
     )
+    if "query_gallery" in m:
+        print(_query_gallery_line(m["query_gallery"]))
     print(_few_shot_line(m))
     print("\n".join(_transfer_lines(m)))
+
+
+def _query_gallery_line(qg: dict[str, Any]) -> str:
+    """In-Shop's protocol: each query against the gallery, with the raw inputs beside."""
+    raw = qg["raw_input_baseline"]
+    recall = " ".join(f"R@{k} {v:.4f}" for k, v in qg["recall_at_k"].items())
+    return (
+        f"queries against the gallery ({qg['queries_given']:,} queries, {qg['gallery']:,} "
+        f"gallery images): precision@1 {qg['precision_at_1']:.4f}  MAP@R {qg['map_at_r']:.4f}"
+        f"  {recall}  (raw inputs: precision@1 {raw['precision_at_1']:.4f}  MAP@R "
+        f"{raw['map_at_r']:.4f})"
+    )
 
 
 def _print_unseen(m: dict[str, Any], u: dict[str, Any]) -> None:

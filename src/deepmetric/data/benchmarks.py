@@ -640,6 +640,8 @@ def inshop_query_gallery(
 
 
 _LOADERS = {"cub200": load_cub200, "cars196": load_cars196, "sop": load_sop, "inshop": load_inshop}
+#: the benchmarks by name (``data=NAME[:DIR]``)
+BENCHMARK_NAMES = tuple(_LOADERS)
 
 
 def load_benchmark(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from deepmetric.data.benchmarks import load_benchmark
+from deepmetric.data.benchmarks import BENCHMARK_NAMES, load_benchmark
 from deepmetric.data.datasets import (
     MNIST_FAMILY,
     SPEC_FORMS,
@@ -44,7 +44,7 @@ def load_dataset(
         return load_mnist_family(spec, split, root=root, **opts)
     if spec == "omniglot":
         return load_omniglot(split, root=root, **opts)  # type: ignore[arg-type]
-    if kind in ("cub200", "cars196", "sop", "inshop"):  # lazy ImageFiles: data/benchmarks.py
+    if kind in BENCHMARK_NAMES:  # lazy ImageFiles: data/benchmarks.py
         return load_benchmark(kind, arg or None, split, root=root, **opts)  # type: ignore[return-value, arg-type]
     loaders: dict[str, Callable[..., ArrayDataset]] = {
         "idx": load_idx_dir,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from deepmetric.config import Config, ConfigError
+from deepmetric.data.benchmarks import BENCHMARK_NAMES
 from deepmetric.data.datasets import (
     ArrayDataset,
     class_split,
@@ -21,8 +22,9 @@ from deepmetric.data.specs import load_dataset
 
 
 def load_options(config: Config) -> dict[str, object]:
-    """Loader options of the config's data spec (folders: the image size)."""
-    if config.data.startswith("folder:"):
+    """Loader options of the config's data spec: the image size (``image_size``) for image
+    folders and the benchmarks, whose images are resized when read."""
+    if config.data.startswith("folder:") or config.data.partition(":")[0] in BENCHMARK_NAMES:
         return {"size": (config.image_size, config.image_size)}
     return {}
 

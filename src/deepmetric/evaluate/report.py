@@ -48,6 +48,8 @@ def _headline(metrics: dict[str, Any]) -> str:
         ("R-precision", metrics["r_precision"]),
         ("MAP@R", metrics["map_at_r"]),
         *((f"recall@{k}", r) for k, r in metrics["recall_at_k"].items()),
+        *((f"precision@{k}", r) for k, r in metrics.get("precision_at_k", {}).items() if k != "1"),
+        *((f"MAP@{k}", r) for k, r in metrics.get("map_at_k", {}).items()),
         ("NMI (k-means)", metrics["nmi"]),
         ("verification accuracy", v["accuracy"]),
         *(
@@ -218,6 +220,33 @@ def _name(label: int, class_names: Sequence[str]) -> str:
     return str(class_names[label]) if 0 <= label < len(class_names) else str(label)
 
 
+def _query_gallery(metrics: dict[str, Any]) -> str:
+    """In-Shop's protocol (each query against the gallery), the network beside the raw
+    inputs; empty when the evaluation had no query / gallery split."""
+    qg = metrics.get("query_gallery")
+    if qg is None:
+        return ""
+    raw = qg["raw_input_baseline"]
+    keys = [
+        ("precision@1", "precision_at_1"),
+        ("R-precision", "r_precision"),
+        ("MAP@R", "map_at_r"),
+    ]
+    rows = [(name, qg[key], raw[key]) for name, key in keys]
+    for block, label in (
+        ("recall_at_k", "recall"),
+        ("precision_at_k", "precision"),
+        ("map_at_k", "MAP"),
+    ):
+        rows += [(f"{label}@{k}", v, raw[block][k]) for k, v in qg[block].items()]
+    return (
+        f"<h3>Queries against the gallery ({qg['queries_given']:,} queries, "
+        f"{qg['gallery']:,} gallery images)</h3>"
+        + _table(rows, ["metric", "network", "raw inputs"])
+        + f"<p class='note'>{html.escape(qg['note'])}</p>"
+    )
+
+
 def _by_class_versus_raw(metrics: dict[str, Any], class_names: Sequence[str]) -> str:
     """Per class: MAP@R and precision@1 of the network and of the raw inputs, and the class
     that takes most of the R nearest places of the class's queries (empty for older
@@ -295,6 +324,7 @@ def write_report(
         "<h2>Metrics</h2>"
         + _headline(metrics)
         + _versus_raw(metrics)
+        + _query_gallery(metrics)
         + _few_shot(metrics)
         + _thresholds(metrics)
         + _by_class_versus_raw(metrics, class_names)

@@ -51,6 +51,7 @@ import torch
 from deepmetric.checkpoints import weights_sha256
 from deepmetric.config import Config, ConfigError
 from deepmetric.data import ArrayDataset, Preprocessing, class_split, load_dataset
+from deepmetric.data.benchmarks import BENCHMARK_NAMES, inshop_query_gallery
 from deepmetric.data.datasets import Split
 from deepmetric.data.training_data import load_training_data, resolve_val_classes
 from deepmetric.devices import resolve_device
@@ -240,6 +241,11 @@ def _class_ids(classes: list[Any], ds: ArrayDataset) -> list[int]:
     return ids
 
 
+def _resized(spec: str) -> bool:
+    """Whether the spec's images are resized when read (image folders, the benchmarks)."""
+    return spec.startswith("folder:") or spec.partition(":")[0] in BENCHMARK_NAMES
+
+
 def _folder_options(config: Config, pre: Preprocessing | None) -> dict[str, object]:
     """Loader options of a ``folder:`` spec: the run's ``preprocess.json`` (channels, size,
     resample filter), so the images become the inputs ``deepmetric embed`` makes of the same
@@ -377,6 +383,9 @@ def evaluate_run(
     emb = embed(net, sets.scored.inputs, torch_device)
     threshold, val = _validation_threshold(net, sets.val, run.config, torch_device)
     metrics = _scored_metrics(run, emb, sets.scored, threshold, val, plan, fars, progress)
+    if spec.partition(":")[0] == "inshop" and split == "test":
+        progress("In-Shop: queries against the gallery")
+        metrics["query_gallery"] = _query_gallery(spec, run, emb, sets.scored)
     dist, same = metrics.pop("_pairs")
     untrained = _untrained_baseline(run, sets.scored, torch_device, metrics)
     if run.config.train.classes is not None:
@@ -435,8 +444,9 @@ def evaluate_run(
 def _load_sets(run: Run, spec: str, split: Split, *, own: bool, plan: FewShotPlan) -> _Sets:
     """The scored and validation sets as the run's inputs (folder data read as its
     ``preprocess.json`` says), checked: two classes or more, the few-shot plan possible."""
-    pre = run.preprocessing() if spec.startswith("folder:") else None
-    opts = _folder_options(run.config, pre) if spec.startswith("folder:") else {}
+    resized = _resized(spec)
+    pre = run.preprocessing() if resized else None
+    opts = _folder_options(run.config, pre) if resized else {}
     scored, val, about = _scored_and_validation(run.config, spec, split, own, opts)
     scored, val = _scaled(scored, pre), None if val is None else _scaled(val, pre)
     if len(torch.unique(scored.y)) < 2:
@@ -489,6 +499,29 @@ def _scored_metrics(
     few = dict(metric=metric, plan=plan, fars=tuple(fars), val=val, seed=config.seed)
     _one_shot_blocks(metrics, emb.cpu(), scored.inputs[:], scored.y, **few)
     return metrics
+
+
+def _query_gallery(spec: str, run: Run, emb: torch.Tensor, scored: ArrayDataset) -> dict[str, Any]:
+    """DeepFashion In-Shop's protocol: each query image searched for among the gallery images
+    (relevant: the gallery images of its item), beside the same on the raw pixels. The test
+    split is the queries followed by the gallery
+    (:func:`~deepmetric.data.benchmarks.inshop_query_gallery` says how many queries)."""
+    directory = spec.partition(":")[2] or None
+    opts = _folder_options(run.config, run.preprocessing())
+    query, _ = inshop_query_gallery(directory, **opts)  # type: ignore[arg-type]
+    nq, metric, y = len(query), run.config.loss.metric, scored.y
+    if not 0 < nq < len(scored):
+        raise ConfigError(f"{spec}: {nq} queries in a test split of {len(scored)} items")
+    block = retrieval_metrics(
+        emb[:nq], y[:nq], metric=metric, ref_embeddings=emb[nq:], ref_labels=y[nq:]
+    )
+    raw_q, raw_g = raw_pixels(scored.inputs[:nq]), raw_pixels(scored.inputs[nq:])
+    block["raw_input_baseline"] = retrieval_metrics(
+        raw_q, y[:nq], metric="euclidean", ref_embeddings=raw_g, ref_labels=y[nq:]
+    )
+    block["queries_given"], block["gallery"] = nq, len(scored) - nq
+    block["note"] = "each query image against the gallery images only (In-Shop's protocol)"
+    return block
 
 
 def _untrained_baseline(
