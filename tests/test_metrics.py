@@ -564,3 +564,35 @@ def test_by_class_memory_does_not_grow_with_the_classes_squared():
     assert rows[3]["confused_with"] == 7 and rows[3]["confused_share"] == pytest.approx(2 / 5)
     assert rows[99_999]["confused_with"] == 8 and rows[99_999]["confused_share"] == 2 / 3
     assert rows[0]["queries"] == 0 and rows[0]["confused_with"] is None
+
+
+def test_raw_vectors_are_the_flattened_normalised_inputs_read_in_chunks():
+    from deepmetric.evaluate.metrics import raw_vectors
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (50, 1, 28, 28), generator=g, dtype=torch.uint8)
+    want = torch.nn.functional.normalize(x.flatten(1).float(), dim=1)
+    assert torch.allclose(raw_vectors(x, chunk=7), want, atol=1e-7)
+    assert raw_vectors(x).shape == (50, 784)
+
+
+def test_raw_vectors_of_large_images_are_area_averaged_to_64_pixels_a_side():
+    """A 128 x 96 image whose 2 x 2 blocks are flat gives the vector of its 64 x 48 version:
+    a 224 x 224 benchmark's baseline holds 64 x 64 x 3 numbers an image, not 224 x 224 x 3."""
+    from deepmetric.evaluate.metrics import raw_vectors
+
+    small = torch.rand(3, 3, 64, 48, generator=torch.Generator().manual_seed(1))
+    large = small.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    want = torch.nn.functional.normalize(small.flatten(1), dim=1)
+    assert torch.allclose(raw_vectors(large), want, atol=1e-6)
+
+    class Lazy:  # sliced into tensors, as lazy image files are
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, index: slice) -> torch.Tensor:
+            return large[index]
+
+    assert torch.allclose(raw_vectors(Lazy(), chunk=2), want, atol=1e-6)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        raw_vectors(torch.zeros(3))

@@ -178,11 +178,43 @@ def nmi(labels_true: Any, labels_pred: Any) -> float:
     return mi / ((_entropy(a) + _entropy(b)) / 2.0)
 
 
+#: The raw-input baseline reads images at most this many pixels on a side, area-averaged down
+#: when larger: every data set measured here is at most 64 x 64 (its baseline unchanged), and
+#: a 60,000-image benchmark at 224 x 224 RGB then holds 3 GB of vectors instead of 36.
+RAW_MAX_SIDE = 64
+
+
+def raw_vectors(inputs: Any, *, chunk: int = 1024, max_side: int = RAW_MAX_SIDE) -> torch.Tensor:
+    """The raw-input baseline's vectors (N, F) float32: each item flattened and L2-normalised
+    (compared in euclidean distance, the ranking of cosine), images (N, C, H, W) larger than
+    ``max_side`` on a side first area-averaged down to it on their longer side. ``inputs``: a
+    tensor, or anything sliced into tensors (lazy image files), read ``chunk`` items at a
+    time, so only the vectors are ever held."""
+    integer_at_least("chunk", chunk)
+    integer_at_least("max_side", max_side)
+    parts = []
+    for start in range(0, len(inputs), chunk):
+        x = inputs[start : start + chunk]
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError("inputs must be a tensor (N, ...) of at least 2 dimensions")
+        x = x.float()
+        if x.dim() == 4 and max(x.shape[-2:]) > max_side:
+            h, w = x.shape[-2:]
+            scale = max_side / max(h, w)
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            x = F.interpolate(x, size=size, mode="area")
+        parts.append(F.normalize(x.flatten(1), dim=1))
+    if not parts:
+        raise ValueError("inputs must hold at least 1 item")
+    return torch.cat(parts)
+
+
 def raw_input_baseline(
     inputs: torch.Tensor, labels: torch.Tensor, *, per_class: bool = False
 ) -> dict[str, Any]:
     """:func:`retrieval_metrics` of the raw inputs, no network: each item (N, ...) flattened to
-    (N, prod(...)), L2-normalised, compared in euclidean distance (the same ranking as cosine);
+    (N, prod(...)), L2-normalised, compared in euclidean distance (the same ranking as cosine;
+    :func:`raw_vectors`: images above :data:`RAW_MAX_SIDE` a side averaged down first);
     ``per_class`` as there.
 
     The honest baseline of a learned metric: a network that does not beat it on a set of
@@ -190,7 +222,7 @@ def raw_input_baseline(
     """
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise ValueError("inputs must be a tensor (N, ...) of at least 2 dimensions")
-    flat = F.normalize(inputs.flatten(1).float(), dim=1)
+    flat = raw_vectors(inputs)
     check_items(flat, "inputs")
     return retrieval_metrics(flat, labels, metric="euclidean", per_class=per_class)
 

@@ -58,11 +58,11 @@ from deepmetric.devices import resolve_device
 from deepmetric.distances import paired_at
 from deepmetric.evaluate import figures
 from deepmetric.evaluate.diagnostics import JudgedPairs, per_class_table, test_triplet_categories
-from deepmetric.evaluate.fewshot import FewShotPlan, few_shot_metrics, raw_pixels
+from deepmetric.evaluate.fewshot import FewShotPlan, few_shot_metrics
 from deepmetric.evaluate.metrics import (
     clustering_nmi,
     nearest_neighbors,
-    raw_input_baseline,
+    raw_vectors,
     retrieval_metrics,
 )
 from deepmetric.evaluate.pairs import verification_pairs
@@ -79,7 +79,10 @@ from deepmetric.files import Progress, write_json_atomically
 from deepmetric.models import embed
 from deepmetric.runs import LOG_FILE, VALIDATION_PROTOCOL, Run, Threshold
 
-RAW_NOTE = "the same retrieval metrics on the raw inputs (flattened, L2-normalised), no network"
+RAW_NOTE = (
+    "the same retrieval metrics on the raw inputs (flattened, L2-normalised; images above 64 "
+    "pixels a side area-averaged down to 64), no network"
+)
 UNTRAINED_NOTE = (
     "the same retrieval metrics of the same architecture with random weights (drawn with the "
     "run's seed: for a deepmetric train run, its initial weights): what training added"
@@ -168,7 +171,7 @@ class _Validation(NamedTuple):
 def _one_shot_blocks(
     out: dict[str, Any],
     emb: torch.Tensor,
-    inputs: torch.Tensor,
+    raw: torch.Tensor,
     labels: torch.Tensor,
     *,
     metric: str,
@@ -180,10 +183,11 @@ def _one_shot_blocks(
     """Add the few-shot blocks (``one_shot``, ``five_shot``, ...; the same on the raw inputs
     under ``raw_input_baseline``), the open-set block (``open_set``: DIR@FAR) and, with a
     validation split, ``threshold_transfer`` (thresholds chosen on the validation classes at
-    each FAR, measured on these pairs) to ``out``, the metrics of one labelled set."""
+    each FAR, measured on these pairs) to ``out``, the metrics of one labelled set (``raw``:
+    its raw-input vectors, :func:`~deepmetric.evaluate.metrics.raw_vectors`)."""
     out.update(few_shot_metrics(emb, labels, metric=metric, plan=plan, seed=seed))
     out["raw_input_baseline"].update(
-        few_shot_metrics(raw_pixels(inputs), labels, metric="euclidean", plan=plan, seed=seed)
+        few_shot_metrics(raw, labels, metric="euclidean", plan=plan, seed=seed)
     )
     if val is not None and fars:
         dist, same = out["_pairs"]
@@ -382,14 +386,16 @@ def evaluate_run(
     progress(f"embedding {len(sets.scored):,} {split} items of {spec} on {torch_device}")
     emb = embed(net, sets.scored.inputs, torch_device)
     threshold, val = _validation_threshold(net, sets.val, run.config, torch_device)
-    metrics = _scored_metrics(run, emb, sets.scored, threshold, val, plan, fars, progress)
+    progress("raw-input vectors (the baseline)")
+    raw = raw_vectors(sets.scored.inputs)
+    metrics = _scored_metrics(run, emb, raw, sets.scored, threshold, val, plan, fars, progress)
     if spec.partition(":")[0] == "inshop" and split == "test":
         progress("In-Shop: queries against the gallery")
-        metrics["query_gallery"] = _query_gallery(spec, run, emb, sets.scored)
+        metrics["query_gallery"] = _query_gallery(spec, run, emb, raw, sets.scored)
     dist, same = metrics.pop("_pairs")
     untrained = _untrained_baseline(run, sets.scored, torch_device, metrics)
     if run.config.train.classes is not None:
-        unseen = _unseen_metrics(run, emb, untrained, sets.scored, threshold, val, plan, fars)
+        unseen = _unseen_metrics(run, emb, raw, untrained, sets.scored, threshold, val, plan, fars)
         if unseen is not None:
             metrics["unseen_classes"] = unseen
 
@@ -475,6 +481,7 @@ def _validation_threshold(
 def _scored_metrics(
     run: Run,
     emb: torch.Tensor,
+    raw: torch.Tensor,
     scored: ArrayDataset,
     threshold: float | None,
     val: _Validation | None,
@@ -492,16 +499,18 @@ def _scored_metrics(
     )
     progress("raw-input baseline")
     metrics["raw_input_baseline"] = {
-        **raw_input_baseline(scored.inputs[:], scored.y, per_class=True),
+        **retrieval_metrics(raw, scored.y, metric="euclidean", per_class=True),
         "note": RAW_NOTE,
     }
     progress("few-shot episodes, threshold transfer, open-set identification")
     few = dict(metric=metric, plan=plan, fars=tuple(fars), val=val, seed=config.seed)
-    _one_shot_blocks(metrics, emb.cpu(), scored.inputs[:], scored.y, **few)
+    _one_shot_blocks(metrics, emb.cpu(), raw, scored.y, **few)
     return metrics
 
 
-def _query_gallery(spec: str, run: Run, emb: torch.Tensor, scored: ArrayDataset) -> dict[str, Any]:
+def _query_gallery(
+    spec: str, run: Run, emb: torch.Tensor, raw: torch.Tensor, scored: ArrayDataset
+) -> dict[str, Any]:
     """DeepFashion In-Shop's protocol: each query image searched for among the gallery images
     (relevant: the gallery images of its item), beside the same on the raw pixels. The test
     split is the queries followed by the gallery
@@ -515,9 +524,8 @@ def _query_gallery(spec: str, run: Run, emb: torch.Tensor, scored: ArrayDataset)
     block = retrieval_metrics(
         emb[:nq], y[:nq], metric=metric, ref_embeddings=emb[nq:], ref_labels=y[nq:]
     )
-    raw_q, raw_g = raw_pixels(scored.inputs[:nq]), raw_pixels(scored.inputs[nq:])
     block["raw_input_baseline"] = retrieval_metrics(
-        raw_q, y[:nq], metric="euclidean", ref_embeddings=raw_g, ref_labels=y[nq:]
+        raw[:nq], y[:nq], metric="euclidean", ref_embeddings=raw[nq:], ref_labels=y[nq:]
     )
     block["queries_given"], block["gallery"] = nq, len(scored) - nq
     block["note"] = "each query image against the gallery images only (In-Shop's protocol)"
@@ -541,6 +549,7 @@ def _untrained_baseline(
 def _unseen_metrics(
     run: Run,
     emb: torch.Tensor,
+    raw: torch.Tensor,
     untrained: torch.Tensor,
     scored: ArrayDataset,
     threshold: float | None,
@@ -567,12 +576,12 @@ def _unseen_metrics(
     )
     block["note"] = "classes not in train.classes: never seen in training"
     block["raw_input_baseline"] = {
-        **raw_input_baseline(scored.inputs[unseen], labels, per_class=True),
+        **retrieval_metrics(raw[unseen], labels, metric="euclidean", per_class=True),
         "note": RAW_NOTE,
     }
     unseen_plan = plan._replace(explicit=False)  # checked on the whole set already
     few = dict(metric=metric, plan=unseen_plan, fars=tuple(fars), val=val, seed=config.seed)
-    _one_shot_blocks(block, emb[unseen].cpu(), scored.inputs[unseen], labels, **few)
+    _one_shot_blocks(block, emb[unseen].cpu(), raw[unseen], labels, **few)
     block.pop("_pairs")
     block["untrained_network_baseline"] = {
         **retrieval_metrics(untrained[unseen], labels, metric=metric),
