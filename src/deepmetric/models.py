@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepmetric.checks import positive_int
+
 __all__ = [
     "BACKBONES",
     "INPUT_SIZE",
@@ -110,11 +112,6 @@ def declared_input(backbone: nn.Module) -> tuple[int | None, int | None]:
     return ndim, size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # Backbones
 # --------------------------------------------------------------------------------------------
@@ -145,7 +142,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, batch_norm: bool = False, padding: int = 0) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
+        positive_int("in_channels", in_channels)
         if padding not in (0, 1):
             raise ValueError(f"padding must be 0 or 1, got {padding!r}")
         self.in_channels = in_channels
@@ -208,12 +205,12 @@ class VGGSmall(nn.Module):
 
     def __init__(self, in_channels: int = 1, widths: Sequence[int] = (16, 32, 64)) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
+        positive_int("in_channels", in_channels)
         widths = tuple(widths)
         if len(widths) != 3:
             raise ValueError(f"widths must give 3 stage widths, got {widths!r}")
         for w in widths:
-            _check_positive("each width", w)
+            positive_int("each width", w)
         self.in_channels = in_channels
         self.widths = widths
         self.out_features = 256
@@ -299,13 +296,13 @@ class ResNetSmall(nn.Module):
         blocks_per_stage: int = 1,
     ) -> None:
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("blocks_per_stage", blocks_per_stage)
+        positive_int("in_channels", in_channels)
+        positive_int("blocks_per_stage", blocks_per_stage)
         widths = tuple(widths)
         if not widths:
             raise ValueError("widths must contain at least one stage width")
         for w in widths:
-            _check_positive("each width", w)
+            positive_int("each width", w)
         self.in_channels = in_channels
         self.widths = widths
         self.out_features = widths[-1]
@@ -348,10 +345,10 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, hidden: Sequence[int] = (256, 256)) -> None:
         super().__init__()
-        _check_positive("in_features", in_features)
+        positive_int("in_features", in_features)
         hidden = tuple(hidden)
         for h in hidden:
-            _check_positive("each hidden size", h)
+            positive_int("each hidden size", h)
         self.in_features = in_features
         self.hidden = hidden
         layers: list[nn.Module] = []
@@ -524,7 +521,7 @@ class EmbeddingNet(nn.Module):
         out_features = getattr(backbone, "out_features", None)
         if isinstance(out_features, bool) or not isinstance(out_features, int):
             raise TypeError("backbone must have an integer attribute 'out_features'")
-        _check_positive("dim", dim)
+        positive_int("dim", dim)
         self.backbone = backbone
         self.fc = nn.Linear(out_features, dim)
         self.projection_head = projection_head
@@ -715,8 +712,8 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
-        _check_positive("dim", dim)
-        _check_positive("num_classes", num_classes)
+        positive_int("dim", dim)
+        positive_int("num_classes", num_classes)
         self.dim = dim
         self.num_classes = num_classes
         self.fc = nn.Linear(dim, num_classes)
