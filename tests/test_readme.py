@@ -52,6 +52,9 @@ PLACEHOLDERS: dict[str, Callable[[Path], Path]] = {
     "/my/mnist": tiny_data.make_idx_dir,  # data=idx:DIR: the four IDX files
     "/photos": tiny_data.make_image_folder,  # --data folder:DIR: train/ and test/ class folders
     "/photos/enroll": tiny_data.make_identity_folders,  # gallery enroll --from-dir: NAME/*.png
+    "/my/pairs.csv": tiny_data.make_pairs_csv,  # data=pairs:FILE: a,b,same over images/*.png
+    "/my/test_pairs.csv": lambda d: tiny_data.make_pairs_csv(d, pairs=40, seed=7),
+    "/my/triplets.csv": tiny_data.make_triplets_csv,  # data=triplets:FILE
 }
 
 # `make TARGET` -> the extra make arguments that keep its run small (and its runs in the temp

@@ -104,3 +104,55 @@ def make_photos(directory: Path, seed: int = 0) -> list[Path]:
     big.save(directory / "photo1.png")
     Image.fromarray(second).save(directory / "photo2.png")
     return [directory / "photo1.png", directory / "photo2.png"]
+
+
+def _tuple_images(directory: Path, labels: np.ndarray, seed: int) -> list[str]:
+    """``directory/images/I.png``: the patterns of ``labels``; their paths relative to
+    ``directory``."""
+    from PIL import Image
+
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, image in enumerate(patterns(labels, seed)):
+        names.append(f"images/{i:04d}.png")
+        Image.fromarray(image).save(directory / names[-1])
+    return names
+
+
+def make_pairs_csv(
+    directory: Path, *, classes: int = 5, per_class: int = 6, pairs: int = 60, seed: int = 0
+) -> Path:
+    """``directory/pairs.csv`` (``a,b,same``) over ``directory/images/*.png``: half the pairs
+    of two images of one class (same), half of two classes (different); no class is written."""
+    labels = _labels(classes, per_class)
+    names = _tuple_images(directory, labels, seed)
+    rng = np.random.default_rng(seed)
+    lines = ["a,b,same"]
+    for p in range(pairs):
+        i = int(rng.integers(len(labels)))
+        same = p % 2 == 0
+        pool = np.flatnonzero((labels == labels[i]) == same)
+        pool = pool[pool != i]
+        j = int(rng.choice(pool))
+        lines.append(f"{names[i]},{names[j]},{'same' if same else 'different'}")
+    (directory / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return directory / "pairs.csv"
+
+
+def make_triplets_csv(
+    directory: Path, *, classes: int = 5, per_class: int = 6, triplets: int = 60, seed: int = 0
+) -> Path:
+    """``directory/triplets.csv`` (``anchor,positive,negative``) over
+    ``directory/images/*.png``: the positive of the anchor's class, the negative of another."""
+    labels = _labels(classes, per_class)
+    names = _tuple_images(directory, labels, seed)
+    rng = np.random.default_rng(seed)
+    lines = ["anchor,positive,negative"]
+    for _ in range(triplets):
+        a = int(rng.integers(len(labels)))
+        positives = np.flatnonzero(labels == labels[a])
+        p = int(rng.choice(positives[positives != a]))
+        n = int(rng.choice(np.flatnonzero(labels != labels[a])))
+        lines.append(f"{names[a]},{names[p]},{names[n]}")
+    (directory / "triplets.csv").write_text("\n".join(lines) + "\n")
+    return directory / "triplets.csv"

@@ -33,6 +33,20 @@ from deepmetric.models import BACKBONES
 #: The ``data`` a run of ``fit()`` on Python objects records: no data set spec.
 FIT_DATA = "(python objects)"
 
+#: The data specs of fixed tuples without classes (``pairs:FILE``, ``triplets:FILE``; read by
+#: :mod:`deepmetric.data.tuples`) -> the mode and the loss that train on exactly those tuples.
+TUPLE_SPECS: dict[str, tuple[str, str]] = {
+    "pairs": ("siamese", "contrastive"),
+    "triplets": ("triplet", "triplet"),
+}
+
+
+def tuple_kind(spec: str) -> str | None:
+    """``"pairs"`` / ``"triplets"`` for a ``pairs:FILE`` / ``triplets:FILE`` data spec, else
+    ``None`` (a spec of classes)."""
+    kind, sep, arg = spec.partition(":")
+    return kind if sep and arg and kind in TUPLE_SPECS else None
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or has a value of the wrong type."""
@@ -583,6 +597,7 @@ def validate(config: Config) -> None:
             )
         if t.classes is not None and len(set(t.classes) - set(t.val_classes)) < 2:
             raise ConfigError("train.classes minus train.val_classes leaves fewer than 2 classes")
+    _check_tuples(config)
     if config.mode in ("batch", "joint", "offline") and config.train.k < 2:
         raise ConfigError("train.k must be >= 2: a P x K batch needs positive pairs")
     if config.mode in ("batch", "joint") and config.train.p < 2:
@@ -592,6 +607,36 @@ def validate(config: Config) -> None:
             f"train.offline_p and train.offline_k must be >= 2 (mining needs positive pairs and "
             f"negatives), got {t.offline_p} and {t.offline_k}"
         )
+
+
+def _check_tuples(config: Config) -> None:
+    """A ``pairs:`` / ``triplets:`` spec trains its own tuples: only with the mode and loss of
+    :data:`TUPLE_SPECS`, and without the options that choose classes (it has none)."""
+    kind = tuple_kind(config.data)
+    if kind is None:
+        return
+    mode, loss = TUPLE_SPECS[kind]
+    if config.mode != mode:
+        raise ConfigError(
+            f"data={config.data} holds fixed {kind} and no classes: it trains with mode={mode} "
+            f"loss.name={loss} (on exactly those {kind}), not mode={config.mode}"
+        )
+    if config.loss.name != loss:
+        raise ConfigError(
+            f"data={config.data} trains mode={mode} on its {kind} with loss.name={loss}, not "
+            f"loss.name={config.loss.name}"
+        )
+    t = config.train
+    for key, value in (
+        ("train.classes", t.classes),
+        ("train.val_classes", t.val_classes),
+        ("train.dihedral_classes", t.dihedral_classes or None),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{key} chooses classes, and data={config.data} has none (its {kind} are the "
+                f"training data; train.val_fraction holds some of them out): leave it unset"
+            )
 
 
 def _check_loss_entry(entry: LossEntry) -> None:

@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         fars=_fars(args.far),
         progress=print_stderr,
     )
+    if "tuples" in m:  # fixed pairs / triplets: no classes
+        print(_tuples_line(m))
+        return 0
     _print_scores(m)
     if "unseen_classes" in m:
         _print_unseen(m, m["unseen_classes"])
@@ -118,6 +121,24 @@ def _query_gallery_line(qg: dict[str, Any]) -> str:
         f"gallery images): precision@1 {qg['precision_at_1']:.4f}  MAP@R {qg['map_at_r']:.4f}"
         f"  {recall}  (raw inputs: precision@1 {raw['precision_at_1']:.4f}  MAP@R "
         f"{raw['map_at_r']:.4f})"
+    )
+
+
+def _tuples_line(m: dict[str, Any]) -> str:
+    """The scores on fixed pairs or triplets, the raw pixels' beside."""
+    t, raw = m["tuples"], m["raw_input_baseline"]
+    if t["kind"] == "triplets":
+        return (
+            f"{t['count']:,} triplets: d(a,p) < d(a,n) for {m['triplets']['accuracy']:.4f} of them "
+            f"(raw pixels {raw['accuracy']:.4f})  [{m['seconds']} s]"
+        )
+    v = m["verification"]
+    tar = "".join(f"  TAR@FAR {k} {x:.4f}" for k, x in v["tar_at_far"].items())
+    return (
+        f"{t['count']:,} pairs ({t['positive']:,} same): verification accuracy {v['accuracy']:.4f} "
+        f"(threshold {v['threshold']:.4f}, {v['threshold_source']})  ROC AUC {v['roc_auc']:.4f}  "
+        f"EER {v['eer']:.4f}{tar}  (raw pixels: accuracy {raw['accuracy']:.4f}  ROC AUC "
+        f"{raw['roc_auc']:.4f})  [{m['seconds']} s]"
     )
 
 

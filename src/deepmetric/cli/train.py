@@ -133,6 +133,10 @@ def _train_here(args: argparse.Namespace, config: Any) -> dict[str, Any] | None:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     """One line for people, then the summary as one JSON object."""
+    from deepmetric.training.tuples import VALIDATION_KEYS
+
+    shown = [(key, label) for keys in VALIDATION_KEYS.values() for key, label in keys]
+    val = " ".join(f"{label} {summary[key]:.3f}" for key, label in shown if key in summary)
     test = ""
     if "test_precision_at_1" in summary:
         test = f", test precision@1 {summary['test_precision_at_1']:.3f}"
@@ -140,8 +144,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
         test += f" (unseen classes {summary['unseen_classes_precision_at_1']:.3f})"
     print(
         f"done: {summary['epochs']} epochs, {summary['steps']} steps in {summary['seconds']} s; "
-        f"train loss {summary['train_loss']:.4f}, val precision@1 "
-        f"{summary['val_precision_at_1']:.3f} MAP@R {summary['val_map_at_r']:.3f}{test}; "
-        f"run in {summary['run_dir']}"
+        f"train loss {summary['train_loss']:.4f}, {val}{test}; run in {summary['run_dir']}"
     )
     print(json.dumps(summary))

@@ -27,7 +27,8 @@ from deepmetric.data.datasets import (
 )
 from deepmetric.data.preprocess import Preprocessing
 from deepmetric.data.samplers import PairSampler, PKSampler, balanced_pairs, random_triplets
-from deepmetric.data.specs import load_dataset
+from deepmetric.data.specs import load_dataset, load_tuples
+from deepmetric.data.tuples import Tuples
 
 __all__ = [
     "DIHEDRAL",
@@ -41,6 +42,7 @@ __all__ = [
     "PKSampler",
     "PairSampler",
     "Preprocessing",
+    "Tuples",
     "augment",
     "balanced_pairs",
     "class_split",
@@ -54,6 +56,7 @@ __all__ = [
     "load_image_folder",
     "load_mnist_family",
     "load_npz",
+    "load_tuples",
     "pixels_to_float",
     "random_triplets",
     "train_val_split",

@@ -48,6 +48,8 @@ SPEC_FORMS = (
     "cars196[:DIR]",
     "sop[:DIR]",
     "inshop[:DIR]",
+    "pairs:FILE",
+    "triplets:FILE",
 )
 
 # IDX type byte -> big-endian numpy dtype.

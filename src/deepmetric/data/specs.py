@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from deepmetric.config import tuple_kind
 from deepmetric.data.benchmarks import BENCHMARK_NAMES, load_benchmark
 from deepmetric.data.datasets import (
     MNIST_FAMILY,
     SPEC_FORMS,
     ArrayDataset,
+    DatasetError,
     Split,
     load_idx_dir,
     load_image_folder,
@@ -20,6 +22,7 @@ from deepmetric.data.datasets import (
     load_npz,
 )
 from deepmetric.data.omniglot import load_omniglot
+from deepmetric.data.tuples import Tuples, load_tuple_file
 
 
 def load_dataset(
@@ -40,6 +43,12 @@ def load_dataset(
     See each loader for what ``split="test"`` means for it.
     """
     kind, sep, arg = spec.partition(":")
+    if tuple_kind(spec) is not None:
+        raise DatasetError(
+            f"{spec} holds fixed {kind} and no classes: it trains with mode="
+            f"{'siamese' if kind == 'pairs' else 'triplet'} and is read by load_tuples, not as "
+            "a data set of classes"
+        )
     if not sep and spec in MNIST_FAMILY:
         return load_mnist_family(spec, split, root=root, **opts)
     if spec == "omniglot":
@@ -56,4 +65,14 @@ def load_dataset(
     return loaders[kind](arg, split, **opts)
 
 
-__all__ = ["load_dataset"]
+def load_tuples(spec: str, **opts: object) -> Tuples:
+    """The fixed pairs or triplets of a ``pairs:FILE`` / ``triplets:FILE`` spec
+    (:func:`~deepmetric.data.tuples.load_tuple_file`; ``opts``: ``mode``, ``size``,
+    ``resample`` as for image folders). Any other spec is a ``ValueError``."""
+    kind = tuple_kind(spec)
+    if kind is None:
+        raise ValueError(f"{spec!r} is not a tuples spec (pairs:FILE or triplets:FILE)")
+    return load_tuple_file(spec.partition(":")[2], kind, **opts)  # type: ignore[arg-type]
+
+
+__all__ = ["load_dataset", "load_tuples"]

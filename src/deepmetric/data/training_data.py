@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from deepmetric.config import Config, ConfigError
+from deepmetric.config import Config, ConfigError, tuple_kind
 from deepmetric.data.benchmarks import BENCHMARK_NAMES
 from deepmetric.data.datasets import (
     ArrayDataset,
@@ -18,13 +18,16 @@ from deepmetric.data.datasets import (
     draw_val_classes,
     train_val_split,
 )
-from deepmetric.data.specs import load_dataset
+from deepmetric.data.specs import load_dataset, load_tuples
+from deepmetric.data.tuples import Tuples, split_tuples
 
 
 def load_options(config: Config) -> dict[str, object]:
     """Loader options of the config's data spec: the image size (``image_size``) for image
-    folders and the benchmarks, whose images are resized when read."""
-    if config.data.startswith("folder:") or config.data.partition(":")[0] in BENCHMARK_NAMES:
+    folders, the benchmarks and the images of ``pairs:`` / ``triplets:`` files, which are
+    resized when read."""
+    resized = config.data.startswith("folder:") or tuple_kind(config.data) is not None
+    if resized or config.data.partition(":")[0] in BENCHMARK_NAMES:
         return {"size": (config.image_size, config.image_size)}
     return {}
 
@@ -92,6 +95,22 @@ def load_training_data(config: Config) -> TrainingData:
     return TrainingData(*train_val_split(data, config.train.val_fraction, seed=config.seed), None)
 
 
+class TrainingTuples(NamedTuple):
+    """The fixed tuples a ``pairs:`` / ``triplets:`` run trains on and its validation tuples
+    (``train.val_fraction`` of them, drawn with the seed; none at 0)."""
+
+    train: Tuples
+    val: Tuples
+
+
+def load_training_tuples(config: Config) -> TrainingTuples:
+    """The tuples of the config's ``pairs:FILE`` / ``triplets:FILE`` spec, split into training
+    and validation tuples (:func:`~deepmetric.data.tuples.split_tuples` with ``config.seed``):
+    training, threshold calibration and evaluation all hold out the same ones."""
+    data = load_tuples(config.data, **load_options(config))
+    return TrainingTuples(*split_tuples(data, config.train.val_fraction, seed=config.seed))
+
+
 def load_data(config: Config) -> tuple[ArrayDataset, ArrayDataset]:
     """The training set and its validation split (:func:`load_training_data`)."""
     data = load_training_data(config)
@@ -100,8 +119,10 @@ def load_data(config: Config) -> tuple[ArrayDataset, ArrayDataset]:
 
 __all__ = [
     "TrainingData",
+    "TrainingTuples",
     "load_data",
     "load_options",
     "load_training_data",
+    "load_training_tuples",
     "resolve_val_classes",
 ]

@@ -39,6 +39,16 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
+#: the validation keys of epoch records drawn per epoch: (key, label, style, colour)
+VALIDATION_CURVES = (
+    ("val_precision_at_1", "precision@1", "o-", "C2"),
+    ("val_map_at_r", "MAP@R (stratified sample)", "s--", "C4"),
+    ("val_verification_accuracy", "pair accuracy at the best threshold", "o-", "C2"),
+    ("val_roc_auc", "ROC AUC", "s--", "C4"),
+    ("val_triplet_accuracy", "triplets with d(a,p) < d(a,n)", "o-", "C2"),
+)
+
+
 def loss_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Training loss per logged step (raw and smoothed), train / validation loss per epoch,
     the share of active triplets per logged step (batch-all averages over those only, so its
@@ -87,27 +97,21 @@ def loss_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
             ex, [r["val_loss"] for r in epochs], "s--", color="C3", ms=5, label="validation loss"
         )
         epoch_ids = [r["epoch"] for r in epochs]
-        ax_p1.plot(
-            epoch_ids,
-            [r["val_precision_at_1"] for r in epochs],
-            "o-",
-            color="C2",
-            label="precision@1",
-        )
-        if any("val_map_at_r" in r for r in epochs):  # logs of older runs have no MAP@R
-            ax_p1.plot(
-                epoch_ids,
-                [r.get("val_map_at_r", float("nan")) for r in epochs],
-                "s--",
-                color="C4",
-                label="MAP@R (stratified sample)",
-            )
+        shown = [key for key, *_ in VALIDATION_CURVES if any(key in r for r in epochs)]
+        for key, label, style, color in VALIDATION_CURVES:
+            if key in shown:  # older runs' logs have no MAP@R; fixed tuples have their own
+                values = [np.nan if r.get(key) is None else r[key] for r in epochs]
+                ax_p1.plot(epoch_ids, values, style, color=color, label=label)
+        if len(shown) > 1:
             ax_p1.legend(fontsize=8)
         ax_p1.set_xticks(epoch_ids)
     ax_loss.set(xlabel="optimiser step", ylabel="loss", title="Loss during training")
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
-    ax_p1.set(xlabel="epoch", ylabel="retrieval", title="Validation retrieval", ylim=(0, 1.02))
+    tuples = epochs and "val_precision_at_1" not in epochs[-1]
+    title = "Validation tuples" if tuples else "Validation retrieval"
+    ylabel = "share" if tuples else "retrieval"
+    ax_p1.set(xlabel="epoch", ylabel=ylabel, title=title, ylim=(0, 1.02))
     ax_p1.grid(alpha=0.3)
     return _save(fig, path)
 

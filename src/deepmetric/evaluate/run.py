@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from deepmetric.checkpoints import weights_sha256
-from deepmetric.config import Config, ConfigError
+from deepmetric.config import Config, ConfigError, tuple_kind
 from deepmetric.data import ArrayDataset, Preprocessing, class_split, load_dataset
 from deepmetric.data.benchmarks import BENCHMARK_NAMES, inshop_query_gallery
 from deepmetric.data.datasets import Split
@@ -75,6 +75,7 @@ from deepmetric.evaluate.roc import (
 )
 from deepmetric.evaluate.threshold import threshold_of_pairs, validation_pairs
 from deepmetric.evaluate.transfer import DEFAULT_FARS, open_set, threshold_transfer
+from deepmetric.evaluate.tuples import evaluate_tuples
 from deepmetric.files import Progress, write_json_atomically
 from deepmetric.models import embed
 from deepmetric.runs import LOG_FILE, VALIDATION_PROTOCOL, Run, Threshold
@@ -379,6 +380,9 @@ def evaluate_run(
     for far in fars:
         if not 0.0 < far < 1.0:
             raise ConfigError(f"--far takes rates in (0, 1), got {far:g}")
+    if tuple_kind(spec) is not None:  # fixed pairs / triplets, no classes: evaluate/tuples.py
+        where = dict(split=split, own=data is None, out=out, device=torch_device, fars=fars)
+        return evaluate_tuples(run, net, spec, **where, fallback=fallback, progress=progress)
     sets = _load_sets(run, spec, split, own=data is None, plan=plan)
     out_dir = run.eval_dir if out is None else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

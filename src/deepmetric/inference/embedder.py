@@ -32,13 +32,14 @@ from torch import nn
 
 from deepmetric.checkpoints import weights_sha256
 from deepmetric.checks import positive_int
-from deepmetric.config import Config
+from deepmetric.config import Config, tuple_kind
 from deepmetric.data import Preprocessing
 from deepmetric.data.preprocess import Inputs
 from deepmetric.data.training_data import load_data
 from deepmetric.devices import resolve_device
 from deepmetric.distances import check_metric, paired
-from deepmetric.evaluate.threshold import fit_threshold
+from deepmetric.evaluate.threshold import fit_threshold, threshold_of_pairs
+from deepmetric.evaluate.tuples import validation_pair_distances
 from deepmetric.files import Progress, print_stderr
 from deepmetric.inference.onnx_file import read_onnx
 from deepmetric.runs import (
@@ -430,6 +431,8 @@ def _calibrate(
         protocol = (
             f"threshold chosen on held-out data given by the caller{rule}, not on these pairs"
         )
+    elif tuple_kind(run.config.data) is not None:  # a pairs: / triplets: run
+        return _calibrate_on_pairs(embedder, run, far=far)
     else:
         no_split = run.config.train.val_fraction == 0 and run.config.train.val_classes is None
         if run.config.from_fit or no_split:
@@ -455,6 +458,46 @@ def _calibrate(
         protocol=protocol,
         far=far,
         validation_items=len(y),
+        weights_sha256=embedder.model_identity.weights_sha256,
+    )
+
+
+def _calibrate_on_pairs(embedder: Embedder, run: _Run, *, far: float | None) -> Threshold:
+    """The threshold of a ``pairs:`` run, chosen on its validation pairs
+    (:func:`~deepmetric.evaluate.tuples.validation_pair_distances`); a ``triplets:`` run has
+    no same / different label to choose one on."""
+    config, where = run.config, str(run.run_dir)
+    held_out = (
+        "choose one on held-out labelled data with deepmetric.inference.calibrate_threshold("
+        f"{where!r}, data=(inputs, labels))"
+    )
+    if tuple_kind(config.data) == "triplets":
+        raise ValueError(
+            f"{where} trained on triplets ({config.data}): a triplet says which of two images is "
+            f"closer, not whether two are the same, so it gives no threshold: {held_out}"
+        )
+    if config.train.val_fraction == 0:
+        raise ValueError(
+            f"{where} has no validation pairs (train.val_fraction=0), and a threshold must be "
+            f"chosen on pairs the model did not train on: retrain with train.val_fraction=0.1, "
+            f"or {held_out}"
+        )
+    try:
+        dist, same, pairs = validation_pair_distances(embedder.embed, config)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{where}: its validation pairs, to choose a threshold on, cannot be loaded: {error}"
+        ) from None
+    try:
+        value = threshold_of_pairs(dist, same, far=far)
+    except ValueError as error:
+        raise ValueError(f"{where}: cannot choose a threshold: {error}") from None
+    return Threshold(
+        value=value,
+        metric=embedder.metric,
+        protocol=VALIDATION_PROTOCOL if far is None else far_protocol(far),
+        far=far,
+        validation_items=pairs,
         weights_sha256=embedder.model_identity.weights_sha256,
     )
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, TextIO
 import torch
 from torch import nn
 
-from deepmetric.config import Config, ConfigError
+from deepmetric.config import Config, ConfigError, tuple_kind
 from deepmetric.data.training_data import (
     TrainingData,
     load_data,
@@ -31,9 +31,11 @@ from deepmetric.training.modes import (
     JointMode,
     Mode,
     OfflineMode,
+    PairTuplesMode,
     PKMode,
     SiameseMode,
     TripletMode,
+    TripletTuplesMode,
 )
 from deepmetric.training.schedule import LRPlan
 
@@ -129,11 +131,19 @@ def _joint_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeP
 
 
 def _siamese_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeParts) -> Mode:
-    return SiameseMode(labels, loss_fn, batch_size=config.train.batch_size, seed=config.seed)
+    t = config.train
+    if tuple_kind(config.data) == "pairs":  # the file's pairs: 2 items each (TupleSource)
+        return PairTuplesMode(len(labels) // 2, loss_fn, batch_size=t.batch_size, seed=config.seed)
+    return SiameseMode(labels, loss_fn, batch_size=t.batch_size, seed=config.seed)
 
 
 def _triplet_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeParts) -> Mode:
-    return TripletMode(labels, loss_fn, batch_size=config.train.batch_size, seed=config.seed)
+    t = config.train
+    if tuple_kind(config.data) == "triplets":  # the file's triplets: 3 items each
+        return TripletTuplesMode(
+            len(labels) // 3, loss_fn, batch_size=t.batch_size, seed=config.seed
+        )
+    return TripletMode(labels, loss_fn, batch_size=t.batch_size, seed=config.seed)
 
 
 def _offline_mode(config: Config, labels: torch.Tensor, loss_fn: Any, parts: ModeParts) -> Mode:

@@ -29,6 +29,7 @@ from deepmetric.config import (
     LossConfig,
     TrainConfig,
     config_to_yaml,
+    tuple_kind,
 )
 from deepmetric.config import validate as validate_config
 from deepmetric.data import augment
@@ -54,6 +55,12 @@ from deepmetric.training.modes import (
 from deepmetric.training.schedule import set_lr
 from deepmetric.training.source import Source, check_finite_inputs, training_source
 from deepmetric.training.state import Position, RunState, StopRequested, StopSignals
+from deepmetric.training.tuples import (
+    VALIDATION_KEYS,
+    TupleSource,
+    tuple_validation,
+    validation_keys,
+)
 
 
 def _epoch_record(
@@ -65,15 +72,15 @@ def _epoch_record(
     classes; see ``val_batches`` in :mod:`deepmetric.training.modes`), the leave-one-out
     precision@1 of every item, and MAP@R (the open-set protocol's selection metric) over a
     fixed stratified sample of at most ``VAL_ITEMS`` items (R = the sample's items of the
-    query's class, less one)."""
+    query's class, less one). Fixed tuples (``pairs:`` / ``triplets:``) have no classes: their
+    validation keys are those of :mod:`deepmetric.training.tuples` instead."""
     record: dict[str, Any] = {
         "kind": "epoch",
         "epoch": pos.epoch + 1,
         "step": pos.step,
         "train_loss": float(np.mean(pos.epoch_losses)) if pos.epoch_losses else float("nan"),
         "val_loss": float("nan"),
-        "val_precision_at_1": float("nan"),
-        "val_map_at_r": float("nan"),
+        **validation_keys(tuple_kind(config.data)),
     }
     if val is not None and len(val) >= 2:
         loss_fn = mode.loss_fn
@@ -99,6 +106,9 @@ def _epoch_record(
         if batches:
             sizes = [len(b) for b in batches]
             record["val_loss"] = sum(float(v) * n for v, n in zip(losses, sizes)) / sum(sizes)
+        if isinstance(val, TupleSource):
+            record |= tuple_validation(emb, val, config.loss.metric)
+            return record
         _, correct = nearest_other(emb, val.labels, config.loss.metric)
         record["val_precision_at_1"] = float(correct.float().mean())
         sample = stratified_indices(val.labels, VAL_ITEMS, config.seed)
@@ -307,8 +317,7 @@ def train_loop(
             log.write(record)
             log.progress(
                 f"epoch {pos.epoch + 1}/{config.epochs} loss {record['train_loss']:.4f} val loss "
-                f"{record['val_loss']:.4f} val precision@1 {record['val_precision_at_1']:.3f} "
-                f"MAP@R {record['val_map_at_r']:.3f}",
+                f"{record['val_loss']:.4f} {_shown(record, tuple_kind(config.data))}",
                 final=True,
             )
             pos.epoch, pos.batch, pos.epoch_losses = pos.epoch + 1, 0, []
@@ -328,6 +337,11 @@ def train_loop(
         stop.restore()
         log.close()
     return pos
+
+
+def _shown(record: dict[str, Any], kind: str | None) -> str:
+    """The validation keys of an epoch record as the progress line shows them."""
+    return " ".join(f"{label} {record[key]:.3f}" for key, label in VALIDATION_KEYS[kind])
 
 
 def _loss_config(loss: Any, *, recorded: bool) -> LossConfig:
@@ -444,7 +458,8 @@ def run_config(
     stream: TextIO | None,
 ) -> dict[str, Any]:
     """Train ``model`` as ``config`` says (into ``config.out`` when set); return the summary:
-    epochs, steps, seconds, last train loss and validation precision@1."""
+    epochs, steps, seconds, last train loss and the last validation keys (precision@1 and
+    MAP@R; for fixed tuples, those of :data:`~deepmetric.training.tuples.VALIDATION_KEYS`)."""
     run_dir = config.run_dir if config.out is not None else None
     if run_dir is not None:
         start_run_folder(config, run_dir, resume, write=distributed.is_main())
@@ -477,17 +492,14 @@ def run_config(
         resume=resume,
         stream=stream,
     )
+    last = pos.history[-1] if pos.history else {}
+    shown = validation_keys(tuple_kind(config.data))
     return {
         "epochs": config.epochs,
         "steps": pos.step,
         "seconds": round(time.perf_counter() - started, 1),
-        "train_loss": pos.history[-1]["train_loss"] if pos.history else float("nan"),
-        "val_precision_at_1": pos.history[-1]["val_precision_at_1"]
-        if pos.history
-        else float("nan"),
-        "val_map_at_r": pos.history[-1].get("val_map_at_r", float("nan"))
-        if pos.history
-        else float("nan"),
+        "train_loss": last.get("train_loss", float("nan")),
+        **{key: last.get(key, nan) for key, nan in shown.items()},
     }
 
 

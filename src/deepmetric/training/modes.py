@@ -28,7 +28,9 @@ The modes: :class:`PKMode` (P x K batches, any loss over ``(embeddings, labels)`
 ``(embeddings, logits)``), :class:`SiameseMode` (balanced pairs, a pair loss
 ``loss(e1, e2, same)``), :class:`TripletMode` (random explicit triplets, a triplet loss
 ``loss(ea, ep, en)``), :class:`OfflineMode` (FaceNet-style: every N steps, embed P x K samples
-with the current network and train on their semi-hard triplets).
+with the current network and train on their semi-hard triplets); :class:`PairTuplesMode` and
+:class:`TripletTuplesMode`: the siamese and triplet modes on the fixed tuples of a ``pairs:`` /
+``triplets:`` file (:mod:`deepmetric.data.tuples`), no classes sampled.
 """
 
 from __future__ import annotations
@@ -334,6 +336,52 @@ class TripletMode:
     def val_batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
         a, p, n = random_triplets(labels, min(len(labels), VAL_ITEMS // 3), seed=self.seed)
         return [torch.cat([a, p, n])]
+
+
+class _FixedTuples:
+    """The batches of fixed tuples (``pairs:FILE`` / ``triplets:FILE``) of ``arity`` images:
+    item ``r * arity + s`` of the training source is image ``s`` of tuple ``r``
+    (:class:`~deepmetric.training.tuples.TupleSource`). Every epoch runs all ``n`` tuples in an
+    order drawn from (seed, epoch), ``batch_size`` a batch, laid out as the class-sampling mode
+    lays its own (first images, then second, then third), so its ``loss_of`` applies."""
+
+    arity: int
+    resumable_mid_epoch = True
+    n_views = 1
+
+    def __init__(
+        self, n: int, loss_fn: Callable[..., torch.Tensor], *, batch_size: int, seed: int
+    ) -> None:
+        self.n, self.loss_fn, self.batch_size, self.seed = n, loss_fn, batch_size, seed
+        self.steps_per_epoch = max(1, math.ceil(n / batch_size))
+
+    def _items(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows * self.arity + s for s in range(self.arity)])
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        order = np.random.default_rng(epoch_seed(self.seed, epoch)).permutation(self.n)
+        rows = torch.from_numpy(order)
+        for start in range(0, self.n, self.batch_size):
+            yield self._items(rows[start : start + self.batch_size])
+
+    def val_batches(self, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Every validation tuple, in batches of at most ``VAL_ITEMS`` images."""
+        rows = torch.arange(len(labels) // self.arity)
+        size = max(1, VAL_ITEMS // self.arity)
+        return [self._items(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+class PairTuplesMode(_FixedTuples, SiameseMode):
+    """``mode=siamese`` on ``pairs:FILE``: exactly the file's pairs (``same`` read from the
+    source's labels: equal for a pair declared the same)."""
+
+    arity = 2
+
+
+class TripletTuplesMode(_FixedTuples, TripletMode):
+    """``mode=triplet`` on ``triplets:FILE``: exactly the file's triplets."""
+
+    arity = 3
 
 
 class OfflineMode(TripletMode):

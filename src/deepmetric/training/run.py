@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from deepmetric import distributed
-from deepmetric.config import Config
-from deepmetric.data import Preprocessing, load_dataset
+from deepmetric.config import Config, tuple_kind
+from deepmetric.data import Preprocessing, load_dataset, pixels_to_float
+from deepmetric.data.training_data import load_training_tuples
 from deepmetric.models import embed, embedding_part
 from deepmetric.neighbors import nearest_other
 from deepmetric.runs import Run, mirror_of
@@ -36,6 +37,7 @@ from deepmetric.training.builders import (
 from deepmetric.training.fit import check_resumable, run_config
 from deepmetric.training.log import RunLog
 from deepmetric.training.source import Source, training_source
+from deepmetric.training.tuples import TupleSource
 
 
 def train(
@@ -55,21 +57,18 @@ def train(
         resolve_device(config.train.device)  # CUDA absent, a GPU not here: said before loading
     if resume:
         check_resumable(config.run_dir)  # every checkpoint damaged: refused, nothing written
-    train_set, val_set = load_data(config)
+    train_source, val_source, pixels, sample = _sources(config)
     main = distributed.is_main()
     if main:
-        _record_preprocessing(config, train_set.data, resume)
-    train_source = training_source(
-        Source(train_set, name=config.data), config.train.dihedral_classes
-    )
+        _record_preprocessing(config, pixels, resume)
     classes = torch.unique(train_source.labels)
     torch.manual_seed(config.seed)  # the same initial weights for the same seed
-    model = build_model(config, train_set.inputs[:1], len(classes))
+    model = build_model(config, sample, len(classes))
     summary = run_config(
         config,
         model,
         train_source,
-        Source(val_set) if len(val_set) else None,
+        val_source,
         build_loss(config, classes.tolist()),
         resume=resume,
         stream=stream,
@@ -87,6 +86,22 @@ def train(
     log.write(summary)
     log.close()
     return summary
+
+
+def _sources(config: Config) -> tuple[Source, Source | None, Any, torch.Tensor]:
+    """The training and validation sources of the config's data, its stored inputs (what
+    ``preprocess.json`` is made from) and one input (the network's input shape). A ``pairs:``
+    / ``triplets:`` spec gives its fixed tuples (:class:`TupleSource`), any other its
+    classes."""
+    if tuple_kind(config.data) is not None:
+        tuples = load_training_tuples(config)
+        val = TupleSource(tuples.val, name="the validation tuples") if len(tuples.val) else None
+        images = tuples.train.images
+        return TupleSource(tuples.train, name=config.data), val, images, pixels_to_float(images[:1])
+    train_set, val_set = load_data(config)
+    train = training_source(Source(train_set, name=config.data), config.train.dihedral_classes)
+    val_source = Source(val_set) if len(val_set) else None
+    return train, val_source, train_set.data, train_set.inputs[:1]
 
 
 def _record_preprocessing(config: Config, x: torch.Tensor, resume: bool) -> None:
