@@ -96,21 +96,39 @@ def _add_create(actions: Any) -> None:
     )
     sub.add_argument("--run", required=True, metavar="RUN_DIR_OR_ONNX", help=MODEL_HELP)
     sub.add_argument("--far", type=float, help="false accept rate target, e.g. 1e-3")
+    sub.add_argument(
+        "--index",
+        default="local",
+        metavar="SPEC",
+        help="where the vectors are searched: local (default: the folder GALLERY.index, "
+        "rebuilt from the database when needed), milvus-lite:PATH.db[#COLLECTION] (Milvus "
+        "Lite, a local file; the collection named after GALLERY by default) or "
+        "milvus://HOST:PORT/COLLECTION (a Milvus server or cluster; its token from the "
+        "environment variable DEEPMETRIC_MILVUS_TOKEN). Recorded in the gallery.",
+    )
 
 
 def create(args: argparse.Namespace) -> int:
     from deepmetric.gallery import Gallery
+    from deepmetric.gallery.milvus_index import parse_index_spec
 
     if Path(args.gallery).exists():
         raise ValueError(f"{args.gallery} already exists; not overwriting it")
+    external = parse_index_spec(args.index, args.gallery) is not None  # checked before any work
     embedder = load_embedder(args.run, args.device, calibrate=args.far is None)
     with Gallery.create(
-        args.gallery, embedder, far=args.far, source=args.run, progress=print_stderr
+        args.gallery,
+        embedder,
+        far=args.far,
+        source=args.run,
+        progress=print_stderr,
+        index=args.index,
     ) as gallery:
         t = gallery.threshold
         rule = "best accuracy" if t.far is None else f"false accept rate <= {t.far:g}"
+        where = gallery.index_location if external else f"{gallery.index_path}/"
         print(
-            f"created {gallery.path} (and {gallery.index_path}/): model {gallery.source} "
+            f"created {gallery.path} (and {where}): model {gallery.source} "
             f"({embedder.dim}-d, {embedder.metric}), threshold {t.value:.4f} ({rule}, "
             f"chosen on {t.validation_items or '?'} validation items, not on gallery data)"
         )
@@ -371,7 +389,7 @@ def reindex(args: argparse.Namespace) -> int:
         n = gallery.reindex()
         print(
             f"reindexed {gallery.path}: {n} examples of {len(gallery)} identities "
-            f"({gallery.index.kind} index) -> {gallery.index_path}"
+            f"({gallery.index.kind} index) -> {gallery.index_location}"
         )
     return 0
 

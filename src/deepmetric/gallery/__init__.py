@@ -5,7 +5,9 @@ remove over one model, with the open-set threshold and the model identity check)
 (:class:`~deepmetric.gallery.store.GalleryStore`, SQLite, the source of truth), ``index``
 (:class:`~deepmetric.gallery.index.ExactIndex`, :class:`~deepmetric.gallery.index.FaissIndex`,
 :func:`~deepmetric.gallery.index.make_index`, :func:`~deepmetric.gallery.index.top_identities`):
-derived, rebuilt from the store whenever the store's ``generation`` has moved on; ``check``
+derived, rebuilt from the store whenever the store's ``generation`` has moved on;
+``milvus_index`` (:class:`~deepmetric.gallery.milvus_index.MilvusIndex`: the same contract over
+a Milvus collection, Milvus Lite or a server, kept in step with the store); ``check``
 (:func:`~deepmetric.gallery.check.check_gallery`: does the saved index agree with the store?
 ``deepmetric gallery check [--repair]``).
 

@@ -20,6 +20,13 @@ saved when a :class:`~deepmetric.gallery.Gallery` closes. :func:`check_gallery` 
   Repairable: ``repair=True`` rebuilds the index from the database, saves it in place of the
   old one, removes the leftovers, and checks again.
 
+  A gallery whose vectors are in a Milvus collection
+  (:mod:`~deepmetric.gallery.milvus_index`) has no folder: the collection is checked instead
+  (reachable; made here, for this gallery, of its dim and metric; the generation it records;
+  its ids and vectors against the database's), and the repair rebuilds it from the database
+  (dropped, created, filled). A collection that cannot be reached, or holds another gallery's
+  vectors or something else, is reported but never dropped.
+
 The check first folds the write-ahead log into the database file
 (:meth:`~deepmetric.gallery.store.GalleryStore.checkpoint`; not on a read-only gallery), so
 that after it ``G`` alone holds every committed write, even when another process still has
@@ -54,6 +61,7 @@ from deepmetric.gallery.index import (
     index_path,
     load_index,
 )
+from deepmetric.gallery.milvus_index import MilvusIndex, MilvusIndexError, MilvusTarget, target_of
 from deepmetric.gallery.store import Examples, GalleryError, GalleryStore
 from deepmetric.inference import Embedder, Threshold
 
@@ -214,8 +222,11 @@ def _index_problems(
     return problems
 
 
-def _content_problems(folder: Path, index: GalleryIndex, examples: Examples) -> list[Problem]:
-    """Ids and vectors of ``index`` against the database's ``examples`` (ids ascending)."""
+def _content_problems(
+    folder: Path | MilvusTarget, index: GalleryIndex, examples: Examples
+) -> list[Problem]:
+    """Ids and vectors of ``index`` (at ``folder``, for the messages) against the database's
+    ``examples`` (ids ascending)."""
     problems: list[Problem] = []
     ids, vectors = index.live_vectors()
     missing = np.setdiff1d(examples.ids, ids)
@@ -259,10 +270,69 @@ def _content_problems(folder: Path, index: GalleryIndex, examples: Examples) -> 
     return problems
 
 
+def _collection_problems(
+    target: MilvusTarget, store: GalleryStore, generation: int, examples: Examples
+) -> list[Problem]:
+    """The Milvus collection against the database (see the module docstring)."""
+    try:
+        index = MilvusIndex(
+            target,
+            dim=store.dim,
+            metric=store.metric,  # type: ignore[arg-type]
+            gallery_id=store.gallery_id,
+        )
+    except MilvusIndexError as error:
+        return [Problem("index", str(error), error.repairable)]
+    problems: list[Problem] = []
+    try:
+        if index.generation != generation:
+            problems.append(
+                Problem(
+                    "index",
+                    f"{target} is out of date: it records generation {index.generation}, the "
+                    f"database is at {generation}",
+                    True,
+                )
+            )
+        problems += _content_problems(target, index, examples)
+    except MilvusIndexError as error:
+        problems.append(Problem("index", str(error), False))
+    finally:
+        index.close()
+    return problems
+
+
+def _repair_collection(
+    target: MilvusTarget, store: GalleryStore, snapshot: tuple[int, Examples]
+) -> tuple[list[str], list[Problem]]:
+    """Rebuild the collection from the database: (what was done, what could not be)."""
+    try:
+        index = MilvusIndex(
+            target,
+            dim=store.dim,
+            metric=store.metric,  # type: ignore[arg-type]
+            gallery_id=store.gallery_id,
+            check=False,
+        )
+        try:
+            index.sync(store, snapshot, full=True)
+        finally:
+            index.close()
+    except MilvusIndexError as error:
+        return [], [Problem("index", str(error), False)]
+    return [
+        f"rebuilt {target} from the database: {len(index)} examples, generation "
+        f"{index.generation}, milvus index"
+    ], []
+
+
 def _repair(
     folder: Path, store: GalleryStore, snapshot: tuple[int, Examples]
 ) -> tuple[list[str], list[Problem]]:
     """Rebuild and save the index, remove the leftovers: (what was done, what could not be)."""
+    target = target_of(store.meta, store.path)
+    if target is not None:
+        return _repair_collection(target, store, snapshot)
     done: list[str] = []
     if folder.is_symlink() or folder.is_file():
         message = f"{folder} is not a folder: move it away, then run the repair again"
@@ -364,5 +434,12 @@ def _check(
             problems.append(Problem("database", str(error), False))
         empty = Examples(np.empty(0, np.int64), [], np.empty((0, store.dim), np.float32))
         return problems, (-1, empty)
-    problems += _index_problems(folder, store, *snapshot)
+    try:
+        target = target_of(store.meta, store.path)
+    except GalleryError as error:
+        return [*problems, Problem("index", str(error), False)], snapshot
+    if target is not None:
+        problems += _collection_problems(target, store, *snapshot)
+    else:
+        problems += _index_problems(folder, store, *snapshot)
     return problems, snapshot

@@ -19,6 +19,11 @@ index derived from it (:func:`~deepmetric.gallery.index.make_index`).
   generation it reflects, the database's random gallery id and the sha256 of each file,
   ``ids.npy``, ``alive.npy``, ``vectors.npy`` or ``index.faiss``). Deleting it loses
   nothing: the next open rebuilds it.
+- or, for a gallery created with ``index="milvus-lite:PATH.db"`` or
+  ``"milvus://HOST:PORT/COLLECTION"``, a Milvus collection instead of ``G.index/``, recorded in
+  the meta record (:mod:`~deepmetric.gallery.milvus_index`): every enroll / remove reaches it
+  right after the database, it records the store generation it reflects, and an open finding
+  it behind the database (a process killed between the two writes) catches it up.
 
 **The decision.** For a query embedding ``q`` the index gives the k nearest distinct
 identities, each with the distance to its nearest example:
@@ -93,6 +98,12 @@ from deepmetric.gallery.index import (
     index_path,
     load_index,
     top_identities,
+)
+from deepmetric.gallery.milvus_index import (
+    MilvusIndex,
+    collection_absent,
+    parse_index_spec,
+    target_of,
 )
 from deepmetric.gallery.store import (
     GalleryError,
@@ -325,6 +336,8 @@ class Gallery:
         self._progress = progress
         self.index_builds = 0
         self._saved_generation: int | None = None
+        #: the Milvus collection holding the vectors, or None: the index folder
+        self._target = target_of(store.meta, store.path)
         metrics = {store.metric, embedder.metric, threshold.metric}
         if len(metrics) != 1:
             raise ModelMismatchError(
@@ -349,6 +362,7 @@ class Gallery:
         far: float | None = None,
         source: str | Path | None = None,
         progress: Progress | None = None,
+        index: str | None = None,
     ) -> Gallery:
         """A new, empty gallery file at ``path`` for ``embedder`` (never overwrites one).
 
@@ -364,15 +378,24 @@ class Gallery:
             source: how to reload the model (a run folder or ``.onnx`` file), stored as an
                 absolute path; default ``embedder.source``.
             progress: gets one line per step worth saying (threshold calibration).
+            index: where the vectors are searched: ``None`` / ``"local"``: the index folder
+                ``path`` + ``.index`` (kind chosen by size); ``"milvus-lite:PATH.db"`` or
+                ``"milvus://HOST:PORT/COLLECTION"``: a Milvus collection
+                (:mod:`~deepmetric.gallery.milvus_index`), recorded in the gallery so every
+                open uses it; it must not exist yet (checked before anything is written).
 
         Raises:
             GalleryExistsError: ``path`` exists. ValueError: no threshold (the message says
-            how to get one), or ``far`` without a run folder.
+            how to get one), ``far`` without a run folder, or a bad ``index``.
+            MilvusIndexError: the collection cannot be reached, or exists already.
         """
         path = Path(path)
         where = _source_of(embedder, source)
         if path.exists():  # before any work (calibration); the store refuses it again
             raise GalleryExistsError(f"{path} already exists; not overwriting it")
+        target = parse_index_spec(index, path)
+        if target is not None:  # reachable, and no collection of that name yet
+            collection_absent(target)
         if far is not None:
             if not 0.0 <= far <= 1.0:
                 raise ValueError(f"far must be in [0, 1], got {far}")
@@ -384,16 +407,16 @@ class Gallery:
             if not (folder / "header.json").is_file():
                 raise GalleryError(f"{folder} exists and is not a gallery index; move it away")
             shutil.rmtree(folder)
-        store = GalleryStore.create(
-            path,
-            meta={
-                "dim": embedder.dim,
-                "metric": embedder.metric,
-                "model": embedder.identity(),
-                "threshold": threshold.to_json(),
-                "source": where,
-            },
-        )
+        meta = {
+            "dim": embedder.dim,
+            "metric": embedder.metric,
+            "model": embedder.identity(),
+            "threshold": threshold.to_json(),
+            "source": where,
+        }
+        if target is not None:
+            meta["index"] = target.to_json()
+        store = GalleryStore.create(path, meta=meta)
         try:
             return cls(
                 store=store,
@@ -404,6 +427,10 @@ class Gallery:
             )
         except BaseException:
             store.close()
+            if target is not None:  # the collection could not be made: no gallery either
+                for leftover in (path, path.with_name(path.name + "-wal")):
+                    leftover.unlink(missing_ok=True)
+                path.with_name(path.name + "-shm").unlink(missing_ok=True)
             raise
 
     @classmethod
@@ -485,7 +512,10 @@ class Gallery:
             if self._index.generation == self._store.generation:
                 self._save_index()
         finally:
-            self._store.close()
+            try:
+                self._index.close()
+            finally:
+                self._store.close()
 
     def __enter__(self) -> Gallery:
         return self
@@ -513,6 +543,12 @@ class Gallery:
         return index_path(self.path)
 
     @property
+    def index_location(self) -> str:
+        """Where the index is: its folder, or the Milvus collection (``milvus-lite:PATH#NAME``,
+        ``milvus://HOST:PORT/NAME``)."""
+        return str(self.index_path if self._target is None else self._target)
+
+    @property
     def index(self) -> GalleryIndex:
         """The in-memory search index (derived; do not change it directly)."""
         return self._index
@@ -521,16 +557,25 @@ class Gallery:
         if self._progress is not None:
             self._progress(text)
 
-    def _build(self) -> GalleryIndex:
+    def _build(self, *, full: bool = False) -> GalleryIndex:
         """A new index of every example in the database, at the store's generation, where the
-        model computes (:attr:`Embedder.device`; faiss indexes stay on the CPU)."""
-        index = build_index(self._store).to(self.embedder.device)
+        model computes (:attr:`Embedder.device`; faiss indexes stay on the CPU). A Milvus
+        collection is brought up to date instead (by difference; ``full``: rebuilt)."""
         self.index_builds += 1
-        return index
+        if self._target is not None:
+            assert isinstance(self._index, MilvusIndex)
+            if full:
+                self._index.sync(self._store, full=True)
+            elif (done := self._index.follow(self._store)) is not None:
+                self._say(f"{self._target} was behind {self.path}: caught up ({done})")
+            return self._index
+        return build_index(self._store).to(self.embedder.device)
 
     def _load_or_build(self) -> GalleryIndex:
         """The saved index when it reflects the database now, else a rebuilt (and saved) one."""
         store = self._store
+        if self._target is not None:
+            return self._open_collection()
         try:
             saved = load_index(self.index_path)
         except (IndexFileError, OSError):
@@ -553,11 +598,45 @@ class Gallery:
         self._save_index()
         return self._index
 
+    def _open_collection(self) -> MilvusIndex:
+        """The gallery's Milvus collection (refused in one line when it is another gallery's,
+        or of another dim or metric), repaired when it is behind the database (a process
+        killed between its two writes), made when missing."""
+        assert self._target is not None
+        store = self._store
+        index = MilvusIndex(
+            self._target,
+            dim=store.dim,
+            metric=store.metric,  # type: ignore[arg-type]
+            gallery_id=store.gallery_id,
+            create=True,
+        )
+        try:
+            recorded = index.generation
+            done = index.follow(store)
+        except BaseException:
+            index.close()
+            raise
+        if done is not None and index.created:
+            if store.num_examples:
+                self._say(f"{self._target} was missing: made from {self.path} ({done})")
+        elif done is not None:
+            self._say(
+                f"{self._target} was behind {self.path} (generation {recorded}, the database "
+                f"is at {index.generation}): repaired on open ({done})"
+            )
+        self._saved_generation = index.generation
+        return index
+
     def _save_index(self) -> None:
         """Save the index when the saved one differs. Best effort: the index is derived, so a
         failed save (another process saving at the same moment, a read-only folder) only
         means the next open rebuilds it."""
         if self._index.generation == self._saved_generation:
+            return
+        if self._index.external:  # the collection: record its generation
+            self._index.save()
+            self._saved_generation = self._index.generation
             return
         try:
             self._index.save(self.index_path)
@@ -578,7 +657,7 @@ class Gallery:
     def reindex(self) -> int:
         """Rebuild the index from the database (index type chosen for its size) and save it;
         returns the number of examples indexed."""
-        self._index = self._build()
+        self._index = self._build(full=True)
         self._saved_generation = None
         self._save_index()
         return len(self._index)
@@ -590,6 +669,8 @@ class Gallery:
         if self._index.generation == before and after == before + 1:
             apply(self._index)
             self._index.generation = after
+            if self._index.external:  # the collection records it at once
+                self._save_index()
         else:
             self._index = self._build()
 
@@ -698,7 +779,11 @@ class Gallery:
         report = check_gallery(self.path, repair=repair, embedder=self.embedder, store=self._store)
         if report.repaired:
             self._saved_generation = None
-            self._index = self._load_or_build()
+            if isinstance(self._index, MilvusIndex):
+                self._index.follow(self._store)  # rebuilt by the check: read it again
+                self._saved_generation = self._index.generation
+            else:
+                self._index = self._load_or_build()
         return report
 
     def _refresh_before_write(self, generation: int) -> None:
@@ -777,12 +862,14 @@ class Gallery:
             # an index built from one snapshot, naming the hits from that same snapshot (no
             # second read that could race again); the answer is the gallery as it was then.
             snapshot = self._store.snapshot()
-            self._index = build_index(self._store, snapshot).to(self.embedder.device)
+            index = build_index(self._store, snapshot).to(self.embedder.device)
             self.index_builds += 1
+            if self._index.external:  # this answer only; the collection catches up next time
+                self._index.generation = None
+            else:
+                self._index = index
             names = dict(zip(snapshot[1].ids.tolist(), snapshot[1].identities, strict=True))
-            matches = top_identities(
-                self._index, queries, k, lambda ids: [names[int(i)] for i in ids]
-            )
+            matches = top_identities(index, queries, k, lambda ids: [names[int(i)] for i in ids])
         out = []
         for row, names in enumerate(matches.identities):
             candidates = [

@@ -218,9 +218,12 @@ class GalleryIndex(ABC):
     ``_add_rows``, ``_search_rows``, ``_compact``, ``_save_data`` and ``_load_data``.
     """
 
-    #: "exact", "flat" or "hnsw"
+    #: "exact", "flat" or "hnsw" ("milvus": :class:`~deepmetric.gallery.milvus_index.MilvusIndex`)
     kind: str
     _type: ClassVar[str]
+    #: the vectors live outside this process (a database every change reaches at once, e.g.
+    #: Milvus), not in memory saved to a folder
+    external: ClassVar[bool] = False
 
     def __init__(
         self, *, dim: int, metric: Metric, rebuild_fraction: float | None = REBUILD_FRACTION
@@ -287,6 +290,11 @@ class GalleryIndex(ABC):
         """Move the stored vectors to ``device`` (in place; returns ``self``). An index that
         only runs on the CPU (faiss) stays there."""
         return self
+
+    def close(self) -> None:
+        """Release what the index holds outside this process's memory (a connection); nothing
+        for an in-memory index."""
+        return None
 
     @property
     def removed(self) -> int:
