@@ -9,6 +9,7 @@ happens, so a failed write leaves the old file as it was and no litter beside it
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -66,6 +67,18 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
     return write_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN / inf float (e.g. a metric of a class with a single item) as
+    ``None``, in nested dicts, lists and tuples: strict JSON for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_json_atomically(path: str | os.PathLike[str], value: Any) -> Path:
     """``value`` as indented JSON, the whole new content of ``path``."""
     return write_text_atomically(path, json.dumps(value, indent=2))
@@ -75,6 +88,7 @@ __all__ = [
     "Progress",
     "partial_path",
     "print_stderr",
+    "strict_json",
     "write_atomically",
     "write_bytes_atomically",
     "write_json_atomically",

@@ -76,7 +76,7 @@ from deepmetric.evaluate.roc import (
 from deepmetric.evaluate.threshold import threshold_of_pairs, validation_pairs
 from deepmetric.evaluate.transfer import DEFAULT_FARS, open_set, threshold_transfer
 from deepmetric.evaluate.tuples import evaluate_tuples
-from deepmetric.files import Progress, write_json_atomically
+from deepmetric.files import Progress, strict_json, write_json_atomically
 from deepmetric.models import embed
 from deepmetric.runs import LOG_FILE, VALIDATION_PROTOCOL, Run, Threshold
 
@@ -606,7 +606,7 @@ def _write_outputs(
 ) -> list[Path]:
     """``metrics.json`` (strict JSON, atomically) and ``report.html``; their paths."""
     config = run.config
-    write_json_atomically(out_dir / "metrics.json", _strict(metrics))
+    write_json_atomically(out_dir / "metrics.json", strict_json(metrics))
     facts = [
         ("run", str(run.path)),
         ("data", f"{spec} ({split}, {len(sets.scored):,} items)"),
@@ -631,17 +631,6 @@ def _write_outputs(
         facts=facts,
     )
     return [out_dir / "metrics.json", out_dir / "report.html"]
-
-
-def _strict(value: Any) -> Any:
-    """NaN / inf (e.g. a class with a single item) become null: strict JSON for any reader."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
 
 
 def _figures(

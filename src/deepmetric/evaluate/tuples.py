@@ -43,7 +43,7 @@ from deepmetric.evaluate.metrics import raw_vectors
 from deepmetric.evaluate.report import STYLE, _figure, _table
 from deepmetric.evaluate.roc import out_of_fold, roc_curve, verification_metrics
 from deepmetric.evaluate.threshold import fit_threshold, threshold_of_pairs
-from deepmetric.files import Progress, write_json_atomically, write_text_atomically
+from deepmetric.files import Progress, strict_json, write_json_atomically, write_text_atomically
 from deepmetric.models import embed
 from deepmetric.runs import VALIDATION_PROTOCOL, Run, Threshold
 
@@ -283,7 +283,7 @@ def evaluate_tuples(
         "device": str(device),
     }
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    write_json_atomically(out_dir / "metrics.json", _strict(metrics))
+    write_json_atomically(out_dir / "metrics.json", strict_json(metrics))
     _write_report(out_dir / "report.html", run, metrics, figs)
     written = [out_dir / "metrics.json", out_dir / "report.html"]
     if saved is not None and out is None and fallback is None:
@@ -324,17 +324,6 @@ def _pair_figures(
             "Verification ROC on these pairs (false accept rate on a log scale).",
         ),
     ]
-
-
-def _strict(value: Any) -> Any:
-    """NaN / inf become null: strict JSON."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
 
 
 def _write_report(
