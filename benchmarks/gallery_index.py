@@ -5,6 +5,7 @@
     python benchmarks/gallery_index.py --n 20000 --repeats 2 # a quick run
     python benchmarks/gallery_index.py --crossover           # make_index's size crossovers
     python benchmarks/gallery_index.py --ef-search 32 64 128 256 --m 32
+    python benchmarks/gallery_index.py --n 100000 --index milvus-lite  # + Milvus Lite rows
 
 What is timed (``time.perf_counter``, torch and faiss limited to ``--threads`` threads):
 
@@ -27,6 +28,16 @@ What is timed (``time.perf_counter``, torch and faiss limited to ``--threads`` t
   full store (one transaction each): enrolls/s; ``all_embeddings()`` of all N rows (what an
   index rebuild reads); the file size (database + WAL).
 
+With ``--index milvus-lite`` the table gets rows for a gallery's vectors in Milvus Lite
+(:class:`~deepmetric.gallery.milvus_index.MilvusIndex`, in process, a temporary file): its FLAT
+collection and an HNSW one (``?index=hnsw``, the same M, efConstruction and efSearch values),
+searched through the same ``search`` a gallery calls (ties by id, distances recomputed from the
+returned vectors); **build** = the upserts, the flush that seals the segments and a reload of
+the collection (Milvus Lite builds a sealed segment's HNSW graph in the background; the reload
+builds it at once; a reload while its background compaction still writes fails and is tried
+again every 2 s, the wait counted in build); single enrolls and removes are timed into the full
+collection (ms each, median of ``--single``). Milvus Lite decides its own threads.
+
 Queries and data are drawn from a seeded generator, so runs are repeatable; timings on a
 machine that other jobs share are noisy (the table says how many threads and runs).
 """
@@ -40,6 +51,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,8 +183,98 @@ def run_search(args: argparse.Namespace) -> None:
         print(f"| {label} | {cells} | {rec_p:.3f} | {rec_s:.3f} |")
         build_s = rss = float("nan")  # one build serves every efSearch
     del hnsw
+    if args.index == "milvus-lite":
+        run_milvus_lite(args, x, probes, strangers, truth_p, truth_s)
     if not args.skip_store:
         run_store(args, x)
+
+
+def run_milvus_lite(
+    args: argparse.Namespace,
+    x: np.ndarray,
+    probes: np.ndarray,
+    strangers: np.ndarray,
+    truth_p: np.ndarray,
+    truth_s: np.ndarray,
+) -> None:
+    """The Milvus Lite rows of the search table, then its single enroll / remove times."""
+    from deepmetric.gallery.milvus_index import MilvusIndex, parse_index_spec
+
+    n, dim = x.shape
+    singles: list[str] = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        specs = [("Milvus Lite FLAT", "", None)]
+        specs += [
+            (
+                f"Milvus Lite HNSW M={args.m} efC={args.ef_construction} efS={ef}",
+                f"?index=hnsw&m={args.m}&ef_construction={args.ef_construction}&ef_search={ef}",
+                ef,
+            )
+            for ef in args.ef_search
+        ]
+        for label, query, ef in specs:
+            kind = "flat" if ef is None else "hnsw"
+            target = parse_index_spec(f"milvus-lite:{tmp}/vectors.db#{kind}_{ef}{query}", "g")
+            assert target is not None
+            index = MilvusIndex(target, dim=dim, metric="cosine", gallery_id="bench", create=True)
+            start = time.perf_counter()
+            index.add(x, np.arange(n, dtype=np.int64))
+            index._client.flush(target.collection)
+            _reload(index._client, target.collection)
+            build_s = time.perf_counter() - start
+            q = probes if ef is not None else probes[: args.exact_queries]
+            qps = q.shape[0] / _median_s(lambda index=index, q=q: index.search(q, K), args.repeats)
+            ms = _single_ms(index, probes, args.single)
+            rec_p = float(np.mean(index.search(probes, 1).ids[:, 0] == truth_p))
+            rec_s = float(np.mean(index.search(strangers, 1).ids[:, 0] == truth_s))
+            cells = f"{build_s:.1f} | - | - | {qps:,.0f} | {ms:.2f}"
+            print(f"| {label} | {cells} | {rec_p:.3f} | {rec_s:.3f} |")
+            if ef is None or ef == args.ef_search[0]:
+                singles.append(_enroll_remove_ms(label.split(" efS")[0], index, args.single))
+            index.close()
+    print("\nMilvus Lite, into the full collection (median of single calls):\n")
+    print("| collection | enroll 1 vector ms | remove 1 vector ms |")
+    print("|---|---|---|")
+    for line in singles:
+        print(line)
+
+
+def _reload(client: Any, collection: str, patience_s: float = 600.0) -> None:
+    """Release and load ``collection``: Milvus Lite builds a sealed segment's HNSW graph in
+    a background thread, and a load builds what is missing at once. A load while its
+    background compaction still writes the merged segment fails ("file seems not fully
+    written"): tried again every 2 s until it loads."""
+    from pymilvus.exceptions import MilvusException
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        client.release_collection(collection)
+        try:
+            client.load_collection(collection)
+            return
+        except MilvusException as error:
+            if "not fully written" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
+def _enroll_remove_ms(label: str, index: GalleryIndex, count: int) -> str:
+    rng = np.random.default_rng(2)
+    new = _normalised(rng, count, index.dim)
+    base = 10**9
+    add, remove = [], []
+    for i in range(count):
+        start = time.perf_counter()
+        index.add(new[i : i + 1], [base + i])
+        add.append(time.perf_counter() - start)
+    for i in range(count):
+        start = time.perf_counter()
+        index.remove([base + i])
+        remove.append(time.perf_counter() - start)
+    return (
+        f"| {label} | {1000 * statistics.median(add):.2f} | "
+        f"{1000 * statistics.median(remove):.2f} |"
+    )
 
 
 def run_store(args: argparse.Namespace, x: np.ndarray) -> None:
@@ -245,6 +347,12 @@ def main() -> None:
     parser.add_argument("--skip-store", action="store_true")
     parser.add_argument("--tmp", default=None, help="folder for the temporary store")
     parser.add_argument("--crossover", action="store_true", help="time sizes, not N")
+    parser.add_argument(
+        "--index",
+        choices=["embedded", "milvus-lite"],
+        default="embedded",
+        help="milvus-lite: add Milvus Lite rows (FLAT, HNSW) beside the embedded indexes",
+    )
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[1000, 5000, 20_000, 50_000, 200_000]
     )

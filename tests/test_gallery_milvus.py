@@ -34,6 +34,7 @@ from deepmetric.gallery.milvus_index import (
     MilvusIndex,
     MilvusIndexError,
     parse_index_spec,
+    target_of,
 )
 from deepmetric.gallery.store import GalleryStore
 
@@ -158,6 +159,14 @@ def test_index_specs():
     )
     assert str(server) == "milvus://db.example.org:19530/people"
     assert parse_index_spec(None, "x.db") is None and parse_index_spec("local", "x.db") is None
+    assert server.hnsw is None and lite.hnsw is None
+    hnsw = parse_index_spec("milvus-lite:/v.db#g1?index=hnsw", "x.db")
+    assert (hnsw.collection, hnsw.hnsw) == ("g1", (32, 80, 64))  # the local HNSW's defaults
+    tuned = parse_index_spec("milvus://h:1/c?index=hnsw&ef_search=128&m=16", "x.db")
+    assert tuned.hnsw == (16, 80, 128)
+    for target in (hnsw, tuned, server, lite):  # written and read back, as spec and record
+        assert parse_index_spec(str(target), "x.db") == target
+        assert target_of({"index": target.to_json()}) == target
     bad = {
         "faiss": "--index must be",
         "milvus-lite:v.sqlite": "*.db",
@@ -165,6 +174,11 @@ def test_index_specs():
         "milvus://host:99999/c": "port",
         "milvus://host/9lives": "collection name",
         "milvus://root:Secret@host:19530/c": "DEEPMETRIC_MILVUS_TOKEN",
+        "milvus://h/c?index=ivf": "index=hnsw is the one",
+        "milvus://h/c?m=16": "index=hnsw is the one",
+        "milvus://h/c?index=hnsw&nprobe=4": "after \\? write index=hnsw",
+        "milvus://h/c?index=hnsw&m=1": "m must be an integer in 2..2048",
+        "milvus-lite:v.db?index=hnsw&ef_search=x": "ef_search must be an integer",
     }
     for spec, words in bad.items():
         with pytest.raises(ValueError, match=words.replace("*", r"\*")) as error:
@@ -194,11 +208,16 @@ def test_the_same_gallery_on_the_exact_index_and_on_milvus(tmp_path, metric):
     queries = torch.stack([inputs(i)[0] + 0.05 for i in range(10)])
     queries[9] = inputs(3)[1]  # an enrolled example itself: distance 0
     answers: dict[str, list] = {}
-    for backend, spec in (("exact", None), ("milvus", _lite(tmp_path))):
+    hnsw = _lite(tmp_path) + "?index=hnsw&m=16&ef_search=32"  # ef >= the hits: exact here
+    for backend, spec in (("exact", None), ("milvus", _lite(tmp_path)), ("hnsw", hnsw)):
         path = tmp_path / f"{backend}.db"
         got = answers[backend] = []
         with Gallery.create(path, embedder, index=spec) as gallery:
-            assert gallery.index.kind == backend
+            assert gallery.index.kind == ("exact" if spec is None else "milvus")
+            if spec is not None:
+                index = gallery.index
+                described = index._client.describe_index(index.target.collection, "vector")
+                assert described["index_type"] == ("HNSW" if backend == "hnsw" else "FLAT")
             for i in range(8):
                 gallery.enroll(f"person {i}", inputs(i))
             got.append(_answers(gallery, queries))
@@ -213,9 +232,10 @@ def test_the_same_gallery_on_the_exact_index_and_on_milvus(tmp_path, metric):
             assert gallery.index_builds == 0
             got.append(_answers(gallery, queries))
         assert check_gallery(path).ok
-    for step, (got, want) in enumerate(zip(answers["milvus"], answers["exact"])):
-        _assert_same_answers(metric, got, want)
-        assert want[9][0][0] == "person 3", step
+    for backend in ("milvus", "hnsw"):
+        for step, (got, want) in enumerate(zip(answers[backend], answers["exact"])):
+            _assert_same_answers(metric, got, want)
+            assert want[9][0][0] == "person 3", step
     # the milvus gallery records its collection: reopened, it uses it (and nothing else)
     with GalleryStore.open(tmp_path / "milvus.db") as store:
         assert store.meta["index"] == {
@@ -223,6 +243,9 @@ def test_the_same_gallery_on_the_exact_index_and_on_milvus(tmp_path, metric):
             "uri": str(tmp_path / "vectors.db"),
             "collection": "milvus",
         }
+    with GalleryStore.open(tmp_path / "hnsw.db") as store:
+        hnsw_params = {"m": 16, "ef_construction": 80, "ef_search": 32}
+        assert store.meta["index"]["hnsw"] == hnsw_params
     assert not (tmp_path / "milvus.db.index").exists()
 
 
@@ -513,3 +536,31 @@ def test_milvus_lite_opens_with_an_http_proxy_in_the_environment(trained, tmp_pa
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert gallery.is_file() and (tmp_path / "vectors.db").is_dir()
+
+
+def test_serve_creates_a_milvus_lite_gallery_with_index(trained, tmp_path):
+    run, files = trained
+    path, vectors = tmp_path / "served.db", tmp_path / "served_vectors.db"
+    spec = f"milvus-lite:{vectors}"
+    server = Server(run, path, "--index", spec)
+    try:
+        assert enroll(server.client, "class 0", *files[0][:2]).status_code == 201
+    finally:
+        code, output = server.stop()
+    assert code == 0 and f"vectors in {spec}#served" in output, output
+    with GalleryStore.open(path) as store:
+        assert store.meta["index"]["uri"] == str(vectors)
+    server = Server(run, path, "--index", spec)  # a restart with the same command line
+    try:
+        r = server.client.post("/identify", files=files_field(files[0][3]))
+        assert r.status_code == 200 and r.json()[0]["candidates"][0]["identity"] == "class 0"
+    finally:
+        code, output = server.stop()
+    assert code == 0, output
+    done = cli("serve", str(run), "--gallery", str(path), "--index", "local", check=False)
+    _error_line(done, f"{path} exists and keeps its vectors in {spec}#served")
+    done = cli(
+        "serve", str(run), "--gallery", str(tmp_path / "new.db"), "--index", "x.txt", check=False
+    )
+    _error_line(done, '--index must be "local"', "x.txt")
+    assert not (tmp_path / "new.db").exists()

@@ -41,6 +41,13 @@ def add_parser(commands: Any) -> None:
         "the command line)",
     )
     serve.add_argument("--protect-reads", action="store_true", help="reads need the API key too")
+    serve.add_argument(
+        "--index",
+        metavar="SPEC",
+        help="where a gallery created here keeps its vectors, as `deepmetric gallery create "
+        "--index`: local (default), milvus-lite:PATH.db or milvus://HOST:PORT/COLLECTION "
+        "(token from DEEPMETRIC_MILVUS_TOKEN); an existing gallery keeps its own",
+    )
     _add_limits(serve)
     serve.add_argument("--device", default="auto", help=DEVICE_HELP)
     import_option(serve)
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             header_timeout=args.header_timeout,
             body_timeout=args.body_timeout,
             max_connections=args.max_connections,
+            index=args.index,
         )
     except ModuleNotFoundError as error:
         if error.name not in SERVE_EXTRA:

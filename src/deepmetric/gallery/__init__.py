@@ -9,7 +9,9 @@ derived, rebuilt from the store whenever the store's ``generation`` has moved on
 ``milvus_index`` (:class:`~deepmetric.gallery.milvus_index.MilvusIndex`: the same contract over
 a Milvus collection, Milvus Lite or a server, kept in step with the store); ``check``
 (:func:`~deepmetric.gallery.check.check_gallery`: does the saved index agree with the store?
-``deepmetric gallery check [--repair]``).
+``deepmetric gallery check [--repair]``); ``shared``
+(:class:`~deepmetric.gallery.shared.IndexSlot`: one index for the Gallery objects of one
+process, under a readers-writer lock).
 
 ``from deepmetric.gallery import Gallery`` works; the names below are imported on first use,
 so importing this package alone imports nothing heavy.
@@ -30,6 +32,7 @@ _EXPORTS = {
     "GalleryError": "store",
     "GalleryStore": "store",
     "IdentityInfo": "store",
+    "IndexSlot": "shared",
     "UnknownIdentityError": "store",
 }
 

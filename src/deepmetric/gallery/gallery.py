@@ -79,7 +79,8 @@ import io
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -93,6 +94,7 @@ from deepmetric.files import Progress
 from deepmetric.gallery.index import (
     INDEX_SUFFIX,
     GalleryIndex,
+    IdentityMatches,
     IndexFileError,
     build_index,
     index_path,
@@ -105,6 +107,7 @@ from deepmetric.gallery.milvus_index import (
     parse_index_spec,
     target_of,
 )
+from deepmetric.gallery.shared import IndexSlot
 from deepmetric.gallery.store import (
     GalleryError,
     GalleryExistsError,
@@ -327,6 +330,7 @@ class Gallery:
         threshold: Threshold,
         source: str | None,
         progress: Progress | None = None,
+        slot: IndexSlot | None = None,
     ) -> None:
         self._store = store
         self.path = store.path
@@ -335,7 +339,9 @@ class Gallery:
         self.source = source
         self._progress = progress
         self.index_builds = 0
-        self._saved_generation: int | None = None
+        #: the index and its lock; shared with the other Gallery objects given the same slot
+        self._slot = IndexSlot() if slot is None else slot
+        self._shared = slot is not None
         #: the Milvus collection holding the vectors, or None: the index folder
         self._target = target_of(store.meta, store.path)
         metrics = {store.metric, embedder.metric, threshold.metric}
@@ -349,7 +355,34 @@ class Gallery:
             raise ModelMismatchError(
                 f"{self.path} holds {store.dim}-d embeddings, the model makes {embedder.dim}-d"
             )
-        self._index = self._load_or_build()
+        with self._slot.lock.writing():
+            if self._slot.index is None:
+                self._slot.index = self._load_or_build()
+                self._slot.gallery_id = store.gallery_id
+            elif self._slot.gallery_id != store.gallery_id:
+                raise GalleryError(
+                    f"{self.path}: the shared index slot holds another gallery's index "
+                    "(one slot serves one gallery file)"
+                )
+            self._slot.users += 1
+
+    @property
+    def _index(self) -> GalleryIndex:
+        index = self._slot.index
+        assert index is not None
+        return index
+
+    @_index.setter
+    def _index(self, index: GalleryIndex) -> None:
+        self._slot.index = index
+
+    @property
+    def _saved_generation(self) -> int | None:
+        return self._slot.saved_generation
+
+    @_saved_generation.setter
+    def _saved_generation(self, generation: int | None) -> None:
+        self._slot.saved_generation = generation
 
     # ------------------------------------------------------------------ create / open
 
@@ -442,6 +475,7 @@ class Gallery:
         device: str = "auto",
         progress: Progress | None = None,
         timeout: float = 30.0,
+        slot: IndexSlot | None = None,
     ) -> Gallery:
         """Open an existing gallery (read-only when its file or folder cannot be written:
         identify works, enroll / remove raise ``GalleryReadOnlyError``).
@@ -453,6 +487,9 @@ class Gallery:
             progress: gets one line when the index is rebuilt.
             timeout: seconds a write waits for another process's write lock
                 (``GalleryBusyError`` after that).
+            slot: an :class:`~deepmetric.gallery.shared.IndexSlot` to share one index with
+                the other Gallery objects of this process on this file (one per thread: a
+                service's workers); the first to open loads the index into it.
 
         Raises:
             GalleryNotFoundError / NotAGalleryError: no gallery at ``path``.
@@ -501,21 +538,26 @@ class Gallery:
                 threshold=threshold,
                 source=source,
                 progress=progress,
+                slot=slot,
             )
         except BaseException:
             store.close()
             raise
 
     def close(self) -> None:
-        """Save the index if it changed and is current, then close the database."""
-        try:
-            if self._index.generation == self._store.generation:
-                self._save_index()
-        finally:
+        """Save the index if it changed and is current, then close the database (and the
+        index, unless other Gallery objects of a shared slot still use it)."""
+        with self._slot.lock.writing():
+            self._slot.users -= 1
             try:
-                self._index.close()
+                if self._index.generation == self._store.generation:
+                    self._save_index()
             finally:
-                self._store.close()
+                try:
+                    if self._slot.users == 0:
+                        self._index.close()
+                finally:
+                    self._store.close()
 
     def __enter__(self) -> Gallery:
         return self
@@ -657,10 +699,11 @@ class Gallery:
     def reindex(self) -> int:
         """Rebuild the index from the database (index type chosen for its size) and save it;
         returns the number of examples indexed."""
-        self._index = self._build(full=True)
-        self._saved_generation = None
-        self._save_index()
-        return len(self._index)
+        with self._slot.lock.writing():
+            self._index = self._build(full=True)
+            self._saved_generation = None
+            self._save_index()
+            return len(self._index)
 
     def _after_write(self, before: int, apply: Callable[[GalleryIndex], None]) -> None:
         """Apply our own write to the index when it was the only change since ``before``
@@ -732,10 +775,11 @@ class Gallery:
         if not chunks or sum(len(c) for c in chunks) == 0:
             raise ValueError(f"nothing to enroll for {identity!r}: no images given")
         embeddings = torch.cat(chunks).numpy()
-        before = self._store.generation
-        self._refresh_before_write(before)
-        ids = self._store.add(identity, embeddings, thumbnails=thumbs, metadata=metadata)
-        self._after_write(before, lambda index: index.add(embeddings, ids))
+        with self._slot.lock.writing():
+            before = self._store.generation
+            self._refresh_before_write(before)
+            ids = self._store.add(identity, embeddings, thumbnails=thumbs, metadata=metadata)
+            self._after_write(before, lambda index: index.add(embeddings, ids))
         return ids
 
     def holds(self, identity: str, inputs: Inputs, *, batch_size: int = 256) -> bool:
@@ -774,17 +818,20 @@ class Gallery:
         """
         from deepmetric.gallery.check import check_gallery
 
-        self._refresh()
-        self._save_index()
-        report = check_gallery(self.path, repair=repair, embedder=self.embedder, store=self._store)
-        if report.repaired:
-            self._saved_generation = None
-            if isinstance(self._index, MilvusIndex):
-                self._index.follow(self._store)  # rebuilt by the check: read it again
-                self._saved_generation = self._index.generation
-            else:
-                self._index = self._load_or_build()
-        return report
+        with self._slot.lock.writing():
+            self._refresh()
+            self._save_index()
+            report = check_gallery(
+                self.path, repair=repair, embedder=self.embedder, store=self._store
+            )
+            if report.repaired:
+                self._saved_generation = None
+                if isinstance(self._index, MilvusIndex):
+                    self._index.follow(self._store)  # rebuilt by the check: read it again
+                    self._saved_generation = self._index.generation
+                else:
+                    self._index = self._load_or_build()
+            return report
 
     def _refresh_before_write(self, generation: int) -> None:
         """Bring a stale index up to date first, so our write can be applied to it alone."""
@@ -797,10 +844,11 @@ class Gallery:
         Raises:
             UnknownIdentityError (a ``KeyError``): no identity of that name.
         """
-        before = self._store.generation
-        self._refresh_before_write(before)
-        ids = self._store.remove(identity)
-        self._after_write(before, lambda index: index.remove(ids))
+        with self._slot.lock.writing():
+            before = self._store.generation
+            self._refresh_before_write(before)
+            ids = self._store.remove(identity)
+            self._after_write(before, lambda index: index.remove(ids))
         return ids
 
     def identities(self) -> list[IdentityInfo]:
@@ -849,27 +897,44 @@ class Gallery:
         queries = self.embedder.embed(inputs, batch_size=batch_size).numpy()
         return self.identify_embeddings(queries, k=k)
 
-    def identify_embeddings(self, queries: np.ndarray, *, k: int = 5) -> list[Identification]:
-        """:meth:`identify` for embeddings (q, D) already made by this gallery's model."""
-        t = float(self.threshold.value)
-        self._refresh()
+    @contextmanager
+    def _current(self) -> Iterator[None]:
+        """Hold the index shared, once it reflects the database (rebuilt first, alone, when
+        another process or thread wrote since)."""
+        lock = self._slot.lock
+        while True:
+            with lock.reading():
+                if self._index.generation == self._store.generation:
+                    yield
+                    return
+            with lock.writing():
+                self._refresh()
+
+    def _search(self, queries: np.ndarray, k: int) -> IdentityMatches:
+        """The k nearest identities of each query (held under :meth:`_current`)."""
         # never more candidates than identities: a huge k allocates nothing by k
         k = min(k, max(1, self._store.num_identities))
         try:
-            matches = top_identities(self._index, queries, k, self._store.identity_of)
+            return top_identities(self._index, queries, k, self._store.identity_of)
         except UnknownExampleError:
-            # Another writer removed examples between the search and the name lookup: search
-            # an index built from one snapshot, naming the hits from that same snapshot (no
-            # second read that could race again); the answer is the gallery as it was then.
+            # Another process removed examples between the search and the name lookup:
+            # search an index built from one snapshot, naming the hits from that same snapshot
+            # (no second read that could race again); the answer is the gallery as it was then.
             snapshot = self._store.snapshot()
             index = build_index(self._store, snapshot).to(self.embedder.device)
             self.index_builds += 1
             if self._index.external:  # this answer only; the collection catches up next time
                 self._index.generation = None
-            else:
+            elif not self._shared:  # a shared index is replaced by a writer, not here
                 self._index = index
             names = dict(zip(snapshot[1].ids.tolist(), snapshot[1].identities, strict=True))
-            matches = top_identities(index, queries, k, lambda ids: [names[int(i)] for i in ids])
+            return top_identities(index, queries, k, lambda ids: [names[int(i)] for i in ids])
+
+    def identify_embeddings(self, queries: np.ndarray, *, k: int = 5) -> list[Identification]:
+        """:meth:`identify` for embeddings (q, D) already made by this gallery's model."""
+        t = float(self.threshold.value)
+        with self._current():
+            matches = self._search(queries, k)
         out = []
         for row, names in enumerate(matches.identities):
             candidates = [

@@ -17,6 +17,13 @@ enroll / remove reaches it at once, and the next process finds it as it was left
   :data:`TOKEN_ENV` (``DEEPMETRIC_MILVUS_TOKEN``), never from the command line or the gallery
   file. Connecting waits at most :data:`CONNECT_TIMEOUT` seconds.
 
+Either spec may end in ``?index=hnsw`` (optionally ``&m=32&ef_construction=80&ef_search=64``,
+the local HNSW's defaults): the collection gets an ``HNSW`` index instead of ``FLAT``, built
+with ``M = m`` and ``efConstruction = ef_construction`` and searched with ``ef =
+max(ef_search, hits wanted)`` (Milvus needs ``ef`` >= the hits asked for); approximate, as the
+local HNSW index: what a collection of 100 million vectors needs, and tested here on Milvus
+Lite (whose HNSW is faiss's).
+
 The choice is recorded in the gallery's meta record (key ``"index"``: :meth:`MilvusTarget.to_json`,
 the Lite path absolute), so every later open uses the same collection. A collection that
 exists already is refused at create (it holds another gallery's vectors, or something else),
@@ -24,12 +31,12 @@ before anything is written.
 
 **The collection.** Fields ``id`` (INT64 primary key: the store's example ids, which SQLite
 never reuses) and ``vector`` (FLOAT_VECTOR of the gallery's dim), a ``FLAT`` index (exact
-search), consistency level ``Strong`` (a search sees every write that returned). Its properties
-record ``deepmetric.format`` (:data:`FORMAT`), ``deepmetric.gallery_id`` (the store's random id),
-``deepmetric.dim``, ``deepmetric.metric`` and ``deepmetric.generation`` (the store generation it
-reflects, written after each change): opening a collection of another gallery, of another dim
-or metric, or one not made here is refused in one line (:class:`MilvusIndexError`), before
-anything is written to the database.
+search; ``HNSW`` when asked), consistency level ``Strong`` (a search sees every write that
+returned). Its properties record ``deepmetric.format`` (:data:`FORMAT`),
+``deepmetric.gallery_id`` (the store's random id), ``deepmetric.dim``, ``deepmetric.metric`` and
+``deepmetric.generation`` (the store generation it reflects, written after each change):
+opening a collection of another gallery, of another dim or metric, or one not made here is
+refused in one line (:class:`MilvusIndexError`), before anything is written to the database.
 
 **Metric mapping** (distances equal :class:`~deepmetric.gallery.index.ExactIndex`'s, i.e. those
 of :mod:`deepmetric.distances`, within float32 rounding):
@@ -89,7 +96,15 @@ import numpy as np
 
 from deepmetric.checks import integer_at_least
 from deepmetric.distances import METRICS, Metric, check_metric
-from deepmetric.gallery.index import GalleryIndex, SearchResult, _check_ids, _check_matrix
+from deepmetric.gallery.index import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_EF_SEARCH,
+    HNSW_M,
+    GalleryIndex,
+    SearchResult,
+    _check_ids,
+    _check_matrix,
+)
 from deepmetric.gallery.store import Examples, GalleryError, GalleryStore
 
 __all__ = [
@@ -146,10 +161,13 @@ class MilvusIndexError(GalleryError, ValueError):
 @dataclass(frozen=True)
 class MilvusTarget:
     """Where a gallery's vectors live: ``uri`` is the absolute path of a Milvus Lite file
-    (``.../NAME.db``) or ``http://HOST:PORT`` of a server; ``collection`` the collection."""
+    (``.../NAME.db``) or ``http://HOST:PORT`` of a server; ``collection`` the collection;
+    ``hnsw`` the HNSW parameters ``(m, ef_construction, ef_search)`` of its index, or ``None``
+    for a FLAT (exact) one."""
 
     uri: str
     collection: str
+    hnsw: tuple[int, int, int] | None = None
 
     @property
     def lite(self) -> bool:
@@ -157,14 +175,52 @@ class MilvusTarget:
         return not self.uri.startswith("http://")
 
     def __str__(self) -> str:
+        query = ""
+        if self.hnsw is not None:
+            m, ef_construction, ef_search = self.hnsw
+            query = f"?index=hnsw&m={m}&ef_construction={ef_construction}&ef_search={ef_search}"
         if self.lite:
-            return f"milvus-lite:{self.uri}#{self.collection}"
-        return f"milvus://{self.uri.removeprefix('http://')}/{self.collection}"
+            return f"milvus-lite:{self.uri}#{self.collection}{query}"
+        return f"milvus://{self.uri.removeprefix('http://')}/{self.collection}{query}"
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         """The gallery's meta record ``"index"``."""
         backend = "milvus-lite" if self.lite else "milvus"
-        return {"backend": backend, "uri": self.uri, "collection": self.collection}
+        record: dict[str, Any] = {"backend": backend, "uri": self.uri}
+        record["collection"] = self.collection
+        if self.hnsw is not None:
+            record["hnsw"] = dict(zip(_HNSW_KEYS, self.hnsw, strict=True))
+        return record
+
+
+#: the ``?index=hnsw&...`` parameters of a spec, in :attr:`MilvusTarget.hnsw`'s order
+_HNSW_KEYS = ("m", "ef_construction", "ef_search")
+
+
+def _hnsw_of(query: str, spec: str) -> tuple[int, int, int] | None:
+    """The HNSW parameters of a spec's ``?...`` part (``""``: none, a FLAT index)."""
+    if not query:
+        return None
+    values: dict[str, str] = {}
+    for part in query.split("&"):
+        key, eq, value = part.partition("=")
+        if not eq or key in values or key not in ("index", *_HNSW_KEYS):
+            raise ValueError(
+                f"--index {spec}: after ? write index=hnsw, then optionally "
+                f"{', '.join(f'&{k}=N' for k in _HNSW_KEYS)} (got {part!r})"
+            )
+        values[key] = value
+    if values.get("index") != "hnsw":
+        raise ValueError(f"--index {spec}: index=hnsw is the one index to ask for (FLAT: no ?)")
+    defaults = {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
+    out = []
+    for key in _HNSW_KEYS:
+        text = values.get(key, str(defaults[key]))
+        low, high = (2, 2048) if key == "m" else (1, MAX_LIMIT)
+        if not (text.isdigit() and low <= int(text) <= high):
+            raise ValueError(f"--index {spec}: {key} must be an integer in {low}..{high}")
+        out.append(int(text))
+    return out[0], out[1], out[2]
 
 
 def _collection_name(text: str, spec: str) -> str:
@@ -184,17 +240,18 @@ def parse_index_spec(spec: str | None, gallery: str | Path) -> MilvusTarget | No
     ``milvus://HOST[:PORT]/COLLECTION``; ``ValueError`` naming the choices otherwise."""
     if spec is None or spec == "local":
         return None
+    given, _, query = spec.partition("?")
     if spec.startswith("milvus-lite:"):
-        where, _, name = spec.removeprefix("milvus-lite:").partition("#")
+        where, _, name = given.removeprefix("milvus-lite:").partition("#")
         if not where.endswith(".db") or where == ".db":
             raise ValueError(f"--index {spec}: a Milvus Lite file must be named *.db")
         if not name:
             name = re.sub(r"\W", "_", Path(gallery).name.partition(".")[0], flags=re.ASCII)
             name = name if _NAME.fullmatch(name) else f"g_{name}"[:255]
         path = os.path.abspath(os.path.expanduser(where))  # as milvus-lite keys its servers
-        return MilvusTarget(path, _collection_name(name, spec))
+        return MilvusTarget(path, _collection_name(name, spec), _hnsw_of(query, spec))
     if spec.startswith("milvus://"):
-        rest = spec.removeprefix("milvus://")
+        rest = given.removeprefix("milvus://")
         address, _, name = rest.partition("/")
         if "@" in address:
             raise ValueError(
@@ -207,7 +264,9 @@ def parse_index_spec(spec: str | None, gallery: str | Path) -> MilvusTarget | No
         port = int(match.group(2) or DEFAULT_PORT)
         if not 0 < port < 65536:
             raise ValueError(f"--index {spec}: port {port} is not in 1..65535")
-        return MilvusTarget(f"http://{match.group(1)}:{port}", _collection_name(name, spec))
+        return MilvusTarget(
+            f"http://{match.group(1)}:{port}", _collection_name(name, spec), _hnsw_of(query, spec)
+        )
     raise ValueError(
         f'--index must be "local", "milvus-lite:PATH.db[#COLLECTION]" or '
         f'"milvus://HOST:PORT/COLLECTION", got {spec!r}'
@@ -224,7 +283,13 @@ def target_of(meta: Mapping[str, Any], where: object = "the gallery") -> MilvusT
     uri, name = (record.get("uri"), record.get("collection")) if ok else (None, None)
     if not (isinstance(uri, str) and isinstance(name, str) and _NAME.fullmatch(name)):
         raise GalleryError(f"{where}: its index record {record!r} is not understood")
-    target = MilvusTarget(uri, name)
+    hnsw = record.get("hnsw")
+    if hnsw is not None:
+        values = [hnsw.get(key) if isinstance(hnsw, dict) else None for key in _HNSW_KEYS]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+            raise GalleryError(f"{where}: its index record {record!r} is not understood")
+        hnsw = (values[0], values[1], values[2])
+    target = MilvusTarget(uri, name, hnsw)
     if target.lite != (record["backend"] == "milvus-lite"):
         raise GalleryError(f"{where}: its index record {record!r} is not understood")
     return target
@@ -531,11 +596,13 @@ class MilvusIndex(GalleryIndex):
         schema.add_field(_ID, pymilvus.DataType.INT64, is_primary=True)
         schema.add_field(_VECTOR, pymilvus.DataType.FLOAT_VECTOR, dim=self.dim)
         params = client.prepare_index_params()
+        hnsw = self.target.hnsw
         params.add_index(
             field_name=_VECTOR,
             index_name=_VECTOR,
-            index_type="FLAT",
+            index_type="FLAT" if hnsw is None else "HNSW",
             metric_type=self._milvus_metric,
+            params={} if hnsw is None else {"M": hnsw[0], "efConstruction": hnsw[1]},
         )
         lite = self.target.lite  # its embedded server lacks the call a waiting index build makes
         with _rpc(self.target, "creating the collection"):
@@ -690,6 +757,13 @@ class MilvusIndex(GalleryIndex):
     def rebuild(self) -> None:
         """Nothing to do: Milvus has no tombstones to drop here."""
 
+    def _search_params(self, want: int) -> dict[str, Any]:
+        """The metric, and for an HNSW index ``ef`` (at least the ``want`` hits asked for)."""
+        if self.target.hnsw is None:
+            return {"metric_type": self._milvus_metric}
+        ef = max(self.target.hnsw[2], want)
+        return {"metric_type": self._milvus_metric, "params": {"ef": ef}}
+
     def _hits(self, rows: np.ndarray, want: int) -> list[tuple[np.ndarray, ...]]:
         """Milvus's ``want`` nearest of each row (rows as stored), with their vectors; per row
         ``(ids, distances, compared, edge, slack)``: the distances in the gallery's metric by
@@ -704,7 +778,7 @@ class MilvusIndex(GalleryIndex):
                 data=list(rows),
                 limit=want,
                 anns_field=_VECTOR,
-                search_params={"metric_type": self._milvus_metric},
+                search_params=self._search_params(want),
                 output_fields=[_VECTOR],
                 timeout=RPC_TIMEOUT,
             )

@@ -95,9 +95,14 @@ def serve(
     header_timeout: float = 10.0,
     body_timeout: float = 60.0,
     max_connections: int | None = None,
+    index: str | None = None,
 ) -> None:
     """Serve ``gallery`` (created for ``model`` when the file does not exist) over HTTP until
     interrupted (Ctrl-C / SIGTERM: the gallery is closed and its index saved).
+
+    ``index`` says where a gallery created here keeps its vectors (as ``deepmetric gallery
+    create --index``: ``local``, ``milvus-lite:PATH.db``, ``milvus://HOST:PORT/COLLECTION``);
+    an existing gallery keeps its own, and an ``index`` naming another place is refused.
 
     Raises ``ValueError`` for bad settings, :class:`~deepmetric.gallery.ModelMismatchError`
     when the gallery was made with another model.
@@ -117,6 +122,7 @@ def serve(
     key = api_key_from_env(api_key_env)
     if protect_reads and key is None:
         raise ValueError("--protect-reads needs an API key: give --api-key-env NAME")
+    check_index_option(index, Path(gallery))
     from deepmetric.service.limits import http_protocol
 
     protocol = http_protocol(
@@ -138,9 +144,30 @@ def serve(
             threads=threads,
             busy_timeout=busy_timeout,
             protocol=protocol,
+            index=index,
         )
     finally:
         sock.close()
+
+
+def check_index_option(index: str | None, gallery: Path) -> None:
+    """``index`` is a valid spec and, for an existing ``gallery``, the place it already uses
+    (a restart with the same command line passes); otherwise a ``ValueError`` naming both."""
+    from deepmetric.gallery.milvus_index import parse_index_spec, target_of
+    from deepmetric.gallery.store import GalleryStore
+
+    wanted = parse_index_spec(index, gallery)
+    if index is None or not gallery.exists():
+        return
+    with GalleryStore.open(gallery) as store:
+        own = target_of(store.meta, gallery)
+    if own != wanted:
+        where = "its index folder (local)" if own is None else str(own)
+        raise ValueError(
+            f"--index {index}: {gallery} exists and keeps its vectors in {where}; --index "
+            "applies when serve creates the gallery (to move an existing one: create a new "
+            "gallery with --index and enroll again)"
+        )
 
 
 def _run(
@@ -156,6 +183,7 @@ def _run(
     threads: int,
     busy_timeout: float,
     protocol: type,
+    index: str | None,
 ) -> None:
     """Load the model, open (or create) ``gallery`` and serve it on the bound ``sock``."""
     from deepmetric.service.limits import quiet_accept_errors
@@ -166,8 +194,13 @@ def _run(
 
     embedder = load_model(model, device=device, calibrate=not gallery.exists())
     if not gallery.exists():
-        with Gallery.create(gallery, embedder, source=model, progress=print_stderr) as created:
-            print_stderr(f"created {created.path} (threshold {created.threshold.value:.4f})")
+        with Gallery.create(
+            gallery, embedder, source=model, progress=print_stderr, index=index
+        ) as created:
+            print_stderr(
+                f"created {created.path} (threshold {created.threshold.value:.4f}; vectors in "
+                f"{created.index_location})"
+            )
     service = GalleryService(str(gallery), embedder, threads=threads, busy_timeout=busy_timeout)
     service.start()
     import uvicorn

@@ -14,11 +14,12 @@ back as :class:`concurrent.futures.Future` objects:
   time (a process-wide lock), so this process's writes never wait on each other inside SQLite;
   other processes (``deepmetric gallery enroll``) are serialised by SQLite itself.
 
-Each worker keeps its own in-memory index. After a write, the writer's index is updated
-incrementally and every other worker rebuilds its own from the database at its next search
-(the gallery notices the store's ``generation`` moved on): the same mechanism that makes an
-enroll by another process visible. That costs one read of all examples per worker per write;
-for galleries of millions of examples written often, a shared index would be the next step.
+The workers share one index (an :class:`~deepmetric.gallery.shared.IndexSlot`): searches
+hold its lock shared and run side by side; a write holds it alone while its rows go into the
+database and then into the index in place (an add, tombstones for a remove), so no copy is
+rebuilt after a write of this process. An enroll by another process (``deepmetric gallery
+enroll``) moves the store's ``generation`` on; the next search notices and one worker rebuilds
+the index (or catches a Milvus collection up) for all.
 
 **Micro-batching.** :class:`MicroBatcher` owns one thread that runs the model. Requests hand
 it preprocessed inputs ``(n, C, H, W)``; it takes every request waiting in its queue (up to
@@ -40,6 +41,7 @@ import torch
 
 from deepmetric.checks import positive_int
 from deepmetric.gallery import Gallery
+from deepmetric.gallery.shared import IndexSlot
 from deepmetric.inference import Embedder
 
 __all__ = ["GalleryWorkers", "MicroBatcher"]
@@ -49,10 +51,10 @@ Job = Callable[[Gallery], Any]
 
 
 class GalleryWorkers:
-    """``threads`` threads, each with its own :class:`Gallery` on ``path`` (see the module
-    docstring). :meth:`start` opens them (one after another, raising the first error, e.g. a
-    :class:`~deepmetric.gallery.ModelMismatchError`); :meth:`close` closes each in its own
-    thread (one after another, so their index saves never overlap)."""
+    """``threads`` threads, each with its own :class:`Gallery` on ``path``, all sharing one
+    index (see the module docstring). :meth:`start` opens them (one after another, raising the
+    first error, e.g. a :class:`~deepmetric.gallery.ModelMismatchError`); :meth:`close` closes
+    each in its own thread (the last one closes the index)."""
 
     def __init__(
         self, path: str | Path, embedder: Embedder, *, threads: int = 4, timeout: float = 30.0
@@ -67,6 +69,8 @@ class GalleryWorkers:
         self._write_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
+        #: the one index every worker's Gallery searches
+        self.slot = IndexSlot()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -98,7 +102,7 @@ class GalleryWorkers:
 
     def _run(self, opened: Future[None]) -> None:
         try:
-            gallery = Gallery.open(self.path, self.embedder, timeout=self.timeout)
+            gallery = Gallery.open(self.path, self.embedder, timeout=self.timeout, slot=self.slot)
         except BaseException as error:
             opened.set_exception(error)
             return
