@@ -28,6 +28,7 @@ from test_service import KEY, WRITE, Server, cli, enroll, files_field, shared_ru
 
 from deepmetric.cli import main as cli_main
 from deepmetric.gallery import Gallery
+from deepmetric.gallery import index as index_module
 from deepmetric.gallery.check import check_gallery
 from deepmetric.gallery.index import ExactIndex
 from deepmetric.gallery.milvus_index import (
@@ -203,17 +204,23 @@ def _assert_same_answers(metric: str, got: list, want: list) -> None:
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_the_same_gallery_on_the_exact_index_and_on_milvus(tmp_path, metric):
+def test_the_same_gallery_on_the_exact_index_and_on_milvus(tmp_path, metric, monkeypatch):
+    """One gallery scenario on the exact index, faiss flat, a Milvus FLAT and a Milvus HNSW
+    collection: the same identities at the same distances at every step."""
     embedder = make_embedder(metric)
     queries = torch.stack([inputs(i)[0] + 0.05 for i in range(10)])
     queries[9] = inputs(3)[1]  # an enrolled example itself: distance 0
     answers: dict[str, list] = {}
     hnsw = _lite(tmp_path) + "?index=hnsw&m=16&ef_search=32"  # ef >= the hits: exact here
-    for backend, spec in (("exact", None), ("milvus", _lite(tmp_path)), ("hnsw", hnsw)):
+    backends = (("exact", None), ("flat", None), ("milvus", _lite(tmp_path)), ("hnsw", hnsw))
+    exact_max = index_module.EXACT_MAX
+    for backend, spec in backends:
+        # the local index is exact up to EXACT_MAX examples, faiss above: -1 makes it faiss
+        monkeypatch.setattr(index_module, "EXACT_MAX", -1 if backend == "flat" else exact_max)
         path = tmp_path / f"{backend}.db"
         got = answers[backend] = []
         with Gallery.create(path, embedder, index=spec) as gallery:
-            assert gallery.index.kind == ("exact" if spec is None else "milvus")
+            assert gallery.index.kind == (backend if spec is None else "milvus")
             if spec is not None:
                 index = gallery.index
                 described = index._client.describe_index(index.target.collection, "vector")
@@ -232,7 +239,7 @@ def test_the_same_gallery_on_the_exact_index_and_on_milvus(tmp_path, metric):
             assert gallery.index_builds == 0
             got.append(_answers(gallery, queries))
         assert check_gallery(path).ok
-    for backend in ("milvus", "hnsw"):
+    for backend in ("flat", "milvus", "hnsw"):
         for step, (got, want) in enumerate(zip(answers[backend], answers["exact"])):
             _assert_same_answers(metric, got, want)
             assert want[9][0][0] == "person 3", step
