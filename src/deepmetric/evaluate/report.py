@@ -27,13 +27,16 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+def html_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """An HTML table: ``header`` cells, then one row per entry of ``rows`` (values formatted
+    as the report formats numbers), every text escaped."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _figure(path: Path, caption: str) -> str:
+def html_figure(path: Path, caption: str) -> str:
+    """The PNG file ``path`` inlined as a base64 ``<figure>`` with its escaped ``caption``."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (
         f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
@@ -62,7 +65,7 @@ def _headline(metrics: dict[str, Any]) -> str:
         *((f"TAR @ FAR {k}", t) for k, t in v["tar_at_far"].items()),
         ("threshold (distance)", v["threshold"]),
     ]
-    return _table(rows, ["metric", "value"])
+    return html_table(rows, ["metric", "value"])
 
 
 def _versus_raw(metrics: dict[str, Any]) -> str:
@@ -99,7 +102,7 @@ def _versus_raw(metrics: dict[str, Any]) -> str:
         notes.append(f"untrained network: {untrained['note']}")
     return (
         "<h3>The network against the raw inputs</h3>"
-        + _table(rows, header)
+        + html_table(rows, header)
         + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
     )
 
@@ -134,7 +137,7 @@ def _few_shot(metrics: dict[str, Any]) -> str:
     ]
     return (
         "<h3>Few-shot episodes (N-way K-shot)</h3>"
-        + _table(
+        + html_table(
             rows, ["episodes of", "accuracy", "95 % interval", "raw inputs", "episodes", "queries"]
         )
         + "<p class='note'>Each episode draws N classes, K items of each as the support (their "
@@ -170,7 +173,7 @@ def _thresholds(metrics: dict[str, Any]) -> str:
             "TAR here",
             "resolution",
         ]
-        out += "<h3>Thresholds chosen on the validation classes, measured here</h3>" + _table(
+        out += "<h3>Thresholds chosen on the validation classes, measured here</h3>" + html_table(
             rows, header
         )
     open_set = metrics.get("open_set")
@@ -202,7 +205,7 @@ def _thresholds(metrics: dict[str, Any]) -> str:
         out += (
             f"<h3>Open-set identification: {open_set['enrolled']} classes enrolled with one "
             f"item each, {open_set['strangers']} classes of strangers</h3>"
-            + _table(rows, header)
+            + html_table(rows, header)
             + f"<p class='note'>closed-set rank-1 {open_set['rank1']:.4f}. "
             f"{html.escape(open_set['protocol'])}</p>"
         )
@@ -242,7 +245,7 @@ def _query_gallery(metrics: dict[str, Any]) -> str:
     return (
         f"<h3>Queries against the gallery ({qg['queries_given']:,} queries, "
         f"{qg['gallery']:,} gallery images)</h3>"
-        + _table(rows, ["metric", "network", "raw inputs"])
+        + html_table(rows, ["metric", "network", "raw inputs"])
         + f"<p class='note'>{html.escape(qg['note'])}</p>"
     )
 
@@ -279,7 +282,7 @@ def _by_class_versus_raw(metrics: dict[str, Any], class_names: Sequence[str]) ->
     ]
     return (
         "<h3>Retrieval per class, the network against the raw inputs</h3>"
-        + _table(rows, header)
+        + html_table(rows, header)
         + "<p class='note'>A class's R nearest places: for each of its items, the R nearest "
         "other items (R = the class's other items); the share is of all those places.</p>"
     )
@@ -319,7 +322,7 @@ def write_report(
             )
             + ".</p>"
         )
-    parts.append(_table(facts, ["", ""]))
+    parts.append(html_table(facts, ["", ""]))
     parts.append(
         "<h2>Metrics</h2>"
         + _headline(metrics)
@@ -342,7 +345,7 @@ def write_report(
     cats = metrics["triplet_categories"]
     parts.append(
         "<h2>Triplets of the test set, by difficulty</h2>"
-        + _table(
+        + html_table(
             [
                 ("easy (d_an ≥ d_ap + margin)", cats["easy"]),
                 ("semi-hard (d_ap < d_an < d_ap + margin)", cats["semi_hard"]),
@@ -366,7 +369,7 @@ def write_report(
     ]
     parts.append(
         "<h2>Per class</h2>"
-        + _table(
+        + html_table(
             rows,
             [
                 "class",
@@ -380,7 +383,7 @@ def write_report(
             ],
         )
     )
-    parts.append("<h2>Figures</h2>" + "".join(_figure(p, c) for p, c in figures))
+    parts.append("<h2>Figures</h2>" + "".join(html_figure(p, c) for p, c in figures))
     parts.append("</body></html>")
     path = Path(path)
     path.write_text("".join(parts), encoding="utf-8")

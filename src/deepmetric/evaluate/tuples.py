@@ -40,7 +40,7 @@ from deepmetric.data.training_data import load_data, load_training_tuples
 from deepmetric.distances import paired_at
 from deepmetric.evaluate import figures
 from deepmetric.evaluate.metrics import raw_vectors
-from deepmetric.evaluate.report import STYLE, _figure, _table
+from deepmetric.evaluate.report import STYLE, html_figure, html_table
 from deepmetric.evaluate.roc import out_of_fold, roc_curve, verification_metrics
 from deepmetric.evaluate.threshold import fit_threshold, threshold_of_pairs
 from deepmetric.files import Progress, strict_json, write_json_atomically, write_text_atomically
@@ -364,10 +364,10 @@ def _write_report(
         f"<!doctype html><html><head><meta charset='utf-8'><title>deepmetric evaluation: "
         f"{html.escape(config.name)}</title><style>{STYLE}</style></head><body>"
         f"<h1>deepmetric evaluation: {html.escape(config.name)}</h1><p class='big'>{head}</p>",
-        _table(facts, ["", ""]),
-        "<h2>Metrics</h2>" + _table(rows, ["metric", "network", "raw pixels"]),
+        html_table(facts, ["", ""]),
+        "<h2>Metrics</h2>" + html_table(rows, ["metric", "network", "raw pixels"]),
         "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes if n),
-        "<h2>Figures</h2>" + "".join(_figure(p, c) for p, c in figs),
+        "<h2>Figures</h2>" + "".join(html_figure(p, c) for p, c in figs),
         "</body></html>",
     ]
     write_text_atomically(path, "".join(parts))
