@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from deepmetric.cli import main as cli_main
+from deepmetric.components import check_components, load_checked_config
 from deepmetric.config import (
     Config,
     ConfigError,
@@ -26,28 +27,30 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_defaults_file_and_overrides_merge_in_order(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("epochs: 7\ntrain:\n  lr: 1e-3\n  p: 8\nloss:\n  margin: 1\n")
-    config = load_config(path, ["train.p=4", "data=idx:/some/dir", "train.classes=[0,1,2]"])
+    config = load_checked_config(path, ["train.p=4", "data=idx:/some/dir", "train.classes=[0,1,2]"])
     assert config.name == "exp"  # from the file name
     assert config.epochs == 7 and config.train.lr == 0.001 and config.train.p == 4
     assert config.loss.margin == 1.0 and isinstance(config.loss.margin, float)
     assert config.data == "idx:/some/dir" and config.train.classes == [0, 1, 2]
     assert config.run_dir == Path("runs/exp")
-    assert load_config(None, ["out=/tmp/x"]).run_dir == Path("/tmp/x")
+    assert load_checked_config(None, ["out=/tmp/x"]).run_dir == Path("/tmp/x")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    config = load_config(path, ["epochs=1"])
+    config = load_checked_config(path, ["epochs=1"])
     assert config.epochs == 1
 
 
 def test_the_shipped_configs_are_the_ones_the_issue_asks_for():
-    classic = load_config(Path(CONFIGS[0]).with_name("mnist_triplet_classic.yaml"))
+    classic = load_checked_config(Path(CONFIGS[0]).with_name("mnist_triplet_classic.yaml"))
     assert (classic.mode, classic.model.dim, classic.loss.margin) == ("triplet", 128, 1.0)
     assert (classic.train.batch_size, classic.epochs) == (32, 2)
-    default = load_config(Path(CONFIGS[0]).with_name("fashion_mnist.yaml"))
+    default = load_checked_config(Path(CONFIGS[0]).with_name("fashion_mnist.yaml"))
     assert default.data == "fashion-mnist" and default.mode in ("batch", "joint")  # P x K
-    openset = load_config(Path(CONFIGS[0]).with_name("openset.yaml"))  # the open-set protocol
+    openset = load_checked_config(
+        Path(CONFIGS[0]).with_name("openset.yaml")
+    )  # the open-set protocol
     trained = set(openset.train.classes) - set(openset.train.val_classes)
     assert set(openset.train.val_classes) < set(openset.train.classes)  # class-disjoint val
     assert trained.isdisjoint({6, 7, 8, 9}) and set(openset.train.classes) == set(range(6))
@@ -55,10 +58,10 @@ def test_the_shipped_configs_are_the_ones_the_issue_asks_for():
 
 def test_a_typo_lists_the_valid_keys():
     with pytest.raises(ConfigError, match=r"unknown key 'train\.lrr'") as error:
-        load_config(None, ["train.lrr=0.1"])
+        load_checked_config(None, ["train.lrr=0.1"])
     assert "train.lr" in str(error.value) and "train.batch_size" in str(error.value)
     with pytest.raises(ConfigError, match="unknown key 'epoch'; valid keys: name, data"):
-        load_config(None, ["epoch=3"])
+        load_checked_config(None, ["epoch=3"])
 
 
 @pytest.mark.parametrize(
@@ -77,26 +80,26 @@ def test_a_typo_lists_the_valid_keys():
 )
 def test_wrong_values_get_a_clear_error(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, [override])
+        load_checked_config(None, [override])
 
 
 def test_bad_files_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
-        load_config(tmp_path / "missing.yaml")
+        load_checked_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad)
+        load_checked_config(bad)
     typo = tmp_path / "typo.yaml"
     typo.write_text("trian:\n  lr: 0.1\n")
     with pytest.raises(ConfigError, match=re.escape(f"{typo}: unknown key 'trian'")):
-        load_config(typo)
+        load_checked_config(typo)
 
 
 def test_round_trip_through_yaml(tmp_path):
-    config = load_config(None, ["train.classes=[1,3]", "loss.soft=true", "name=x"])
+    config = load_checked_config(None, ["train.classes=[1,3]", "loss.soft=true", "name=x"])
     dump_config(config, tmp_path / "config.yaml")
-    again = load_config(tmp_path / "config.yaml")
+    again = load_checked_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(config)
     assert config_from_dict(to_dict(config)) == config
 
@@ -109,8 +112,8 @@ def test_parse_override_keeps_data_specs_as_typed():
 
 # ------------------------------------------------------------------------------ validation
 # One case per impossible setting: (overrides, the message, which names the key and the
-# problem). Each is checked from Python (load_config with overrides, and the same values as a
-# YAML file) and from the command line (one line on stderr, exit code 2).
+# problem). Each is checked from Python (load_checked_config with overrides, and the same values
+# as a YAML file) and from the command line (one line on stderr, exit code 2).
 INVALID = {
     "unknown key": (["train.lrr=0.1"], "unknown key 'train.lrr'; valid keys: train.p,"),
     "unknown section": (["trian.lr=0.1"], "unknown key 'trian'; valid keys: name, data,"),
@@ -192,11 +195,11 @@ def _as_yaml(overrides: list[str]) -> str:
 @pytest.mark.parametrize(("overrides", "message"), INVALID.values(), ids=INVALID.keys())
 def test_impossible_settings_are_refused_naming_the_key(tmp_path, capsys, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, overrides)
+        load_checked_config(None, overrides)
     path = tmp_path / "bad.yaml"
     path.write_text(_as_yaml(overrides))
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(path)
+        load_checked_config(path)
     assert cli_main(["train", str(path), f"out={tmp_path / 'run'}"]) == 2
     assert cli_main(["train", *overrides, f"out={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -221,7 +224,7 @@ def test_impossible_settings_are_refused_by_fit_too():
 def test_p_larger_than_the_classes_adapts():
     """Not an error: P becomes the number of classes present (the trainer says so once, see
     tests/test_fit.py::test_p_adapts_to_the_classes_present_and_says_so_once)."""
-    config = load_config(None, ["train.p=50", "train.classes=[0,1,2]"])
+    config = load_checked_config(None, ["train.p=50", "train.classes=[0,1,2]"])
     assert config.train.p == 50
 
 
@@ -235,3 +238,29 @@ def test_the_command_line_exits_2_with_one_line():
     )
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == "deepmetric: error: train.lr must be a finite number, got nan\n"
+
+
+@pytest.mark.parametrize(
+    "override, message, saved_ok",
+    [
+        ("loss.name=sphereface", "loss.name: expected one of 'triplet'", True),
+        ("model.backbone=vit", "model.backbone: expected one of 'small_cnn'", True),
+        ("loss.scale=3", "loss.name=triplet takes no scale", True),
+        ("loss.mining=hardest", "loss.mining: expected one of 'batch_all'", False),
+    ],
+)
+def test_config_checks_types_and_components_check_the_tables(override, message, saved_ok):
+    """config.py sits below losses, mining and models: load_config checks types and values;
+    the names and what each entry allows are deepmetric.components' (load_checked_config).
+    A saved run's config skips the names and the loss options (its loss may be registered by
+    code not imported here), never the rest."""
+    config = load_config(None, [override])  # well typed: accepted here
+    if saved_ok:
+        check_components(config)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_components(config)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_components(config, written=True)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_checked_config(None, [override])

@@ -17,6 +17,7 @@ LAYERS = [
     ["neighbors"],
     ["models"],
     ["config", "checkpoints", "devices"],
+    ["components"],
     ["data"],
     ["runs"],
     ["training"],

@@ -9,7 +9,8 @@ import torch
 from synthetic import write_learnable_idx
 
 from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
-from deepmetric.config import ConfigError, load_config
+from deepmetric.components import load_checked_config
+from deepmetric.config import ConfigError
 from deepmetric.losses import MarginSoftmaxLoss, ProxyAnchorLoss
 from deepmetric.training import resume_config, train
 from deepmetric.training.builders import build_loss, build_optimizer
@@ -29,7 +30,7 @@ def _config(idx_dir: Path, out: Path, *overrides: str):
     # hangs on float rounding (bfloat16 autocast on a CPU with AVX512-BF16 / AMX, else float32)
     base += ["model.backbone=small_cnn", "train.lr=0.001", "train.warmup_epochs=0"]
     base += ["train.gamma=0.5"]
-    return load_config(None, [*base, "train.k=4", "train.schedule=step", *overrides])
+    return load_checked_config(None, [*base, "train.k=4", "train.schedule=step", *overrides])
 
 
 @pytest.mark.parametrize(

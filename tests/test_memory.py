@@ -10,7 +10,8 @@ import torch
 from synthetic import write_learnable_idx
 
 from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
-from deepmetric.config import ConfigError, load_config
+from deepmetric.components import load_checked_config
+from deepmetric.config import ConfigError
 from deepmetric.losses import ContrastiveLoss, CrossBatchMemory, TripletLoss
 from deepmetric.training import resume_config, train
 
@@ -133,7 +134,7 @@ def _config(idx_dir: Path, out: Path, *overrides: str):
     base = [f"data=idx:{idx_dir}", f"out={out}", "mode=batch", "model.dim=8", "train.p=3"]
     base.append("train.device=cpu")  # resumes bit for bit: one device's kernels
     options = ["train.k=4", "train.schedule=step", "loss.memory=40"]  # step: epoch 1 the same
-    return load_config(None, [*base, *options, *overrides])
+    return load_checked_config(None, [*base, *options, *overrides])
 
 
 def test_training_with_a_memory_resumes_exactly(idx_dir, tmp_path):

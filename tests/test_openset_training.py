@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from synthetic import train_tiny_run, write_learnable_idx
 
 from deepmetric.checkpoints import latest_checkpoint, load_checkpoint
-from deepmetric.config import ConfigError, load_config
+from deepmetric.components import load_checked_config
+from deepmetric.config import ConfigError
 from deepmetric.data import DIHEDRAL, ArrayDataset, PKSampler, dihedral, load_dataset
 from deepmetric.inference import Embedder, export_onnx
 from deepmetric.models import MLP, EmbeddingNet, SmallCNN, VGGSmall, projections
@@ -165,9 +166,11 @@ def test_a_run_with_both_levers_resumes_bit_for_bit_and_embeds_its_features(
 
 def test_dihedral_classes_make_eight_times_the_steps(data, tmp_path):
     plain = train(
-        load_config(None, _tiny(data, tmp_path / "plain")), stream=None
+        load_checked_config(None, _tiny(data, tmp_path / "plain")), stream=None
     )  # one epoch of P x K batches over the 6 classes
-    turned = train(load_config(None, _tiny(data, tmp_path / "turned", LEVERS[0])), stream=None)
+    turned = train(
+        load_checked_config(None, _tiny(data, tmp_path / "turned", LEVERS[0])), stream=None
+    )
     assert turned["steps"] == 8 * plain["steps"]
 
 
@@ -179,7 +182,7 @@ def _tiny(data: Path, out: Path, *overrides: str) -> list[str]:
 @pytest.mark.parametrize("mode", ["joint", "siamese"])
 def test_the_projection_head_needs_batch_mode(mode):
     with pytest.raises(ConfigError, match=r"projection_head.*mode=batch"):
-        load_config(None, [f"mode={mode}", "model.projection_head=true"])
+        load_checked_config(None, [f"mode={mode}", "model.projection_head=true"])
 
 
 @pytest.mark.parametrize("backbone", [SmallCNN(padding=1), SmallCNN(padding=0), VGGSmall()])
@@ -214,4 +217,4 @@ def test_conv_readout_needs_the_head_and_a_map():
         ["model.projection_head=true", "model.builder=mine"],
     ):
         with pytest.raises(ConfigError, match=r"conv_readout|builder"):
-            load_config(None, ["mode=batch", *overrides])
+            load_checked_config(None, ["mode=batch", *overrides])

@@ -17,13 +17,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from deepmetric import mining
+from deepmetric.components import load_checked_config
 from deepmetric.config import (
     Config,
     ConfigError,
     LossConfig,
     ModelConfig,
     config_from_dict,
-    load_config,
     to_dict,
 )
 from deepmetric.losses import (
@@ -168,7 +168,7 @@ def test_loss_margin_says_what_it_means_for_each_loss():
 
 @pytest.mark.parametrize("overrides", LOSS_CASES, ids=lambda o: " ".join(o)[10:])
 def test_every_loss_name_builds_what_the_if_chain_built(overrides):
-    config = load_config(None, ["mode=batch", "model.dim=8", *overrides])
+    config = load_checked_config(None, ["mode=batch", "model.dim=8", *overrides])
     classes = [0, 1, 2, 3]
     torch.manual_seed(0)
     new = build_loss(config, classes)
@@ -182,7 +182,7 @@ def test_every_loss_name_builds_what_the_if_chain_built(overrides):
 
 @pytest.mark.parametrize("mode", ["triplet", "offline"])
 def test_the_triplet_modes_still_take_the_triplet_function(mode):
-    config = load_config(None, [f"mode={mode}", "loss.margin=1.0", "loss.soft=true"])
+    config = load_checked_config(None, [f"mode={mode}", "loss.margin=1.0", "loss.soft=true"])
     new, old = build_loss(config), _old_build_loss(config, [])
     assert (new.func, new.keywords) == (old.func, old.keywords)
 
@@ -223,7 +223,7 @@ def test_a_partial_of_the_triplet_function_counts_as_triplet_with_its_keywords()
 def test_a_built_loss_reads_back_to_its_config():
     """build, then read: the options come back (every name, the table's two halves agree)."""
     for overrides in LOSS_CASES:
-        config = load_config(None, ["mode=batch", "model.dim=8", *overrides])
+        config = load_checked_config(None, ["mode=batch", "model.dim=8", *overrides])
         loss = build_loss(config, [0, 1, 2, 3])
         recorded = _loss_config(loss, recorded=True)
         for key in ("name", "margin", "mining", "metric", "soft", "scale", "memory"):
@@ -242,7 +242,7 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 def test_an_unknown_loss_name_lists_the_choices():
     with pytest.raises(ConfigError) as error:
-        load_config(None, ["loss.name=sphereface"])
+        load_checked_config(None, ["loss.name=sphereface"])
     expected = " | ".join(repr(n) for n in NAMES)
     assert _one_line(error) == f"loss.name: expected one of {expected}, got 'sphereface'"
 
@@ -251,16 +251,16 @@ def test_unknown_backbones_and_mining_rules_list_the_choices(tmp_path):
     with pytest.raises(
         ConfigError, match=re.escape("model.backbone: expected one of 'small_cnn' | ")
     ):
-        load_config(None, ["model.backbone=vit"])
+        load_checked_config(None, ["model.backbone=vit"])
     with pytest.raises(ConfigError) as error:
-        load_config(None, ["loss.mining=hardest"])
+        load_checked_config(None, ["loss.mining=hardest"])
     assert _one_line(error) == (
         "loss.mining: expected one of 'batch_all' | 'batch_hard' | 'semi_hard', got 'hardest'"
     )
     path = tmp_path / "bad.yaml"
     path.write_text("loss:\n  name: sphereface\n")
     with pytest.raises(ConfigError, match=re.escape("loss.name: expected one of 'triplet' |")):
-        load_config(path)
+        load_checked_config(path)
 
 
 @pytest.mark.parametrize(
@@ -291,7 +291,7 @@ def test_an_option_the_loss_does_not_take_is_refused_naming_its_options(
     tmp_path, overrides, message
 ):
     with pytest.raises(ConfigError) as error:
-        load_config(None, overrides)
+        load_checked_config(None, overrides)
     assert message in _one_line(error)
     tree: dict = {"loss": {}}
     for text in overrides:
@@ -300,14 +300,14 @@ def test_an_option_the_loss_does_not_take_is_refused_naming_its_options(
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError) as error:
-        load_config(path)
+        load_checked_config(path)
     assert message in _one_line(error)
 
 
 def test_the_shared_options_go_with_any_loss():
     shared = ["loss.metric=cosine", "loss.softmax_weight=0.5", "loss.temperature=0.2"]
     for name in NAMES:
-        config = load_config(None, ["mode=batch", f"loss.name={name}", *shared])
+        config = load_checked_config(None, ["mode=batch", f"loss.name={name}", *shared])
         assert config.loss.metric == "cosine"
     assert set(SHARED_OPTIONS) == {
         "metric",
@@ -322,13 +322,13 @@ def test_the_shared_options_go_with_any_loss():
 def test_defaults_are_not_foreign_options(tmp_path):
     """A resolved config holds every key: a run's config.yaml loads as a config file, and a
     config file's default values leave the loss free to change."""
-    config = load_config(None, ["mode=batch", "loss.name=multi_similarity"])
+    config = load_checked_config(None, ["mode=batch", "loss.name=multi_similarity"])
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(config)))
-    assert load_config(path).loss.name == "multi_similarity"
+    assert load_checked_config(path).loss.name == "multi_similarity"
     # configs/fashion_mnist.yaml writes margin, mining and metric, all at their defaults
     repo_config = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"
-    assert load_config(repo_config, ["loss.name=proxy_anchor"]).loss.name == "proxy_anchor"
+    assert load_checked_config(repo_config, ["loss.name=proxy_anchor"]).loss.name == "proxy_anchor"
 
 
 def test_old_run_folders_with_foreign_options_still_load(tmp_path):
@@ -399,13 +399,13 @@ def test_a_registered_loss_round_trips_through_fit_and_config_yaml(doubled, tmp_
     assert (saved["name"], saved["margin"], saved["metric"]) == ("tests_doubled", 0.5, "cosine")
     config = Run.open(tmp_path / "run").config
     assert (config.loss.name, config.loss.margin) == ("tests_doubled", 0.5)
-    again = load_config(tmp_path / "run" / "config.yaml", ["out=" + str(tmp_path / "b")])
+    again = load_checked_config(tmp_path / "run" / "config.yaml", ["out=" + str(tmp_path / "b")])
     loss = build_loss(dataclasses.replace(again, mode="batch"), [0, 1, 2, 3])
     assert type(loss) is DoubledTriplet and (loss.margin, loss.metric) == (0.5, "cosine")
     with pytest.raises(
         ConfigError, match="tests_doubled takes no scale; its options: margin, metric"
     ):
-        load_config(None, ["mode=batch", "loss.name=tests_doubled", "loss.scale=3"])
+        load_checked_config(None, ["mode=batch", "loss.name=tests_doubled", "loss.scale=3"])
 
 
 def test_a_run_of_a_loss_registered_elsewhere_still_opens(doubled, tmp_path):
@@ -421,7 +421,7 @@ def test_a_run_of_a_loss_registered_elsewhere_still_opens(doubled, tmp_path):
         assert "loss.name=tests_doubled is not registered" in _one_line(error)
         assert "--import MODULE" in str(error.value)
         with pytest.raises(ConfigError, match=r"loss.name: expected one of 'triplet' \|"):
-            load_config(tmp_path / "run" / "config.yaml")
+            load_checked_config(tmp_path / "run" / "config.yaml")
     finally:
         LOSSES["tests_doubled"] = doubled
 
@@ -459,7 +459,7 @@ def test_a_registered_loss_with_an_option_that_is_no_config_key_is_refused():
         with pytest.raises(
             ConfigError, match=r"tests_bad declares option\(s\) gamma, which are no"
         ):
-            load_config(None, ["mode=batch", "loss.name=tests_bad"])
+            load_checked_config(None, ["mode=batch", "loss.name=tests_bad"])
     finally:
         LOSSES.pop("tests_bad")
 
@@ -542,7 +542,7 @@ def test_first_layer_is_the_table_the_dict_was():
     ],
 )
 def test_embedding_network_builds_what_the_per_name_code_built(overrides):
-    config = load_config(None, ["model.dim=6", *overrides])
+    config = load_checked_config(None, ["model.dim=6", *overrides])
     name, m = config.model.backbone, config.model
     x = _sample(name)
     torch.manual_seed(0)
@@ -575,7 +575,7 @@ def test_adding_a_backbone_is_one_entry():
     register_backbone("tests_wide", Wide, input_ndim=2, first_layer="fc.weight")
     try:
         # (mirror_of in runs.py still tells vectors by the name mlp: no flips, no mirror)
-        config = load_config(
+        config = load_checked_config(
             None, ["model.backbone=tests_wide", "model.dim=3", "train.augment=false"]
         )
         net = embedding_network(config, torch.zeros(2, 12))
@@ -606,7 +606,7 @@ PROTOCOL = ("name", "loss_fn", "steps_per_epoch", "resumable_mid_epoch", "n_view
     ],
 )
 def test_every_mode_declares_what_the_loop_uses(overrides, views, resumable):
-    config = load_config(None, ["train.p=2", "train.k=2", "train.batch_size=4", *overrides])
+    config = load_checked_config(None, ["train.p=2", "train.k=2", "train.batch_size=4", *overrides])
     labels = torch.arange(4).repeat_interleave(4)
     mode: Mode = build_mode(
         config,
@@ -645,7 +645,7 @@ def test_every_mode_of_the_config_has_a_table_entry_that_builds_it():
             overrides.append("loss.name=triplet")
         if name == "siamese":
             overrides.append("loss.name=contrastive")
-        config = load_config(None, overrides)
+        config = load_checked_config(None, overrides)
         net = torch.nn.Linear(2, 2)
         mode = build_mode(
             config,

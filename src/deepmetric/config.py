@@ -5,10 +5,12 @@ command-line overrides such as ``epochs=3``, ``data=idx:/data/mnist`` or
 ``train.classes=[0,1,2,3,4,5]`` are merged into the defaults; an unknown key or a value of the
 wrong type raises :class:`ConfigError` listing the valid keys or the expected type.
 
-Components are chosen by name from their tables: ``loss.name`` from
-:data:`deepmetric.losses.LOSSES` (each loss with the ``loss.*`` options it takes),
-``loss.mining`` from :data:`deepmetric.mining.MINING_RULES`, ``model.backbone`` from
-:data:`deepmetric.models.BACKBONES`; a name not in its table is refused listing the choices.
+Components are chosen by name from their tables (``loss.name`` from
+:data:`deepmetric.losses.LOSSES`, ``loss.mining`` from :data:`deepmetric.mining.MINING_RULES`,
+``model.backbone`` from :data:`deepmetric.models.BACKBONES`). This module sits below those
+layers and checks types and values only; the names and what each entry allows are checked by
+:mod:`deepmetric.components` (:func:`~deepmetric.components.load_checked_config` for what a
+user writes), where a config becomes components.
 """
 
 from __future__ import annotations
@@ -25,10 +27,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-
-from deepmetric.losses import LOSSES, SHARED_OPTIONS, LossEntry
-from deepmetric.mining import MINING_RULES
-from deepmetric.models import BACKBONES
 
 #: The ``data`` a run of ``fit()`` on Python objects records: no data set spec.
 FIT_DATA = "(python objects)"
@@ -210,7 +208,7 @@ _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 6, 6
 _SHORT.maxstring, _SHORT.maxother = 60, 60
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     """A short repr for messages: long or deeply nested values (a YAML alias bomb) are cut."""
     return _SHORT.repr(value)
 
@@ -231,7 +229,7 @@ def _check_plain(value: Any, key: str, budget: list[int], depth: int = 0) -> Non
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
-                raise ConfigError(f"{key}: keys must be strings, got {_show(k)}")
+                raise ConfigError(f"{key}: keys must be strings, got {show(k)}")
             _check_plain(v, f"{key}.{k}", budget, depth + 1)
     elif isinstance(value, list):
         for i, v in enumerate(value):
@@ -265,7 +263,7 @@ class _StrictLoader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {_show(key)}", key_node.start_mark
+                    None, None, f"duplicate key {show(key)}", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -307,50 +305,50 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError:
                 pass
         expected = " or ".join(map(_type_name, options))
-        raise ConfigError(f"{key}: expected {expected}, got {_show(value)}")
+        raise ConfigError(f"{key}: expected {expected}, got {show(value)}")
     if origin is Literal:
         if value not in get_args(hint):
-            raise ConfigError(f"{key}: expected one of {_type_name(hint)}, got {_show(value)}")
+            raise ConfigError(f"{key}: expected one of {_type_name(hint)}, got {show(value)}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
+            raise ConfigError(f"{key}: expected a mapping, got {show(value)}")
         _check_plain(value, key, [_MAX_VALUES])
         return value
     if origin is list:
         (item,) = get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {_show(value)}")
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {show(value)}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             return float(value)
         except OverflowError:
-            raise ConfigError(f"{key}: {_show(value)} is too large for a float") from None
+            raise ConfigError(f"{key}: {show(value)} is too large for a float") from None
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
         try:
             return float(value)
         except ValueError:
             pass
     if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+        raise ConfigError(f"{key}: expected true or false, got {show(value)}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
+        raise ConfigError(f"{key}: expected an integer, got {show(value)}")
     if hint in (float, str) and not isinstance(value, hint):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {_show(value)}")
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {show(value)}")
     return value
 
 
 def _merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     if not isinstance(values, dict):
         where = prefix.rstrip(".") or "config"
-        raise ConfigError(f"{where}: expected a mapping, got {_show(values)}")
+        raise ConfigError(f"{where}: expected a mapping, got {show(values)}")
     hints = _hints(type(obj))
     for name, value in values.items():
         key = prefix + str(name)
         if not isinstance(name, str) or name not in hints:
             raise ConfigError(
-                f"unknown key {_show(key)}; valid keys: {', '.join(valid_keys(type(obj), prefix))}"
+                f"unknown key {show(key)}; valid keys: {', '.join(valid_keys(type(obj), prefix))}"
             )
         if dataclasses.is_dataclass(hints[name]):
             _merge(getattr(obj, name), value, key + ".")
@@ -365,8 +363,8 @@ def parse_override(text: str) -> dict[str, Any]:
     """``"train.lr=0.01"`` -> ``{"train": {"lr": 0.01}}``; the value is read as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {_show(text)} is not of the form key=value")
-    value = _read_yaml(raw, f"the value of override {_show(text)}") if raw else None
+        raise ConfigError(f"override {show(text)} is not of the form key=value")
+    value = _read_yaml(raw, f"the value of override {show(text)}") if raw else None
     if key in ("data", "name", "out") and value is not None:
         value = raw  # specs such as idx:DIR or 1e3 stay the strings typed
     tree: dict[str, Any] = {}
@@ -407,46 +405,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             config.name = path.stem
     for text in overrides or []:
         _merge(config, parse_override(text))
-    check_names(config)
     validate(config)
-    check_loss_options(config)
     return config
-
-
-def _check_choice(key: str, value: Any, choices: typing.Iterable[str]) -> None:
-    """``value`` of ``key`` is one of ``choices`` (a table's names), else a ``ConfigError``
-    listing them, worded as an unknown ``Literal`` value is."""
-    choices = list(choices)
-    if value not in choices:
-        expected = " | ".join(map(repr, choices))
-        raise ConfigError(f"{key}: expected one of {expected}, got {_show(value)}")
-
-
-def check_names(config: Config) -> None:
-    """``loss.name`` and ``model.backbone`` name registered components (``ConfigError``
-    listing the choices otherwise). :func:`load_config` checks what a user writes; a run
-    folder's config loads whatever it names (evaluating a run needs no loss), and the
-    component is looked up where it is built."""
-    _check_choice("loss.name", config.loss.name, LOSSES)
-    _check_choice("model.backbone", config.model.backbone, BACKBONES)
-
-
-def check_loss_options(config: Config) -> None:
-    """An option ``loss.name`` does not take (see :data:`deepmetric.losses.LOSSES`; the
-    :data:`~deepmetric.losses.SHARED_OPTIONS` go with any loss) set to anything but its
-    default is a ``ConfigError`` naming the options that loss takes. :func:`load_config` runs
-    it on what the user wrote, a file or overrides; a run folder's saved config (every key,
-    the defaults included) is not checked, so old run folders load as they are."""
-    c, entry, default = config.loss, LOSSES[config.loss.name], LossConfig()
-    for f in dataclasses.fields(LossConfig):
-        value = getattr(c, f.name)
-        if f.name in ("name", *entry.options, *SHARED_OPTIONS) or value == getattr(default, f.name):
-            continue
-        own = f"its options: {', '.join(entry.options)}" if entry.options else "it has none"
-        raise ConfigError(
-            f"loss.{f.name}={_show(value)}: loss.name={c.name} takes no {f.name}; {own} "
-            f"(with any loss: {', '.join(SHARED_OPTIONS)})"
-        )
 
 
 def _value(config: Config, key: str) -> Any:
@@ -509,11 +469,6 @@ MAX_IMAGE_SIDE = 1024
 SEED_LIMIT = 2**63
 
 
-def _mapped() -> list[str]:
-    """The backbones whose last convolutional map ``model.conv_readout`` can read."""
-    return [name for name, entry in BACKBONES.items() if entry.map_readout]
-
-
 def validate(config: Config) -> None:
     """Value checks that types cannot express; each error names the key and the problem."""
     for key in valid_keys(Config):
@@ -534,20 +489,7 @@ def validate(config: Config) -> None:
             f"train.label_smoothing must be in [0, 1), got {config.train.label_smoothing}"
         )
     c = config.loss
-    _check_choice("loss.mining", c.mining, MINING_RULES)
     batch_modes = config.mode in ("batch", "joint")
-    # None: a loss registered by code this process has not imported (a run folder's)
-    entry = LOSSES.get(c.name)
-    if entry is not None:
-        _check_loss_entry(entry)
-    if c.memory and entry is not None and not (batch_modes and entry.takes_memory):
-        with_memory = " or ".join(name for name, e in LOSSES.items() if e.takes_memory)
-        raise ConfigError(
-            "loss.memory (a cross-batch memory) needs mode=batch or joint and "
-            f"loss.name={with_memory}"
-        )
-    if entry is not None and entry.pk_only and not batch_modes:
-        raise ConfigError(f"loss.name={c.name} trains on P x K batches: mode=batch or joint")
     if c.ntxent_weight and not (batch_modes and config.train.augment):
         raise ConfigError(
             "loss.ntxent_weight (two augmented views of each image) needs mode=batch or joint "
@@ -564,12 +506,6 @@ def validate(config: Config) -> None:
             "model.projection_head and model.conv_readout shape deepmetric's EmbeddingNet; "
             f"model.builder={m.builder} builds a network of its own"
         )
-    mapped = _mapped()
-    if m.conv_readout and not (m.projection_head and m.backbone in mapped):
-        raise ConfigError(
-            "model.conv_readout=true adds the last convolutional map to the features before the "
-            f"head: it needs model.projection_head=true and backbone {' or '.join(mapped)}"
-        )
     if not 0 <= config.train.val_fraction < 1:
         raise ConfigError(f"train.val_fraction must be in [0, 1), got {config.train.val_fraction}")
     if isinstance(config.train.device, str) and not _DEVICE.fullmatch(config.train.device):
@@ -580,11 +516,11 @@ def validate(config: Config) -> None:
     val_ids = t.val_classes if isinstance(t.val_classes, list) else None
     for key, ids in (("train.classes", t.classes), ("train.val_classes", val_ids)):
         if ids is not None and any(i < 0 for i in ids):
-            raise ConfigError(f"{key} must hold class ids >= 0, got {_show(ids)}")
+            raise ConfigError(f"{key} must hold class ids >= 0, got {show(ids)}")
     if t.classes is not None and len(set(t.classes)) < 2:
         raise ConfigError(
             f"train.classes needs at least 2 classes (metric learning compares classes), "
-            f"got {_show(t.classes)}"
+            f"got {show(t.classes)}"
         )
     if t.val_classes is not None and not isinstance(t.val_classes, list):
         _check_val_class_number(t.val_classes, t.classes)
@@ -637,17 +573,6 @@ def _check_tuples(config: Config) -> None:
                 f"{key} chooses classes, and data={config.data} has none (its {kind} are the "
                 f"training data; train.val_fraction holds some of them out): leave it unset"
             )
-
-
-def _check_loss_entry(entry: LossEntry) -> None:
-    """A registered loss declares only ``loss.*`` keys as its options."""
-    keys = {f.name for f in dataclasses.fields(LossConfig)} - {"name"}
-    foreign = [key for key in entry.options if key not in keys]
-    if foreign:
-        raise ConfigError(
-            f"loss {entry.name} declares option(s) {', '.join(foreign)}, which are no loss.* "
-            f"keys (those are: {', '.join(sorted(keys))})"
-        )
 
 
 def _check_val_class_number(spec: int | float, classes: list[int] | None) -> None:

@@ -36,7 +36,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from deepmetric.config import Config, load_config
+from deepmetric.components import load_checked_config
+from deepmetric.config import Config
 from deepmetric.data import ArrayDataset, load_dataset
 from deepmetric.data.training_data import load_options
 from deepmetric.devices import resolve_device
@@ -185,7 +186,7 @@ def main(
     resolve_device(device)  # a bad or absent device: said before any training
     run = Path(run)
     seen = [] if config is not None else [f"train.classes={SEEN}".replace(" ", "")]
-    cfg = load_config(config, [*seen, f"out={run}", f"train.device={device}", *overrides])
+    cfg = load_checked_config(config, [*seen, f"out={run}", f"train.device={device}", *overrides])
     if cfg.train.classes is None and stranger_classes is None:
         raise ValueError(f"{config}: set train.classes (the classes trained on, 'seen')")
     faces = _face_of_items(cfg.data, "test")

@@ -36,6 +36,7 @@ from deepmetric.checkpoints import (
     load_latest,
     load_model_state,
 )
+from deepmetric.components import check_components
 from deepmetric.config import (
     Config,
     ConfigError,
@@ -275,6 +276,7 @@ class Run:
             values["model"].setdefault("mirror", False)
         try:
             config = config_from_dict(values)
+            check_components(config)
         except ConfigError as error:
             raise ConfigError(f"run config {config_path}: {error}") from None
         for text in overrides or []:

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> Any:
     """The run's config: the resumed run's plus overrides, or the YAML file's (optional: a
     first word with ``=`` is an override) plus overrides."""
-    from deepmetric.config import load_config
+    from deepmetric.components import load_checked_config
     from deepmetric.training import resume_config
 
     if args.resume:
@@ -68,7 +68,7 @@ def _config(args: argparse.Namespace) -> Any:
     if config_path is not None and "=" in config_path:  # no file, only overrides
         args.overrides.insert(0, config_path)
         config_path = None
-    return load_config(config_path, args.overrides)
+    return load_checked_config(config_path, args.overrides)
 
 
 def _launch_checked(args: argparse.Namespace, config: Any) -> int:

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from deepmetric import distributed
 from deepmetric.checkpoints import CheckpointError, find_latest, holds_checkpoints
+from deepmetric.components import check_components
 from deepmetric.config import (
     FIT_DATA,
     Config,
@@ -440,6 +441,7 @@ def fit(
     config.loss.softmax_weight = softmax_weight
     config.model.builder, config.model.builder_args = builder, dict(builder_args or {})
     validate_config(config)
+    check_components(config)
     val = Source(val_data, val_labels, name="val_data") if val_data is not None else None
     train = Source(train_data, labels, name="train_data")
     train = training_source(train, config.train.dihedral_classes)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from deepmetric import distributed
+from deepmetric.components import check_components
 from deepmetric.config import Config, tuple_kind
 from deepmetric.data import Preprocessing, load_dataset, pixels_to_float
 from deepmetric.data.training_data import load_training_tuples
@@ -55,6 +56,8 @@ def train(
     )
     if distributed.process_device(config.train.device) is None:
         resolve_device(config.train.device)  # CUDA absent, a GPU not here: said before loading
+    # a new run's config is what a user wrote: its names and loss options too
+    check_components(config, written=not resume)
     if resume:
         check_resumable(config.run_dir)  # every checkpoint damaged: refused, nothing written
     train_source, val_source, pixels, sample = _sources(config)
