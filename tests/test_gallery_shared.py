@@ -85,10 +85,24 @@ def test_a_writer_waits_for_readers_and_excludes_them():
 
 def test_the_writer_may_take_the_lock_again():
     lock = ReadWriteLock()
-    with lock.writing(), lock.reading(), lock.writing():
-        pass
-    with lock.writing():  # released whole: free again
-        pass
+
+    def nested() -> None:  # a lock that is not re-entrant hangs here: the thread stays alive
+        with lock.writing(), lock.reading(), lock.writing():
+            pass
+
+    thread = threading.Thread(target=nested, daemon=True)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+
+    def other() -> None:
+        with lock.writing():
+            pass
+
+    free = threading.Thread(target=other, daemon=True)
+    free.start()  # released whole: another thread gets it at once
+    free.join(WAIT)
+    assert not free.is_alive()
 
 
 # ------------------------------------------------------------------------------ Gallery on a slot

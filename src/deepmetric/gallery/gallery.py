@@ -341,7 +341,6 @@ class Gallery:
         self.index_builds = 0
         #: the index and its lock; shared with the other Gallery objects given the same slot
         self._slot = IndexSlot() if slot is None else slot
-        self._shared = slot is not None
         #: the Milvus collection holding the vectors, or None: the index folder
         self._target = target_of(store.meta, store.path)
         metrics = {store.metric, embedder.metric, threshold.metric}
@@ -925,7 +924,7 @@ class Gallery:
             self.index_builds += 1
             if self._index.external:  # this answer only; the collection catches up next time
                 self._index.generation = None
-            elif not self._shared:  # a shared index is replaced by a writer, not here
+            elif self._slot.users == 1:  # no other Gallery searches it: keep the new one
                 self._index = index
             names = dict(zip(snapshot[1].ids.tolist(), snapshot[1].identities, strict=True))
             return top_identities(index, queries, k, lambda ids: [names[int(i)] for i in ids])

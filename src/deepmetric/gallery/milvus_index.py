@@ -21,8 +21,8 @@ Either spec may end in ``?index=hnsw`` (optionally ``&m=32&ef_construction=80&ef
 the local HNSW's defaults): the collection gets an ``HNSW`` index instead of ``FLAT``, built
 with ``M = m`` and ``efConstruction = ef_construction`` and searched with ``ef =
 max(ef_search, hits wanted)`` (Milvus needs ``ef`` >= the hits asked for); approximate, as the
-local HNSW index: what a collection of 100 million vectors needs, and tested here on Milvus
-Lite (whose HNSW is faiss's).
+local HNSW index (a FLAT search visits every vector). Tested here on Milvus Lite only (whose
+HNSW is faiss's), not on a server.
 
 The choice is recorded in the gallery's meta record (key ``"index"``: :meth:`MilvusTarget.to_json`,
 the Lite path absolute), so every later open uses the same collection. A collection that
@@ -186,8 +186,11 @@ class MilvusTarget:
     def to_json(self) -> dict[str, Any]:
         """The gallery's meta record ``"index"``."""
         backend = "milvus-lite" if self.lite else "milvus"
-        record: dict[str, Any] = {"backend": backend, "uri": self.uri}
-        record["collection"] = self.collection
+        record: dict[str, Any] = {
+            "backend": backend,
+            "uri": self.uri,
+            "collection": self.collection,
+        }
         if self.hnsw is not None:
             record["hnsw"] = dict(zip(_HNSW_KEYS, self.hnsw, strict=True))
         return record
@@ -195,6 +198,13 @@ class MilvusTarget:
 
 #: the ``?index=hnsw&...`` parameters of a spec, in :attr:`MilvusTarget.hnsw`'s order
 _HNSW_KEYS = ("m", "ef_construction", "ef_search")
+#: the values each may take (Milvus's bounds for M; ef at most its largest result window)
+_HNSW_BOUNDS = {"m": (2, 2048), "ef_construction": (1, MAX_LIMIT), "ef_search": (1, MAX_LIMIT)}
+
+
+def _hnsw_value_ok(key: str, value: object) -> bool:
+    low, high = _HNSW_BOUNDS[key]
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _hnsw_of(query: str, spec: str) -> tuple[int, int, int] | None:
@@ -216,8 +226,8 @@ def _hnsw_of(query: str, spec: str) -> tuple[int, int, int] | None:
     out = []
     for key in _HNSW_KEYS:
         text = values.get(key, str(defaults[key]))
-        low, high = (2, 2048) if key == "m" else (1, MAX_LIMIT)
-        if not (text.isdigit() and low <= int(text) <= high):
+        if not (text.isdigit() and _hnsw_value_ok(key, int(text))):
+            low, high = _HNSW_BOUNDS[key]
             raise ValueError(f"--index {spec}: {key} must be an integer in {low}..{high}")
         out.append(int(text))
     return out[0], out[1], out[2]
@@ -286,7 +296,7 @@ def target_of(meta: Mapping[str, Any], where: object = "the gallery") -> MilvusT
     hnsw = record.get("hnsw")
     if hnsw is not None:
         values = [hnsw.get(key) if isinstance(hnsw, dict) else None for key in _HNSW_KEYS]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        if not all(_hnsw_value_ok(k, v) for k, v in zip(_HNSW_KEYS, values, strict=True)):
             raise GalleryError(f"{where}: its index record {record!r} is not understood")
         hnsw = (values[0], values[1], values[2])
     target = MilvusTarget(uri, name, hnsw)
