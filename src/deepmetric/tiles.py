@@ -6,7 +6,7 @@ once: :class:`RowTiles` visits D in tiles of T rows, ``D[rows]`` (T, R); the los
 value and ``G[rows]`` on the tile, and :meth:`RowTiles.backprop` turns ``G[rows]`` into the
 tile's share of ``dL/dx`` and ``dL/dy`` at once (two matrix products), after which the tile is
 dropped. Memory: a few (T, R) tiles and the (B, D) + (R, D) gradients, never (B, R); T is
-chosen so one (T, R) float32 tile takes ``tile_bytes`` (:func:`default_tile_bytes`: 64 MiB on
+chosen so one (T, R) float32 tile takes ``tile_bytes`` (:func:`default_tile_bytes`: 8 MiB on
 the CPU, 512 MiB on a GPU). Every reduction runs over one tile, so no kernel sees more than
 2^31 elements while a tile holds fewer. The work is that of the distance matrix with its
 backward (three (T, D) x (D, R) products per tile), the gradient computed during the forward
@@ -31,8 +31,11 @@ from deepmetric.distances import Metric, _autocast_off, _compute_dtype, check_me
 
 MIB = 1 << 20
 #: Bytes of one float32 (T, R) tile on the CPU and on a GPU: with the handful of tiles a loss
-#: holds at once, about 0.5 GiB of work memory on the CPU and 4 GiB on a GPU at any B.
-CPU_TILE_BYTES = 64 * MIB
+#: holds at once, under 0.1 GiB of work memory on the CPU and about 4 GiB on a GPU at any B.
+#: On the CPU a tile stays under glibc's largest dynamic mmap threshold (32 MiB), so a freed
+#: tile's memory is reused by the next instead of being mapped afresh (a page fault every 4 KiB,
+#: which cost more than the arithmetic with 64 MiB tiles), and a few tiles fit the caches.
+CPU_TILE_BYTES = 8 * MIB
 GPU_TILE_BYTES = 512 * MIB
 
 
@@ -63,13 +66,14 @@ def row_blocks(n_rows: int, n_cols: int, tile_bytes: int) -> Iterator[tuple[int,
 
 class Tile(NamedTuple):
     """Rows ``start:stop`` of the distance matrix: ``dist`` (T, R), no gradient. For the
-    cosine metric with a gradient to compute, ``flows`` (T, R) marks where the clamp to [0, 2]
-    passes the gradient (``0 <= 1 - cos <= 2``, as ``torch.clamp``'s backward); else None."""
+    cosine metric, ``blocked`` (T, R) marks where rounding put ``1 - cos`` outside [0, 2] and the
+    clamp stopped the gradient (as ``torch.clamp``'s backward); None where nothing was clamped
+    or no gradient is needed, the usual case."""
 
     start: int
     stop: int
     dist: torch.Tensor
-    flows: torch.Tensor | None = None
+    blocked: torch.Tensor | None = None
 
 
 class RowTiles:
@@ -140,8 +144,11 @@ class RowTiles:
         with _autocast_off(x.device):
             if self.metric == "cosine":
                 d = torch.addmm(self.x.new_ones(()), x, self.y.T, alpha=-1.0)  # 1 - x y^T
-                flows = ((d >= 0.0) & (d <= 2.0)) if self.needs_grad else None
-                return Tile(start, stop, d.clamp_(0.0, 2.0), flows)
+                low, high = torch.aminmax(d) if d.numel() else (d.new_zeros(()),) * 2
+                if low >= 0.0 and high <= 2.0:  # one pass instead of a clamp and its mask
+                    return Tile(start, stop, d)
+                blocked = ((d < 0.0) | (d > 2.0)) if self.needs_grad else None
+                return Tile(start, stop, d.clamp_(0.0, 2.0), blocked)
             d = torch.addmm(self.y2[None, :], x, self.y.T, alpha=-2.0)
             d.add_(self.x2[start:stop, None]).clamp_min_(0.0)
             if self.same:
@@ -160,10 +167,9 @@ class RowTiles:
         assert grad_y is not None
         with _autocast_off(x.device):
             if self.metric == "cosine":  # D = 1 - x y^T where the clamp lets it through
-                assert tile.flows is not None
-                w = grad.masked_fill_(~tile.flows, 0.0).neg_()
-                self.grad_x[tile.start : tile.stop] += w @ self.y
-                grad_y += w.T @ x
+                w = grad if tile.blocked is None else grad.masked_fill_(tile.blocked, 0.0)
+                self.grad_x[tile.start : tile.stop].addmm_(w, self.y, alpha=-1.0)
+                grad_y.addmm_(w.T, x, alpha=-1.0)
                 return
             if self.metric == "squared_euclidean":  # dL/dx = 2 (rowsum(G) x - G y)
                 w, scale = grad, 2.0

@@ -116,7 +116,7 @@ class TripletLoss(nn.Module):
     ``indices=``.
 
     Memory of the built-in mining is bounded at any B: the (B, R) distances are visited in tiles
-    of rows of ``tile_bytes`` each (default 64 MiB on the CPU, 512 MiB on a GPU) and the
+    of rows of ``tile_bytes`` each (default 8 MiB on the CPU, 512 MiB on a GPU) and the
     gradient with respect to the embeddings is gathered tile by tile (:mod:`deepmetric.tiles`),
     so a few tiles and the (B, D) gradients are all that is held, never a (B, R) matrix.
 
