@@ -111,6 +111,33 @@ def test_semi_hard_ties_go_to_the_lowest_index():
         assert chosen[(2, 3)] == 1  # d_ap = 0; negatives 1 and 4 tie at 1, nearer than 0 at 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_semi_hard_direct_reads_signed_zeros_and_equal_distances_as_the_sort(dtype):
+    """The direct method compares distances as integers: -0.0 (which a clamp can leave) must
+    count as 0, a negative at exactly d_ap is not beyond it, +inf is farther than all."""
+    dist = torch.tensor(
+        [
+            [0.0, -0.0, 0.0, 1.0, 2.0, 1.0],
+            [-0.0, 0.0, 0.0, 0.5, 0.5, float("inf")],
+            [1.0, 1.0, 0.0, -0.0, 0.0, 3.0],
+            [2.0, 0.5, -0.0, 0.0, 1.0, 1.0],
+            [1.0, 1.0, -0.0, 0.5, 0.25, 0.0],
+        ],
+        dtype=dtype,
+    )
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    ref_labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    sort = mining.semi_hard(dist, labels, ref_labels, method="sort")
+    direct = mining.semi_hard(dist, labels, ref_labels, method="direct")
+    for field in sort._fields:
+        assert torch.equal(getattr(sort, field), getattr(direct, field))
+    chosen = dict(zip(zip(sort.anchor.tolist(), sort.positive.tolist()), sort.negative.tolist()))
+    assert chosen[(0, 1)] == 3 and chosen[(1, 0)] == 3  # equal distances: the lower index
+    assert chosen[(2, 3)] == 0  # d_ap = -0.0 = 0: the negative at 0.0 (column 4) is not beyond
+    assert chosen[(3, 2)] == 1 and chosen[(3, 3)] == 1
+    assert chosen[(4, 0)] == 3  # none beyond 1.0: the farthest negative, not the one at -0.0
+
+
 @given(
     batch=batches,
     margin=st.sampled_from([0.1, 0.5, 1.0]),
@@ -166,3 +193,19 @@ def test_errors_name_the_problem():
         mining.semi_hard(dist, torch.tensor([0, 1, 0, 1]), method="fast")
     with pytest.raises(ValueError, match="margin must be >= 0"):
         mining.triplet_categories(dist, torch.tensor([0, 1, 0, 1]), margin=-1)
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (5, 13), (3, 0), (0, 8), (7, 64)])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_mask_scans_agree_with_torch(shape, density):
+    """true_entries, row_counts and any_per_row (the word and byte scans) against nonzero, sum
+    and any, on whole masks and on a slice whose rows do not start on an 8-byte word."""
+    g = torch.Generator().manual_seed(1)
+    whole = torch.rand(shape, generator=g) < density
+    masks = [whole, whole[:, 1:] if shape[1] > 1 else whole, whole[1:] if shape[0] > 1 else whole]
+    for mask in masks:
+        rows, cols = mining.true_entries(mask)
+        want_rows, want_cols = mask.nonzero(as_tuple=True)
+        assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+        assert torch.equal(mining.row_counts(mask), mask.sum(dim=1))
+        assert torch.equal(mining.any_per_row(mask), mask.any(dim=1))

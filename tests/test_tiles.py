@@ -25,7 +25,7 @@ from deepmetric.losses import (
     NTXentLoss,
     TripletLoss,
 )
-from deepmetric.tiles import RowTiles, row_blocks
+from deepmetric.tiles import Entries, RowTiles, row_blocks
 
 TRIPLET_REFERENCE = {
     "batch_all": reference.batch_all,
@@ -96,6 +96,64 @@ def test_tiles_are_the_rows_of_pairwise_and_backprop_is_its_backward(metric, sam
         return tiles.loss(total)
 
     _assert_same(tiled, whole, inputs)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("same", [True, False])
+def test_backprop_of_entries_is_the_backward_of_those_entries(metric, same):
+    """A sparse gradient (Entries, some listed twice, one on the zero diagonal and one on a
+    zero distance off it) gives what autograd gives through pairwise at those entries."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    x[3] = x[1]
+    y = None if same else torch.randn(7, 5, generator=g, dtype=torch.float64)
+    n_cols = 8 if same else 7
+    rows = torch.tensor([0, 1, 1, 3, 5, 7, 7, 2, 3])
+    cols = torch.tensor([2, 3, 3, 1, 0, 6, 6, 2, 3]) % n_cols
+    weights = torch.randn(len(rows), generator=g, dtype=torch.float64)
+    inputs = [x] if same else [x, y]
+
+    def whole(*t):
+        return (pairwise(t[0], None if same else t[1], metric)[rows, cols] * weights).sum()
+
+    def tiled(*t):
+        tiles = RowTiles(t[0], None if same else t[1], metric, tile_bytes=8 * n_cols * 3)
+        total = tiles.x.new_zeros(())
+        for tile in tiles:
+            here = (rows >= tile.start) & (rows < tile.stop)
+            r, c, w = rows[here] - tile.start, cols[here], weights[here]
+            total += (tile.dist[r, c] * w).sum()
+            tiles.backprop(tile, Entries(r, c, w))
+        return tiles.loss(total)
+
+    _assert_same(tiled, whole, inputs)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_cosine_tile_clamped_by_rounding_passes_no_gradient_there(sparse):
+    """Unit rows whose float32 self-similarity rounds above 1 give 1 - cos < 0 before the clamp:
+    the tile holds 0 there and, as torch.clamp's backward, no gradient flows through it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(64, 7, generator=g), dim=1)
+    tiles = RowTiles(x.clone().requires_grad_(True), x.clone(), "cosine")
+    raw = 1.0 - tiles.x @ tiles.y.T
+    assert (raw < 0).any(), "no rounding past 1 in this batch: the test needs another seed"
+    (tile,) = list(tiles)
+    assert tile.blocked is not None and torch.equal(tile.blocked, raw < 0)
+    assert (tile.dist >= 0).all()
+
+    # The gradient with respect to the unit rows, before it goes through the normalisation
+    # (which would hide the diagonal: cos(x, x) does not move with x).
+    weights = torch.randn(64, 64, generator=g)
+    if sparse:
+        r, c = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+        tiles.backprop(tile, Entries(r.flatten(), c.flatten(), weights.flatten()))
+    else:
+        tiles.backprop(tile, weights.clone())
+    xn, yn = tiles.x.clone().requires_grad_(True), tiles.y.clone().requires_grad_(True)
+    ((1.0 - xn @ yn.T).clamp(0.0, 2.0) * weights).sum().backward()
+    torch.testing.assert_close(tiles.grad_x, xn.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiles.grad_y, yn.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_no_gradient_is_computed_without_a_need():

@@ -76,6 +76,15 @@ class Tile(NamedTuple):
     blocked: torch.Tensor | None = None
 
 
+class Entries(NamedTuple):
+    """A sparse gradient of a tile: ``dL/dD[rows[k], cols[k]] = weights[k]`` (K,), ``rows``
+    indexing the tile's rows; entries listed more than once add up, the rest are 0."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    weights: torch.Tensor
+
+
 class RowTiles:
     """The distance matrix ``pairwise(x, y, metric)`` (B, R) in tiles of rows, and the
     gradient of a scalar loss of it with respect to ``x`` (B, D) and ``y`` (R, D).
@@ -156,10 +165,14 @@ class RowTiles:
             return Tile(start, stop, d if self.metric == "squared_euclidean" else d.sqrt_())
 
     @torch.no_grad()
-    def backprop(self, tile: Tile, grad: torch.Tensor) -> None:
-        """Add the share of ``dL/dx`` and ``dL/dy`` of ``grad`` = ``dL/dD[rows]`` (T, R).
-        ``grad`` may be overwritten."""
+    def backprop(self, tile: Tile, grad: torch.Tensor | Entries) -> None:
+        """Add the share of ``dL/dx`` and ``dL/dy`` of ``grad`` = ``dL/dD[rows]``: a (T, R)
+        tensor (which may be overwritten), or :class:`Entries` when only a few entries of the
+        tile have a gradient (O(K D) work instead of two (T, D) x (D, R) products)."""
         if not self.needs_grad:
+            return
+        if isinstance(grad, Entries):
+            self._backprop_entries(tile, grad)
             return
         assert self.grad_x is not None
         x = self.x[tile.start : tile.stop]
@@ -179,6 +192,30 @@ class RowTiles:
             rows = self.grad_x[tile.start : tile.stop]
             rows += scale * (w.sum(dim=1)[:, None] * x - w @ self.y)
             grad_y += scale * (w.sum(dim=0)[:, None] * self.y - w.T @ x)
+
+    def _backprop_entries(self, tile: Tile, grad: Entries) -> None:
+        """:meth:`backprop` of a sparse gradient: the same formulas, entry by entry."""
+        assert self.grad_x is not None
+        rows = grad.rows + tile.start
+        x, y = self.x[rows], self.y[grad.cols]  # (K, D)
+        w = grad.weights.to(self.dtype)
+        with _autocast_off(x.device):
+            if self.metric == "cosine":  # dD/dx = -y, dD/dy = -x where the clamp lets it through
+                if tile.blocked is not None:
+                    w = w.masked_fill(tile.blocked[grad.rows, grad.cols], 0.0)
+                to_x, to_y = -w[:, None] * y, -w[:, None] * x
+            else:  # dD/dx = -dD/dy = 2 (x - y) (squared) or (x - y) / D, 0 where D == 0
+                if self.metric == "squared_euclidean":
+                    w = 2.0 * w
+                else:
+                    d = tile.dist[grad.rows, grad.cols]
+                    w = torch.where(d > 0, w / d, 0.0)
+                to_x = w[:, None] * (x - y)
+                to_y = -to_x
+            self.grad_x.index_add_(0, rows, to_x)
+            grad_y = self.grad_x if self.same else self.grad_y
+            assert grad_y is not None
+            grad_y.index_add_(0, grad.cols, to_y)
 
     def loss(self, value: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
         """The scalar ``value`` (0-d), differentiable with respect to the inputs: its gradient

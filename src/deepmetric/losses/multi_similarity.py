@@ -121,7 +121,7 @@ class MultiSimilarityLoss(nn.Module):
         shift ``m_i = max(0, max_j a_ij)`` of the logsumexp
         ``log(1 + sum_j exp(a_ij)) = m_i + log(exp(-m_i) + sum_j exp(a_ij - m_i))``,
         ``a_ij = beta (1 - base - d_ij)``."""
-        inf = torch.inf
+        inf = dist.new_tensor(torch.inf)  # a 0-d tensor: torch.where is faster with it
         slots = miners.positive_slots(masks.positive)
         s_pos = 1.0 - dist.gather(1, slots.index)  # (T, P)
         hardest_pos = torch.where(slots.valid, s_pos, inf)
@@ -139,7 +139,7 @@ class MultiSimilarityLoss(nn.Module):
         grad = e.mul_(-torch.exp(shift - lse_neg))  # -w-_ij
 
         keep_pos = slots.valid & (s_pos - self.epsilon < 1.0 - nearest)
-        a_pos = torch.where(keep_pos, -self.alpha * (s_pos - self.base), -inf)
+        a_pos = torch.where(keep_pos, -self.alpha * (s_pos - self.base), -inf)  # (T, P)
         lse_pos = log1p_sum_exp(a_pos, keep_pos, dim=1)
         grad.scatter_add_(1, slots.index, (a_pos - lse_pos[:, None]).exp_())  # + w+_ij
         value = lse_pos.sum() / self.alpha + lse_neg.sum() / self.beta

@@ -14,7 +14,7 @@ from torch import nn
 from deepmetric import mining as miners
 from deepmetric.distances import Metric, check_metric, paired, pairwise
 from deepmetric.losses._common import check_batch, check_given_batch, check_margin, zero
-from deepmetric.tiles import RowTiles, check_tile_bytes
+from deepmetric.tiles import Entries, RowTiles, check_tile_bytes
 
 Mining = Literal["batch_all", "batch_hard", "semi_hard"]
 #: the names of :data:`deepmetric.mining.MINING_RULES`, the table ``mining=`` is looked up in
@@ -49,20 +49,18 @@ def _soft_triplet_sum(
 
 def _triplets_sum(
     dist: torch.Tensor, triplets: miners.Triplets, hinge: str, margin: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, Entries]:
     """``sum_t h(d_ap - d_an)`` over listed triplets (``anchor`` indexing rows of ``dist``),
-    ``h`` = ``relu(. + margin)`` or ``softplus``, and its gradient w.r.t. ``dist``: ``h'`` at
-    (a, p), ``-h'`` at (a, n), summed over triplets sharing a pair. ``relu'(0) = 0``."""
+    ``h`` = ``relu(. + margin)`` or ``softplus``, and its gradient w.r.t. ``dist`` as
+    :class:`~deepmetric.tiles.Entries`: ``h'`` at (a, p), ``-h'`` at (a, n), summed over
+    triplets sharing a pair. ``relu'(0) = 0``."""
     a, p, n = triplets
     x = dist[a, p] - dist[a, n]
     if hinge == "soft":
         value, slope = F.softplus(x).sum(), torch.sigmoid(x)
     else:
         value, slope = F.relu(x + margin).sum(), (x + margin > 0).to(dist.dtype)
-    grad = torch.zeros_like(dist)
-    grad.index_put_((a, p), slope, accumulate=True)
-    grad.index_put_((a, n), -slope, accumulate=True)
-    return value, grad
+    return value, Entries(torch.cat([a, a]), torch.cat([p, n]), torch.cat([slope, -slope]))
 
 
 class TripletLoss(nn.Module):
@@ -238,7 +236,7 @@ class TripletLoss(nn.Module):
     @torch.no_grad()
     def _tile_sum(
         self, dist: torch.Tensor, masks: miners.PairMasks
-    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    ) -> tuple[torch.Tensor, int, torch.Tensor | Entries]:
         """The loss's sum over the triplets of rows of the distance matrix (T, R), how many
         terms it averages over, and the sum's gradient w.r.t. ``dist``."""
         tile = miners.MINING_RULES[self.mining].tile
