@@ -479,7 +479,7 @@ def _count_below(
     hit = torch.empty(dist.shape, dtype=torch.bool, device=dist.device)
     for j in range(t_slots.shape[1]):
         compare(d_neg, t_slots[:, j : j + 1], out=hit)  # (B, R)
-        per_slot[:, j] = hit.sum(dim=1, dtype=torch.int32)
+        per_slot[:, j] = row_counts(hit)
         if per_neg is not None:
             per_neg += hit
     return per_slot, per_neg

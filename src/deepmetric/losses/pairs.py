@@ -160,6 +160,15 @@ class ContrastiveLoss(_PairwiseLoss):
         return self._terms(d, same.to(d.device).bool()).mean()
 
 
+def _log_sum_exp_neg(d: torch.Tensor) -> torch.Tensor:
+    """``log sum_k exp(-d_ik)`` over each row of ``d`` (T, R), +inf entries adding nothing:
+    ``-m_i + log sum_k exp(m_i - d_ik)`` with ``m_i`` the row's minimum; -inf for a row of
+    +inf only. Three passes over the tile."""
+    nearest = d.amin(dim=1, keepdim=True)
+    shift = torch.where(torch.isinf(nearest), 0.0, nearest)  # (T, 1)
+    return torch.log(torch.sub(shift, d).exp_().sum(dim=1)) - shift[:, 0]
+
+
 class LiftedStructuredLoss(_PairwiseLoss):
     """Lifted structured loss (Song, Xiang, Jegelka and Savarese, CVPR 2016, eq. 4).
 
@@ -201,36 +210,39 @@ class LiftedStructuredLoss(_PairwiseLoss):
             if n_pairs == 0 or len(classes) < 2:  # no positive pair, or no negative at all
                 return zero(embeddings)
         tiles = RowTiles(embeddings, metric=self.metric, tile_bytes=self.tile_bytes)
+        inf = tiles.x.new_tensor(torch.inf)  # a 0-d tensor: torch.where is faster with it
         with torch.no_grad():
-            # Pass 1: log S_i over each row's negatives, and each row's positive partners
-            # j > i (packed in slots) with their distances.
+            # Pass 1: log S_i over each row's negatives, and the number of positive pairs.
+            # Nothing of a tile outlives it but log_s, allocated before: long-lived small
+            # tensors between the tiles would keep the heap from reusing their memory.
             log_s = tiles.x.new_empty(len(labels))
-            partners: list[tuple[miners.Slots, torch.Tensor]] = []
             n_pairs = 0
             for tile in tiles:
                 masks = self._masks(labels, tile.start, tile.stop)
-                a = torch.where(masks.negative, self.margin - tile.dist, -torch.inf)
-                log_s[tile.start : tile.stop] = torch.logsumexp(a, dim=1)
-                slots = miners.positive_slots(masks.positive)
-                partners.append((slots, tile.dist.gather(1, slots.index)))
-                n_pairs += int(slots.valid.sum())
+                negatives = torch.where(masks.negative, tile.dist, inf)
+                log_s[tile.start : tile.stop] = self.margin + _log_sum_exp_neg(negatives)
+                n_pairs += int(miners.row_counts(masks.positive).sum())
             nothing = n_pairs == 0 or bool(torch.isinf(log_s).all())  # multi-label's exit
         if nothing:
             return zero(embeddings)
         with torch.no_grad():
-            # The hinges and, for every row i, c_i (see _coefficients), over all rows.
-            total, g, c = self._coefficients(log_s, partners)
             # A row without negatives (multi-label) has log S = -inf and no softmax term.
             log_s_safe = torch.where(torch.isinf(log_s), 0.0, log_s)
-        # Pass 2: the gradient, tile by tile.
-        for (start, stop), g_rows, (slots, _) in zip(tiles.blocks(), g, partners):
-            tile = tiles.tile(start, stop)
+            c = torch.zeros_like(log_s)  # see _pairs_sum; complete for a row once its tile's
+            total = log_s.new_zeros(())  # pairs are in, as a row's partners come after it
+        # Pass 2: the hinges, c, and the gradient, tile by tile.
+        for tile in tiles:
             with torch.no_grad():
-                masks = self._masks(labels, start, stop)
-                a = torch.where(masks.negative, self.margin - tile.dist, -torch.inf)
-                # softmax over the negatives, times -c_i; g at the positive partners
-                grad = a.sub_(log_s_safe[start:stop, None]).exp_().mul_(-c[start:stop, None])
-                grad.scatter_add_(1, slots.index, g_rows)
+                masks = self._masks(labels, tile.start, tile.stop)
+                slots = miners.positive_slots(masks.positive)
+                rows = slice(tile.start, tile.stop)
+                value, g = self._pairs_sum(log_s, rows, slots, tile.dist.gather(1, slots.index), c)
+                total += value
+                # softmax over the negatives, exp(margin - D_ik - log S_i), times -c_i; then g
+                # at the positive partners
+                negatives = torch.where(masks.negative, tile.dist, inf)
+                grad = torch.sub((self.margin - log_s_safe[rows])[:, None], negatives).exp_()
+                grad.mul_(-c[rows, None]).scatter_add_(1, slots.index, g)
             tiles.backprop(tile, grad)
         return tiles.loss(total / (2 * n_pairs), scale=1.0 / (2 * n_pairs))
 
@@ -265,32 +277,28 @@ class LiftedStructuredLoss(_PairwiseLoss):
         return masks._replace(positive=torch.triu(masks.positive, diagonal=start + 1))
 
     @staticmethod
-    def _coefficients(
-        log_s: torch.Tensor, partners: list[tuple[miners.Slots, torch.Tensor]]
-    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """``sum relu(J_ij)^2`` over the positive pairs i < j; per tile, ``g_ij = 2 relu(J_ij)``
-        (T, P) at the partner slots; and ``c`` (B,).
+    def _pairs_sum(
+        log_s: torch.Tensor,
+        rows: slice,
+        slots: miners.Slots,
+        d_pos: torch.Tensor,
+        c: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the rows ``rows`` and their positive partners j > i (``slots``, distances
+        ``d_pos`` (T, P)): ``sum relu(J_ij)^2`` and ``g_ij = 2 relu(J_ij)`` (T, P); adds the
+        pairs' shares to ``c`` (B,).
 
         ``J_ij = log(S_i + S_j) + D_ij``: ``dJ_ij/dD_ij = 1``, and through
         ``log S_i = logsumexp_k (margin - D_ik)`` each negative (i, k) gets
         ``-c_i softmax_k(margin - D_ik)``, ``c_i = sum_j g_ij S_i / (S_i + S_j)`` (plus the
         same from the pairs where i is the partner j, with ``S_j / (S_i + S_j)``).
         """
-        total = log_s.new_zeros(())
-        c = torch.zeros_like(log_s)
-        gs = []
-        start = 0
-        for slots, d_pos in partners:
-            rows = slice(start, start + len(d_pos))
-            partner = slots.index
-            j = torch.logaddexp(log_s[rows, None], log_s[partner]) + d_pos
-            hinge = torch.where(slots.valid, F.relu(j), 0.0)
-            g = 2.0 * hinge
-            # S_i / (S_i + S_j); 1/2 (unused: g = 0) where neither has a negative
-            share = torch.sigmoid((log_s[rows, None] - log_s[partner]).nan_to_num_(0.0))
-            c[rows] += (g * share).sum(dim=1)
-            c.scatter_add_(0, partner.flatten(), (g * (1 - share)).flatten())
-            total += (hinge**2).sum()
-            gs.append(g)
-            start += len(d_pos)
-        return total, gs, c
+        partner = slots.index
+        j = torch.logaddexp(log_s[rows, None], log_s[partner]) + d_pos
+        hinge = torch.where(slots.valid, F.relu(j), 0.0)
+        g = 2.0 * hinge
+        # S_i / (S_i + S_j); 1/2 (unused: g = 0) where neither has a negative
+        share = torch.sigmoid((log_s[rows, None] - log_s[partner]).nan_to_num_(0.0))
+        c[rows] += (g * share).sum(dim=1)
+        c.scatter_add_(0, partner.flatten(), (g * (1 - share)).flatten())
+        return (hinge**2).sum(), g
