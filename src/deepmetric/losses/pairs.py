@@ -204,10 +204,12 @@ class LiftedStructuredLoss(_PairwiseLoss):
         if labels is None:
             raise ValueError("labels is None: pass labels (B,), or the pairs through indices=")
         labels, _ = check_batch(embeddings, labels, multi_label=True)
-        if labels.dim() == 1:  # classes: count the pairs before computing any distance
-            classes, counts = labels.unique(return_counts=True)
+        classes = labels.dim() == 1
+        n_pairs = 0  # counted in pass 1 for multi-label data
+        if classes:  # count the pairs before computing any distance
+            names, counts = labels.unique(return_counts=True)
             n_pairs = int((counts * (counts - 1)).sum()) // 2
-            if n_pairs == 0 or len(classes) < 2:  # no positive pair, or no negative at all
+            if n_pairs == 0 or len(names) < 2:  # no positive pair, or no negative at all
                 return zero(embeddings)
         tiles = RowTiles(embeddings, metric=self.metric, tile_bytes=self.tile_bytes)
         inf = tiles.x.new_tensor(torch.inf)  # a 0-d tensor: torch.where is faster with it
@@ -216,12 +218,16 @@ class LiftedStructuredLoss(_PairwiseLoss):
             # Nothing of a tile outlives it but log_s, allocated before: long-lived small
             # tensors between the tiles would keep the heap from reusing their memory.
             log_s = tiles.x.new_empty(len(labels))
-            n_pairs = 0
             for tile in tiles:
-                masks = self._masks(labels, tile.start, tile.stop)
-                negatives = torch.where(masks.negative, tile.dist, inf)
+                if classes:  # only the negatives are needed here: no partner mask
+                    rows = labels[tile.start : tile.stop]
+                    negative = miners.tile_masks(rows, labels, self_offset=tile.start).negative
+                else:
+                    masks = self._masks(labels, tile.start, tile.stop)
+                    negative = masks.negative
+                    n_pairs += int(miners.row_counts(masks.positive).sum())
+                negatives = torch.where(negative, tile.dist, inf)
                 log_s[tile.start : tile.stop] = self.margin + _log_sum_exp_neg(negatives)
-                n_pairs += int(miners.row_counts(masks.positive).sum())
             nothing = n_pairs == 0 or bool(torch.isinf(log_s).all())  # multi-label's exit
         if nothing:
             return zero(embeddings)
