@@ -2,11 +2,12 @@
 above the inputs, and that the value and gradient are finite. Shows that the tiled losses
 (deepmetric.tiles) run where a (B, B) matrix would not fit (B = 50,000: 10 GB a matrix).
 
-    MALLOC_MMAP_THRESHOLD_=1048576 python benchmarks/loss_memory.py 50000
+    python benchmarks/loss_memory.py 50000
 
 Peak: /proc/self/status VmHWM after the call minus VmRSS before it (reset through
-/proc/self/clear_refs, Linux only); the malloc setting returns freed tiles to the system, so
-the peak is what is alive, not the heap's fragmentation. D = 128, K = 4, 2 threads.
+/proc/self/clear_refs, Linux only), after ``malloc_trim`` has returned what the previous loss
+freed; what glibc's heap keeps during the call counts, as it does for a user. D = 128, K = 4,
+2 threads.
 """
 
 from __future__ import annotations

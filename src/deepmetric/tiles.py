@@ -189,9 +189,11 @@ class RowTiles:
             else:  # dL/dsq = G / (2 d), 0 where d == 0; the 1/2 folds into the scale
                 w = grad.div_(tile.dist).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
                 scale = 1.0
+            # In place: grad_y is (R, D), which at large R outweighs the tile's rows.
             rows = self.grad_x[tile.start : tile.stop]
-            rows += scale * (w.sum(dim=1)[:, None] * x - w @ self.y)
-            grad_y += scale * (w.sum(dim=0)[:, None] * self.y - w.T @ x)
+            rows.addcmul_(w.sum(dim=1)[:, None], x, value=scale).addmm_(w, self.y, alpha=-scale)
+            grad_y.addcmul_(w.sum(dim=0)[:, None], self.y, value=scale)
+            grad_y.addmm_(w.T, x, alpha=-scale)
 
     def _backprop_entries(self, tile: Tile, grad: Entries) -> None:
         """:meth:`backprop` of a sparse gradient: the same formulas, entry by entry."""
