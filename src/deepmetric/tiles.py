@@ -67,8 +67,8 @@ def row_blocks(n_rows: int, n_cols: int, tile_bytes: int) -> Iterator[tuple[int,
 class Tile(NamedTuple):
     """Rows ``start:stop`` of the distance matrix: ``dist`` (T, R), no gradient. For the
     cosine metric, ``blocked`` (T, R) marks where rounding put ``1 - cos`` outside [0, 2] and the
-    clamp stopped the gradient (as ``torch.clamp``'s backward); None where nothing was clamped
-    or no gradient is needed, the usual case."""
+    clamp stopped the gradient (as ``torch.clamp``'s backward); None where no gradient is
+    needed and, on the CPU, where nothing was clamped (the usual case)."""
 
     start: int
     stop: int
@@ -153,9 +153,11 @@ class RowTiles:
         with _autocast_off(x.device):
             if self.metric == "cosine":
                 d = torch.addmm(self.x.new_ones(()), x, self.y.T, alpha=-1.0)  # 1 - x y^T
-                low, high = torch.aminmax(d) if d.numel() else (d.new_zeros(()),) * 2
-                if low >= 0.0 and high <= 2.0:  # one pass instead of a clamp and its mask
-                    return Tile(start, stop, d)
+                if d.device.type == "cpu":  # one pass instead of a clamp and its mask (on a
+                    # GPU reading the range back would wait for the device; it clamps always)
+                    low, high = torch.aminmax(d) if d.numel() else (d.new_zeros(()),) * 2
+                    if low >= 0.0 and high <= 2.0:
+                        return Tile(start, stop, d)
                 blocked = ((d < 0.0) | (d > 2.0)) if self.needs_grad else None
                 return Tile(start, stop, d.clamp_(0.0, 2.0), blocked)
             d = torch.addmm(self.y2[None, :], x, self.y.T, alpha=-2.0)
