@@ -257,8 +257,10 @@ def test_nproc_2_ends_with_the_weights_of_one_process_and_only_rank_0_writes(idx
     assert two.stdout.count("done:") == 1  # rank 0 alone reports
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    for key in a:  # float32 sums in another order: measured up to 2.8e-5 on one weight of
+        # 256 (an Intel machine, the in-place euclidean backward of 2026-12-05); none above 1e-5
+        # on the AMD one before
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
     log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in log if r["kind"] == "step"]
     assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))  # once each, by rank 0
@@ -271,7 +273,7 @@ def test_nproc_2_ends_with_the_weights_of_one_process_and_only_rank_0_writes(idx
     assert again.returncode == 0, again.stderr
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)  # as above
 
 
 def test_nproc_errors_are_one_line(idx_dir, tmp_path):

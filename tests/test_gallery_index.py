@@ -415,3 +415,22 @@ def test_identity_lookup_names_an_unknown_id():
     assert lookup(np.array([2, 1, 2])) == ["b", "a", "b"]
     with pytest.raises(KeyError, match="example id 7"):
         lookup(np.array([7]))
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean"])
+def test_a_stored_vector_is_at_distance_0_from_itself_at_any_norm(kind, metric):
+    """The search's |q|^2 + |x|^2 - 2 q.x cancels near 0 (norm 300: a float32 ulp of |x|^2 is
+    8e-3); the hits' distances are recomputed from q - x, so an enrolled vector found again is
+    at 0, and near neighbours are in the order of their true distances."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 16)).astype(np.float32)
+    x *= 300 / np.linalg.norm(x, axis=1, keepdims=True)
+    index = _index(kind, 16, metric)
+    index.add(x, np.arange(50))
+    found = index.search(x[:10], 3)
+    assert (found.distances[:, 0] == 0).all() and (found.ids[:, 0] == np.arange(10)).all()
+    for q, (d, ids) in enumerate(zip(found.distances, found.ids)):
+        want = [_dist(x[q], x[i], metric) for i in ids]
+        np.testing.assert_allclose(d, want, rtol=1e-5)
+        assert list(d) == sorted(d)
