@@ -174,7 +174,7 @@ def test_auto_method_uses_sort_for_many_positives(monkeypatch):
         mining, "_count_below", lambda *a, **k: calls.append(k["method"]) or real(*a, **k)
     )
     few = torch.arange(8).repeat_interleave(2)
-    many = torch.zeros(40, dtype=torch.long)
+    many = torch.zeros(mining.DIRECT_MAX_POSITIVES + 3, dtype=torch.long)  # P = the limit + 1
     many[0] = 1
     for labels in (few, many):
         mining.batch_all_counts(torch.rand(len(labels), len(labels)), labels, margin=0.1)

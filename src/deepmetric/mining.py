@@ -45,12 +45,12 @@ from deepmetric.tiles import default_tile_bytes, row_blocks
 Method = Literal["auto", "sort", "direct"]
 METHODS: tuple[str, ...] = get_args(Method)
 
-#: "auto" compares directly when no anchor has more positives than this (K <= 13). Measured
-#: with benchmarks/crossover.py at B = 4096 on 2 CPU cores (docs/benchmarks.md): direct is
-#: faster up to K = 16 for batch-all, and up to K = 8 for semi-hard, where sort already wins
-#: by 4% at K = 12 (1404 vs 1458 ms); 12 is the one threshold within 4% of the faster method
-#: for both at K = 12, while direct is about 2x faster at K = 4.
-DIRECT_MAX_POSITIVES = 12
+#: "auto" compares directly when no anchor has more positives than this (K <= 48). Measured
+#: with benchmarks/crossover.py at B = 4096 on 2 CPU cores (docs/benchmarks.md, 2026-12-05,
+#: after the direct methods lost their comparison masks): direct is faster up to K = 48 for
+#: batch-all (584 vs 601 ms) and up to K = 56 for semi-hard; at K = 4 it is 3.5-5.6x faster.
+#: (Before, 2026-11-22: K <= 13, when direct semi-hard lost from K = 12.)
+DIRECT_MAX_POSITIVES = 47
 
 
 class Triplets(NamedTuple):
