@@ -100,9 +100,12 @@ def test_tiles_are_the_rows_of_pairwise_and_backprop_is_its_backward(metric, sam
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("same", [True, False])
-def test_backprop_of_entries_is_the_backward_of_those_entries(metric, same):
+@pytest.mark.parametrize("cost", [0.0, 1e12])  # entry by entry always, dense always
+def test_backprop_of_entries_is_the_backward_of_those_entries(metric, same, cost, monkeypatch):
     """A sparse gradient (Entries, some listed twice, one on the zero diagonal and one on a
-    zero distance off it) gives what autograd gives through pairwise at those entries."""
+    zero distance off it) gives what autograd gives through pairwise at those entries, entry by
+    entry or scattered into a dense tile."""
+    monkeypatch.setattr(deepmetric.tiles, "SPARSE_COST", cost)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(8, 5, generator=g, dtype=torch.float64)
     x[3] = x[1]
@@ -130,7 +133,7 @@ def test_backprop_of_entries_is_the_backward_of_those_entries(metric, same):
 
 
 @pytest.mark.parametrize("sparse", [False, True])
-def test_a_cosine_tile_clamped_by_rounding_passes_no_gradient_there(sparse):
+def test_a_cosine_tile_clamped_by_rounding_passes_no_gradient_there(sparse, monkeypatch):
     """Unit rows whose float32 self-similarity rounds above 1 give 1 - cos < 0 before the clamp:
     the tile holds 0 there and, as torch.clamp's backward, no gradient flows through it."""
     g = torch.Generator().manual_seed(0)
@@ -146,6 +149,7 @@ def test_a_cosine_tile_clamped_by_rounding_passes_no_gradient_there(sparse):
     # (which would hide the diagonal: cos(x, x) does not move with x).
     weights = torch.randn(64, 64, generator=g)
     if sparse:
+        monkeypatch.setattr(deepmetric.tiles, "SPARSE_COST", 0.0)  # entry by entry
         r, c = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
         tiles.backprop(tile, Entries(r.flatten(), c.flatten(), weights.flatten()))
     else:
@@ -212,6 +216,22 @@ def test_triplet_loss_in_tiles_matches_brute_force(
         lambda e: TRIPLET_REFERENCE[mining_](e, labels, margin, metric, soft),
         [x],
     )
+
+
+@pytest.mark.parametrize("mining_", ["batch_hard", "semi_hard"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("cost", [0.0, 1e12])  # entry by entry always, dense always
+def test_listed_triplets_backprop_entry_by_entry_or_dense_alike(mining_, metric, cost, monkeypatch):
+    """Both ways a listed-triplet loss hands its gradient to the tiles match brute force."""
+    monkeypatch.setattr(deepmetric.tiles, "SPARSE_COST", cost)
+    for seed in range(5):
+        x, labels = _batch(seed, 14, 4)
+        loss = TripletLoss(margin=0.3, mining=mining_, metric=metric, tile_bytes=8 * 14 * 4)
+        _assert_same(
+            lambda e: loss(e, labels),
+            lambda e: TRIPLET_REFERENCE[mining_](e, labels, 0.3, metric, False),
+            [x],
+        )
 
 
 @FEW
