@@ -32,11 +32,11 @@ from deepmetric.distances import Metric, _autocast_off, _compute_dtype, check_me
 MIB = 1 << 20
 #: :class:`Entries` are backpropagated entry by entry while ``SPARSE_COST * K * D <= T * R``
 #: (K entries, D dimensions, a (T, R) tile), else scattered into the tile and backpropagated
-#: as a dense gradient (two matrix products). Measured, semi-hard / batch-hard forward +
-#: backward on 2 CPU cores (ms, 2026-12-05), entry by entry always / with 4 / dense always:
-#: B = 256: 2.58 / 1.67 / 1.60 and 1.05 / 1.08 / 1.09; B = 1,024: 14.7 / 9.2 / 9.2 and
-#: 4.4 / 4.3 / 6.1; B = 4,096: 127 / 125 / 172 and 68 / 76 / 122; B = 16,384: 2,017 / 1,938 /
-#: 2,589 and 1,272 / 1,137 / 1,801 (1 and 16 measured too: 4 was never far from the best).
+#: as a dense gradient (two matrix products). Semi-hard forward + backward on 2 CPU cores
+#: (2026-12-05, ms; entry by entry always / with 4 / dense always, settings interleaved in one
+#: process): B = 256: 2.8 / 1.7 / 1.6; B = 1,024 and 4,096: all three within the noise
+#: (13-16 and 114-146); B = 16,384: 2,017 / 1,938 / 2,589, and batch-hard 1,272 / 1,137 /
+#: 1,801 (1 and 16 measured too: 4 was never far from the best).
 SPARSE_COST = 4.0
 #: Bytes of one float32 (T, R) tile on the CPU and on a GPU: with the handful of tiles a loss
 #: holds at once, under 0.1 GiB of work memory on the CPU and about 4 GiB on a GPU at any B.
