@@ -228,8 +228,8 @@ def test_listed_triplets_backprop_entry_by_entry_or_dense_alike(mining_, metric,
         x, labels = _batch(seed, 14, 4)
         loss = TripletLoss(margin=0.3, mining=mining_, metric=metric, tile_bytes=8 * 14 * 4)
         _assert_same(
-            lambda e: loss(e, labels),
-            lambda e: TRIPLET_REFERENCE[mining_](e, labels, 0.3, metric, False),
+            lambda e, loss=loss, labels=labels: loss(e, labels),
+            lambda e, labels=labels: TRIPLET_REFERENCE[mining_](e, labels, 0.3, metric, False),
             [x],
         )
 
