@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmetric.checks import integer_at_least
-from deepmetric.distances import METRICS, Metric, check_metric
+from deepmetric.distances import METRICS, Metric, check_metric, paired
 from deepmetric.gallery.store import Examples, GalleryStore
 from deepmetric.neighbors import smallest_k
 
@@ -402,23 +402,22 @@ class GalleryIndex(ABC):
     def _refine(
         self, q: np.ndarray, d: np.ndarray, rows: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The hits' (euclidean) distances again, from the differences of the vectors, and the
-        hits re-sorted by them. A search computes ``|q|^2 + |x|^2 - 2 q.x``, which cancellation
-        makes coarse near 0 (a stored vector's distance to itself came out as 2.8e-3 at norm 4
-        in float32); ``|q - x|`` of the k hits is exact to rounding, O(q k D). Cosine
-        distances (``1 - q.x`` of unit rows) and an external index's hits are kept as found."""
-        if self.metric == "cosine" or self.external:
+        """The hits' distances again, by :func:`deepmetric.distances.paired` (``|q - x|``),
+        and the hits re-sorted by them. A search computes ``|q|^2 + |x|^2 - 2 q.x``, which
+        cancellation makes coarse near 0 (in tests/test_hostile_gallery.py a stored vector came
+        back at 2.8e-3 from itself, float32); the k hits' own distances cost O(q k D). An
+        external index's hits are kept as it found them."""
+        if self.external:
             return d, rows
         found = rows >= 0
         out = np.empty(d.shape, dtype=np.float32)
         step = max(1, (1 << 22) // max(1, rows.shape[1] * self.dim))  # (step, k, D) at a time
         for s in range(0, len(q), step):
             part = np.where(found[s : s + step], rows[s : s + step], 0)
-            vectors = self._row_vectors(part.ravel()).reshape(*part.shape, self.dim)
-            diff = vectors - q[s : s + step, None, :]
-            out[s : s + step] = np.einsum("ckd,ckd->ck", diff, diff)
-        if self.metric == "euclidean":
-            np.sqrt(out, out=out)
+            vectors = self._row_vectors(part.ravel())
+            queries = np.repeat(q[s : s + step], part.shape[1], axis=0)  # row i: query i // k
+            pairs = paired(torch.from_numpy(vectors), torch.from_numpy(queries), self.metric)
+            out[s : s + step] = pairs.numpy().reshape(part.shape)
         out[~found] = np.inf
         order = np.argsort(out, axis=1, kind="stable")
         return np.take_along_axis(out, order, axis=1), np.take_along_axis(rows, order, axis=1)

@@ -115,7 +115,8 @@ class MultiSimilarityLoss(nn.Module):
         negative term.
 
         The positives are packed into (T, P) slots, so their term costs O(T P); the negatives'
-        term takes six passes over the tile and one ``exp``. A negative is kept where
+        term is a ``where`` over the kept negatives, a row minimum, an ``add``, one ``exp``, a
+        row sum and a scale. A negative is kept where
         ``d_ij < 1 + epsilon - hardest_pos_i``; the row's nearest kept negative, when there is
         one, is its nearest negative overall, which sets both the positives' mining and the
         shift ``m_i = max(0, max_j a_ij)`` of the logsumexp
